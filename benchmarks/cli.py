@@ -1,0 +1,30 @@
+"""`tav-bench`: one command, a subcommand per study; each writes JSON and a PNG plot under --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks import params, tune_speed
+
+STUDIES = {
+    "tune": (tune_speed, "seconds per tuning step and peak memory"),
+    "params": (params, "parameter counts (total, trainable) of the tiny and the SD 1.4-config UNet"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tav-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="study", required=True)
+    for name, (module, help_text) in STUDIES.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for JSON and PNG")
+        module.add_arguments(p)
+    args = parser.parse_args(argv)
+    result = STUDIES[args.study][0].run(args)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Shared fixtures: the tiny base model, a small synthetic clip, and a tuned tiny model, each made once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tuner.tiny import make_tiny
+from tuner.tune import TuneSettings, tune
+from tuner.video_io import write_video
+
+SHARED_VIDEOS = Path(os.environ.get("TAV_SHARED_VIDEOS", Path(__file__).resolve().parents[2] / "shared" / "videos"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def moving_square_clip(frames: int = 12, width: int = 48, height: int = 40) -> np.ndarray:
+    """A red square sliding right over a blue-to-green gradient: real motion, exactly known."""
+    y, x = np.mgrid[0:height, 0:width]
+    background = np.stack([np.zeros_like(x), 255 * x / width, 255 * (1 - y / height)], -1)
+    clip = np.repeat(background[None], frames, 0).astype(np.uint8)
+    for i in range(frames):
+        left = 2 + 2 * i
+        clip[i, 12:24, left : left + 12] = (230, 20, 20)
+    return clip
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def clip_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("clips") / "square.mp4"
+    write_video(path, moving_square_clip(), fps=8)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tuned_run(tiny_base, clip_path, tmp_path_factory) -> Path:
+    """The tiny model tuned for a few steps on the synthetic clip, at 32x32 pixels (16x16 latents)."""
+    out = tmp_path_factory.mktemp("runs") / "square"
+    settings = TuneSettings(frames=8, width=32, height=32, steps=4, lr=1e-3, seed=1)
+    return tune(tiny_base, clip_path, "a red square is moving right", out, settings, progress=False)

@@ -1,0 +1,146 @@
+"""One-shot tuning: what changes, what gets gradients, that it learns, the artefact, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from tuner import artefacts
+from tuner.artefacts import TunedModel, load_tuned
+from tuner.components import encode_prompt, load_components
+from tuner.inflate import inflate, is_trainable
+from tuner.tune import TuneSettings, diffusion_loss, mark_trainable, tune
+
+
+def test_exactly_the_trainable_tensors_change(tiny_base, tuned_run):
+    base = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").state_dict()
+    _, components = load_tuned(tuned_run)
+    tuned = components.unet.state_dict()
+    adapter = load_file(tuned_run / artefacts.ADAPTER_FILE)
+    assert set(adapter) == {k for k in tuned if is_trainable(k)}
+    for name, tensor in tuned.items():
+        if name in base and not is_trainable(name):
+            assert torch.equal(tensor, base[name]), f"frozen tensor {name} changed"
+        elif name in base:
+            assert not torch.equal(tensor, base[name]), f"trainable tensor {name} did not change"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_every_trainable_tensor_gets_a_gradient(tiny_base, checkpointing):
+    components = load_components(tiny_base)
+    unet = inflate(components.unet)
+    trainable = mark_trainable(unet)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    scheduler = DDPMScheduler.from_config(components.scheduler_config)
+    latents, noise = torch.randn(2, 1, 4, 4, 16, 16)
+    text = encode_prompt(components, "a man is skiing").clone()
+    # attn_temp's output weight starts at zero, so its q/k/v get a gradient only from the second step on
+    optimizer = torch.optim.SGD(trainable.values(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        diffusion_loss(unet, scheduler, latents, text, torch.tensor([500]), noise).backward()
+        optimizer.step()
+    missing = [n for n, p in trainable.items() if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing, f"no gradient for {missing}"
+    assert any(n.startswith("down_blocks") for n in trainable)
+    frozen = [n for n, p in unet.named_parameters() if n not in trainable and p.grad is not None]
+    assert not frozen
+
+
+def test_tuning_lowers_the_loss_on_the_clip(tiny_base, clip_path, tmp_path):
+    settings = TuneSettings(frames=8, width=32, height=32, steps=30, lr=2e-3, seed=3)
+    run = tune(tiny_base, clip_path, "a red square is moving right", tmp_path / "run", settings, progress=False)
+    model = TunedModel.open(run)
+    _, latents = model.source()
+    clean = latents[:, :8][None]
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.tensor([t]), torch.randn(clean.shape, generator=g)) for t in (50, 250, 500, 750, 950)]
+
+    def loss_of(components):
+        scheduler = DDPMScheduler.from_config(components.scheduler_config)
+        text = encode_prompt(components, model.config["prompt"])
+        with torch.no_grad():
+            return sum(diffusion_loss(components.unet, scheduler, clean, text, t, n).item() for t, n in pairs)
+
+    before = load_components(tiny_base)
+    torch.manual_seed(settings.seed)
+    inflate(before.unet)
+    _, after = load_tuned(run)
+    assert loss_of(after) < 0.9 * loss_of(before)
+
+
+def test_round_trip_reloads_to_the_same_outputs(tiny_base, clip_path, tmp_path):
+    settings = TuneSettings(frames=8, width=32, height=32, steps=2, lr=1e-3, seed=5)
+    run = tune(tiny_base, clip_path, "a red square", tmp_path / "run", settings, progress=False)
+    _, first = load_tuned(run)
+    _, second = load_tuned(run)
+    sample, text = torch.randn(1, 4, 8, 16, 16), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.equal(first.unet(sample, 100, text), second.unet(sample, 100, text))
+
+
+def test_tuned_directory_contents(tuned_run, clip_path):
+    model = TunedModel.open(tuned_run)
+    config = json.loads((tuned_run / "tav_config.json").read_text())
+    assert config["frames"] == 8 and config["width"] == 32 and config["latent_width"] == 16
+    assert config["prompt"] == "a red square is moving right"
+    assert len(config["base"]["sha256"]) == 64
+    assert config["fps"] == pytest.approx(8.0)
+    frames, latents = model.source()
+    assert frames.shape == (12, 32, 32, 3) and frames.dtype.name == "uint8"  # every frame of the clip
+    assert latents.shape == (4, 12, 16, 16)
+    assert not list(tuned_run.parent.glob(".*tmp*")), "no temporary directory left behind"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuner.tune", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_video", "does not exist"),
+        ("corrupt_video", "not a readable video"),
+        ("too_few_frames", "--frames asks for 40"),
+        ("not_a_model", "not a diffusers model directory"),
+        ("bad_size", "multiples of 4"),
+        ("existing_out", "already exists"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, tiny_base, clip_path, tmp_path):
+    out = tmp_path / "run"
+    args = {"--base": str(tiny_base), "--video": str(clip_path), "--prompt": "a square", "--out": str(out),
+            "--width": "32", "--height": "32", "--steps": "1"}
+    if case == "missing_video":
+        args["--video"] = str(tmp_path / "nope.mp4")
+    elif case == "corrupt_video":
+        bad = tmp_path / "bad.mp4"
+        bad.write_bytes(b"\x00not a video" * 100)
+        args["--video"] = str(bad)
+    elif case == "too_few_frames":
+        args["--frames"] = "40"
+    elif case == "not_a_model":
+        args["--base"] = str(tmp_path)
+    elif case == "bad_size":
+        args["--width"] = "30"
+    elif case == "existing_out":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    result = run_cli(*[x for kv in args.items() for x in kv])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert message.lower() in lines[0].lower(), lines[0]
+    if case == "existing_out":
+        assert (out / "keep.txt").read_text() == "mine"
+    else:
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]

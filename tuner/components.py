@@ -1,0 +1,146 @@
+"""Load the parts of a Stable Diffusion 1.x-layout diffusers directory, and the few computations on them that
+the tuner and the PyTorch engines share (prompt encoding, frame encoding/decoding, size rules).
+
+A user's Stable Diffusion directory, the tiny test model and the shipped shapes model all load through here,
+with the stock `from_pretrained` and safetensors only (no pickle is ever loaded).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from tuner.io_utils import sha256_files
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class BaseModelError(ValueError):
+    """A directory that is not a usable Stable Diffusion 1.x-style diffusers model."""
+
+
+@dataclass
+class Components:
+    """The loaded parts of a base model. `unet` may be inflated in place by `tuner.inflate`."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent along each side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this: the VAE's factor times the UNet's downsamplings."""
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_factor
+
+
+def check_base_dir(base: str | Path) -> Path:
+    """Raise BaseModelError unless `base` looks like an SD 1.x diffusers directory; return it as a Path."""
+    base = Path(base)
+    if not (base / "model_index.json").is_file():
+        raise BaseModelError(f"{base} is not a diffusers model directory (no model_index.json)")
+    missing = [name for name in SUBFOLDERS if not (base / name).is_dir()]
+    if missing:
+        raise BaseModelError(f"{base} lacks the Stable Diffusion subfolder(s) {', '.join(missing)}")
+    try:
+        unet_config = json.loads((base / "unet" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BaseModelError(f"{base}/unet/config.json is unreadable: {e}") from e
+    if unet_config.get("_class_name") != "UNet2DConditionModel":
+        raise BaseModelError(f"{base}/unet is a {unet_config.get('_class_name')}, not a UNet2DConditionModel")
+    for part in ("unet", "vae", "text_encoder"):
+        if not list((base / part).glob("*.safetensors")):
+            raise BaseModelError(f"{base}/{part} has no .safetensors weights (pickled weights are never loaded)")
+    return base
+
+
+def base_model_hash(base: str | Path) -> str:
+    """Content hash of a base model: its configs, tokenizer files and weights."""
+    base = check_base_dir(base)
+    files = [p for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    return sha256_files(files, base)
+
+
+def load_components(base: str | Path, device: str | torch.device = "cpu", dtype=torch.float32) -> Components:
+    """Load a base model's UNet, VAE, text encoder, tokenizer and scheduler config, frozen, in eval mode."""
+    base = check_base_dir(base)
+    transformers.utils.logging.disable_progress_bar()  # keep CLI output to our own progress and errors
+    diffusers.utils.logging.disable_progress_bar()
+    kwargs = dict(torch_dtype=dtype, use_safetensors=True)
+    try:
+        components = Components(
+            unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs),
+            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+            scheduler_config=json.loads((base / "scheduler" / "scheduler_config.json").read_text()),
+        )
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise BaseModelError(f"cannot load the model in {base}: {e}") from e
+    for module in (components.unet, components.vae, components.text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return components
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompt: str) -> tuple[torch.Tensor, bool]:
+    """Token ids `[1, L]` padded to the tokenizer's length, and whether the prompt was truncated to fit."""
+    ids = tokenizer(prompt, truncation=False).input_ids
+    length = tokenizer.model_max_length
+    truncated = len(ids) > length
+    padded = tokenizer(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    return padded.input_ids, truncated
+
+
+@torch.inference_mode()
+def encode_prompt(components: Components, prompt: str) -> torch.Tensor:
+    """Text embeddings `[1, L, D]` of a prompt (the last hidden state, as Stable Diffusion uses)."""
+    ids, _ = tokenize(components.tokenizer, prompt)
+    encoder = components.text_encoder
+    return encoder(ids.to(encoder.device))[0]
+
+
+def frames_to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 `[N, H, W, 3]` -> float `[N, 3, H, W]` in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def pixels_to_frames(pixels: torch.Tensor) -> np.ndarray:
+    """float `[N, 3, H, W]` in [-1, 1] -> uint8 `[N, H, W, 3]`."""
+    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.inference_mode()
+def encode_frames(vae: AutoencoderKL, frames: np.ndarray, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled VAE posterior mean and std of each frame, each `[C, N, h, w]` (channels first, as the UNet takes)."""
+    scale = float(vae.config.scaling_factor)
+    means, stds = [], []
+    param = next(vae.parameters())
+    for i in range(0, len(frames), batch):
+        pixels = frames_to_pixels(frames[i : i + batch]).to(param.device, param.dtype)
+        posterior = vae.encode(pixels).latent_dist
+        means.append(posterior.mean.float() * scale)
+        stds.append(posterior.std.float() * scale)
+    return torch.cat(means).transpose(0, 1).cpu(), torch.cat(stds).transpose(0, 1).cpu()

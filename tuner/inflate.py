@@ -1,0 +1,231 @@
+"""Inflate a stock diffusers `UNet2DConditionModel` into Tune-A-Video's video UNet, in place and fork-free.
+
+The 2-D UNet runs on frames folded into the batch, `(b f) c h w`. Three things make it a video model, each a
+subclass of the stock module it replaces, so every pretrained tensor keeps its diffusers name:
+
+* the self-attention (attn1) of every transformer block takes its keys and values across frames, by mode:
+  `sparse_causal` (the method: frame i attends to frames 0 and i-1), `per_frame` (plain image attention, the
+  paper's ablation) or `full` (every frame attends to all frames);
+* every transformer block gains a temporal attention after its feed-forward (`norm_temp` + `attn_temp`, attention
+  across the frames at each spatial position, output projection's weight zero-initialised);
+* the ResNet blocks' GroupNorms and `conv_norm_out` normalise over all frames of a clip, not frame by frame.
+
+Convolutions, up/down-sampling and cross-attention stay per frame. The frame count reaches the inflated modules
+through one `FrameContext` per UNet, set at the start of each forward pass; a UNet must therefore not run two
+forward passes concurrently (the server's single worker owns its engines).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+ATTENTION_MODES = ("sparse_causal", "per_frame", "full")
+
+# The tensors one-shot tuning updates (DESIGN.md section 2): the query projections of self- and cross-attention,
+# and the whole temporal attention but its norm.
+TRAINABLE_PATTERN = re.compile(r"(attn1\.to_q|attn2\.to_q|attn_temp\.(to_q|to_k|to_v|to_out\.0))\.(weight|bias)$")
+
+
+def is_trainable(name: str) -> bool:
+    """Whether the video UNet's tensor `name` belongs to Tune-A-Video's trainable set."""
+    return TRAINABLE_PATTERN.search(name) is not None
+
+
+class FrameContext:
+    """The number of frames in the forward pass under way, shared by the inflated modules of one UNet."""
+
+    def __init__(self) -> None:
+        self.frames = 1
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention of `[N, Lq, C]` queries over `[N, Lk, C]` keys/values, the project's only one.
+
+    PyTorch's fused `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU); it exports to ONNX
+    as the pattern TensorRT fuses (scale on Q and K before the first MatMul).
+    """
+    n, q_len, channels = query.shape
+    head_dim = channels // heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(n, -1, heads, head_dim).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(query), split(key), split(value))
+    return out.transpose(1, 2).reshape(n, q_len, channels)
+
+
+class VideoAttnProcessor:
+    """Attention processor for every attention of the video UNet.
+
+    With `mode` None it is plain attention (cross-attention, temporal attention); with a mode it is attn1's
+    cross-frame self-attention over hidden states laid out `(b f) tokens c`.
+    """
+
+    def __init__(self, frame_context: FrameContext | None = None, mode: str | None = None) -> None:
+        if mode is not None and mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+        self.frame_context = frame_context
+        self.mode = mode
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **unused: object,
+    ) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("the video UNet's attention takes no attention mask")
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if self.mode is None or self.mode == "per_frame":
+            out = attention(query, key, value, attn.heads)
+        elif self.mode == "sparse_causal":
+            out = attention(query, self._first_and_former(key), self._first_and_former(value), attn.heads)
+        else:  # full: one sequence of all the clip's tokens
+            bf, tokens, channels = query.shape
+            b = bf // self.frame_context.frames
+
+            def clip(x: torch.Tensor) -> torch.Tensor:
+                return x.reshape(b, -1, channels)
+
+            out = attention(clip(query), clip(key), clip(value), attn.heads).reshape(bf, tokens, channels)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _first_and_former(self, x: torch.Tensor) -> torch.Tensor:
+        """`[(b f), n, c]` -> `[(b f), 2n, c]`: frame i's tokens become frame 0's followed by frame i-1's."""
+        frames = self.frame_context.frames
+        bf, tokens, channels = x.shape
+        x = x.reshape(bf // frames, frames, tokens, channels)
+        former = [0, *range(frames - 1)]
+        first = x[:, :1].expand(-1, frames, -1, -1)
+        return torch.cat([first, x[:, former]], dim=2).reshape(bf, 2 * tokens, channels)
+
+
+class TemporalTransformerBlock(BasicTransformerBlock):
+    """A diffusers transformer block followed by Tune-A-Video's temporal attention (with residual)."""
+
+    frame_context: FrameContext
+    norm_temp: nn.LayerNorm
+    attn_temp: Attention
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        hidden_states = super().forward(hidden_states, *args, **kwargs)
+        frames = self.frame_context.frames
+        bf, tokens, channels = hidden_states.shape
+        # (b f) d c -> (b d) f c: attend across the frames at each spatial position.
+        x = hidden_states.reshape(bf // frames, frames, tokens, channels).transpose(1, 2)
+        x = x.reshape(-1, frames, channels)
+        x = self.attn_temp(self.norm_temp(x)) + x
+        x = x.reshape(bf // frames, tokens, frames, channels).transpose(1, 2)
+        return x.reshape(bf, tokens, channels)
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm over `(b f) c h w` whose statistics span all frames of each clip, as over `b c f h w`."""
+
+    frame_context: FrameContext
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames = self.frame_context.frames
+        bf, channels, height, width = x.shape
+        clip = x.reshape(bf // frames, frames, channels, height * width).transpose(1, 2)
+        clip = F.group_norm(clip, self.num_groups, self.weight, self.bias, self.eps)
+        return clip.transpose(1, 2).reshape(bf, channels, height, width)
+
+
+class VideoUNet(UNet2DConditionModel):
+    """The inflated UNet: `forward(sample [B, C, F, H, W], timestep, encoder_hidden_states [B, L, D])`.
+
+    Made by `inflate`, never constructed directly. Its state dict is the 2-D UNet's plus each transformer block's
+    `attn_temp.*` and `norm_temp.*`, named as in the reference implementation's UNet3DConditionModel.
+    """
+
+    frame_context: FrameContext
+    attention_mode: str
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        b, c, f, h, w = sample.shape
+        self.frame_context.frames = f
+        frames = sample.transpose(1, 2).reshape(b * f, c, h, w)
+        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        timestep = timestep.expand(b * f) if timestep.numel() == 1 else timestep.repeat_interleave(f)
+        text = encoder_hidden_states.repeat_interleave(f, dim=0)
+        out = super().forward(frames, timestep, text, return_dict=False)[0]
+        return out.reshape(b, f, -1, h, w).transpose(1, 2)
+
+    def set_attention_mode(self, mode: str) -> None:
+        """Switch attn1 between `sparse_causal`, `per_frame` and `full` (weights are the same in every mode)."""
+        self.set_attn_processor(_processors(self, mode))
+        self.attention_mode = mode
+
+
+def inflate(unet: UNet2DConditionModel, mode: str = "sparse_causal") -> VideoUNet:
+    """Turn a diffusers 2-D UNet into the video UNet, in place, and return it.
+
+    New temporal attentions are initialised like the reference's (default init, output weight zero) from the
+    global torch RNG; seed it for reproducible inflation.
+    """
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    if isinstance(unet, VideoUNet):
+        raise ValueError("this UNet is already inflated")
+    context = FrameContext()
+    for module in list(unet.modules()):
+        if isinstance(module, BasicTransformerBlock):
+            _add_temporal_attention(module, context)
+        elif isinstance(module, ResnetBlock2D):
+            for norm in (module.norm1, module.norm2):
+                _become(norm, FrameGroupNorm, context)
+    _become(unet.conv_norm_out, FrameGroupNorm, context)
+    _become(unet, VideoUNet, context)
+    unet.set_attention_mode(mode)
+    return unet
+
+
+def _become(module: nn.Module, cls: type, context: FrameContext) -> None:
+    """Swap `module`'s class for the frame-aware subclass `cls`, keeping its tensors and their names."""
+    if not isinstance(module, cls.__mro__[1]):
+        raise TypeError(f"cannot inflate {type(module).__name__} into {cls.__name__}")
+    module.__class__ = cls
+    module.frame_context = context
+
+
+def _add_temporal_attention(block: BasicTransformerBlock, context: FrameContext) -> None:
+    attn1 = block.attn1
+    for attn in (attn1, block.attn2):
+        if attn is None or attn.group_norm is not None or attn.spatial_norm is not None or attn.norm_q is not None:
+            raise ValueError("only Stable Diffusion 1.x-style transformer blocks can be inflated")
+    dim = attn1.query_dim
+    attn_temp = Attention(
+        query_dim=dim,
+        heads=attn1.heads,
+        dim_head=attn1.inner_dim // attn1.heads,
+        bias=attn1.to_q.bias is not None,
+        upcast_attention=attn1.upcast_attention,
+    )
+    nn.init.zeros_(attn_temp.to_out[0].weight)
+    param = attn1.to_q.weight
+    block.add_module("norm_temp", nn.LayerNorm(dim).to(param.device, param.dtype))
+    block.add_module("attn_temp", attn_temp.to(param.device, param.dtype))
+    _become(block, TemporalTransformerBlock, context)
+
+
+def _processors(unet: VideoUNet, mode: str) -> dict[str, VideoAttnProcessor]:
+    """One processor per attention of the UNet, keyed as diffusers' `set_attn_processor` expects."""
+    cross_frame = VideoAttnProcessor(unet.frame_context, mode)
+    plain = VideoAttnProcessor()
+    return {
+        name: cross_frame if name.endswith("attn1.processor") else plain for name in unet.attn_processors
+    }

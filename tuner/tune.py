@@ -1,0 +1,232 @@
+"""One-shot tuning (`tav-tune`): fit the inflated video UNet to one text-video pair.
+
+Only Tune-A-Video's trainable set is updated (attn1/attn2 query projections and the temporal attentions); the
+VAE, text encoder and every other UNet tensor stay frozen. Loss, schedule and optimiser follow the reference:
+epsilon (or v) prediction MSE on the clip's VAE latents at uniformly drawn timesteps, AdamW (lr 3e-5, weight
+decay 1e-2), gradient clipping at 1.0, constant learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from tuner import artefacts
+from tuner.components import (
+    BaseModelError,
+    base_model_hash,
+    check_base_dir,
+    encode_frames,
+    encode_prompt,
+    load_components,
+)
+from tuner.inflate import ATTENTION_MODES, VideoUNet, inflate, is_trainable
+from tuner.io_utils import atomic_directory
+from tuner.versions import versions
+from tuner.video_io import VideoError, read_video, resize_center_crop, sample_frames
+
+
+class TuneError(ValueError):
+    """Bad tuning input, reported as one line with exit code 2."""
+
+
+@dataclass
+class TuneSettings:
+    frames: int = 8
+    width: int | None = None  # default: the base model's native size
+    height: int | None = None
+    steps: int = 300
+    lr: float = 3e-5
+    seed: int = 33
+    start: int = 0
+    stride: int = 1
+    attention_mode: str = "sparse_causal"
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16", CUDA only
+
+
+def mark_trainable(unet: VideoUNet) -> dict[str, torch.nn.Parameter]:
+    """Freeze the whole UNet but Tune-A-Video's trainable set, and return that set by name."""
+    unet.requires_grad_(False)
+    trainable = {name: p for name, p in unet.named_parameters() if is_trainable(name)}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    return trainable
+
+
+def diffusion_loss(
+    unet: VideoUNet,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    text: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """Mean squared error of the UNet's prediction for clean `latents` `[1, C, F, h, w]` noised by `noise` at
+    `timesteps` `[1]`, against the target of the scheduler's prediction type."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    prediction = unet(noisy, timesteps, text)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def tune(
+    base: str | Path,
+    video: str | Path,
+    prompt: str,
+    out: str | Path,
+    settings: TuneSettings | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Tune `base` on `video` captioned `prompt` and write the tuned model directory `out`."""
+    s = settings or TuneSettings()
+    out = Path(out)
+    if s.attention_mode not in ATTENTION_MODES:
+        raise TuneError(f"--attention-mode must be one of {', '.join(ATTENTION_MODES)}")
+    if s.frames < 1 or s.steps < 0 or s.stride < 1 or s.start < 0:
+        raise TuneError("--frames and --stride must be >= 1, --steps and --start >= 0")
+    if out.exists() and not overwrite:
+        raise TuneError(f"output directory {out} already exists (use --overwrite to replace it)")
+    if not prompt.strip():
+        raise TuneError("--prompt is empty")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if s.mixed_precision != "no" and device.type != "cuda":
+        raise TuneError("--mixed-precision needs a CUDA device")
+
+    try:
+        check_base_dir(base)
+        clip = sample_frames(read_video(video, max_frames=s.start + s.stride * artefacts.MAX_SOURCE_FRAMES),
+                             None, s.start, s.stride)
+    except (BaseModelError, VideoError) as e:
+        raise TuneError(str(e)) from e
+    if len(clip) < s.frames:
+        raise TuneError(f"{video} gives only {len(clip)} frames from index {s.start} at stride {s.stride}; "
+                        f"--frames asks for {s.frames}")
+    try:
+        base_hash = base_model_hash(base)
+        components = load_components(base, device)
+    except BaseModelError as e:
+        raise TuneError(str(e)) from e
+    width = s.width or components.default_size
+    height = s.height or components.default_size
+    multiple = components.size_multiple
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise TuneError(f"--width/--height {width}x{height} must be positive multiples of {multiple} for this model")
+    frames = resize_center_crop(clip.frames[: artefacts.MAX_SOURCE_FRAMES], width, height)
+
+    torch.manual_seed(s.seed)
+    unet = inflate(components.unet, s.attention_mode)
+    trainable = list(mark_trainable(unet).values())
+    if s.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    mean, std = encode_frames(components.vae, frames)
+    text = encode_prompt(components, prompt).clone()
+    scheduler = DDPMScheduler.from_config(components.scheduler_config)
+    optimizer = torch.optim.AdamW(trainable, lr=s.lr, weight_decay=1e-2)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.mixed_precision)
+    grad_scaler = torch.amp.GradScaler("cuda", enabled=s.mixed_precision == "fp16")
+    generator = torch.Generator().manual_seed(s.seed)
+    clean_mean, clean_std = mean[:, : s.frames][None].to(device), std[:, : s.frames][None].to(device)
+
+    started = time.perf_counter()
+    loss_value = float("nan")
+    bar = tqdm(range(s.steps), desc="tuning", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        latent_noise = torch.randn(clean_mean.shape, generator=generator).to(device)
+        latents = clean_mean + clean_std * latent_noise  # a sample of the VAE posterior, as the reference trains
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator).to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = diffusion_loss(unet, scheduler, latents, text, timesteps, noise)
+        optimizer.zero_grad(set_to_none=True)
+        grad_scaler.scale(loss).backward()
+        grad_scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+    seconds = time.perf_counter() - started
+    unet.eval()
+
+    config = {
+        "base": {"path": str(Path(base).resolve()), "sha256": base_hash},
+        "attention_mode": s.attention_mode,
+        "prompt": prompt,
+        "video": str(video),
+        "frames": s.frames,
+        "width": width,
+        "height": height,
+        "latent_width": width // components.vae_factor,
+        "latent_height": height // components.vae_factor,
+        "fps": clip.fps,
+        "start": s.start,
+        "stride": s.stride,
+        "source_frames": len(frames),
+        "steps": s.steps,
+        "lr": s.lr,
+        "seed": s.seed,
+        "trainable_modules": ["attn1.to_q", "attn2.to_q", "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v",
+                              "attn_temp.to_out.0"],
+        "settings": asdict(s),
+        "final_loss": loss_value,
+        "tuning_seconds": round(seconds, 3),
+        "recommended": {"guidance": 12.5, "steps": 50},
+        "versions": versions(),
+    }
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        artefacts.write_tuned_model(tmp, config, unet, frames, mean)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="tav-tune", description="One-shot tune a Stable Diffusion 1.x model on a video.")
+    p.add_argument("--base", required=True, help="Stable Diffusion 1.x-layout diffusers directory")
+    p.add_argument("--video", required=True, help="MP4/WebM/GIF file or a folder of frames")
+    p.add_argument("--prompt", required=True, help='the clip\'s caption, e.g. "a man is skiing"')
+    p.add_argument("--out", required=True, help="tuned model directory to write (e.g. REPO/<model-id>)")
+    d = TuneSettings()
+    p.add_argument("--frames", type=int, default=d.frames)
+    p.add_argument("--width", type=int, help="default: the base model's native size")
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--start", type=int, default=d.start, help="index of the first frame")
+    p.add_argument("--stride", type=int, default=d.stride, help="take every n-th frame")
+    p.add_argument("--attention-mode", choices=ATTENTION_MODES, default=d.attention_mode)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    args = p.parse_args(argv)
+    settings = TuneSettings(
+        frames=args.frames, width=args.width, height=args.height, steps=args.steps, lr=args.lr, seed=args.seed,
+        start=args.start, stride=args.stride, attention_mode=args.attention_mode,
+        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+    )
+    try:
+        out = tune(args.base, args.video, args.prompt, args.out, settings, args.overwrite, args.device)
+    except TuneError as e:
+        print(f"tav-tune: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Video in and out for the whole stack: the tuner reads its training clip here and the server encodes the
+generated frames here, so every part agrees on one frame layout (uint8 RGB, [N, H, W, 3]) and one error type.
+
+Containers are decoded and encoded by PyAV (FFmpeg); images, resizing and GIFs go through Pillow.
+"""
+
+import io
+import itertools
+import os
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_FPS = 8.0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# Container format -> (PyAV encoder, encoder options); crf 18 is visually lossless for H.264.
+_AV_ENCODERS = {
+    "mp4": ("libx264", {"crf": "18", "preset": "medium"}),
+    "webm": ("libvpx-vp9", {"crf": "30", "b:v": "0"}),
+}
+ENCODE_FORMATS = (*_AV_ENCODERS, "gif")
+
+VideoSource = str | os.PathLike[str] | bytes
+
+
+class VideoError(ValueError):
+    """A video could not be read or does not have the frames asked for; the message names the source."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Decoded frames, uint8 RGB of shape [N, H, W, 3], played at `fps` frames per second."""
+
+    frames: np.ndarray
+    fps: float
+
+    def __post_init__(self) -> None:
+        _check_frames(self.frames)
+        if not self.fps > 0:
+            raise ValueError(f"fps must be positive, got {self.fps}")
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def read_video(source: VideoSource, max_frames: int | None = None) -> Clip:
+    """Read the frames (all, or the first `max_frames`) of a video file, encoded video bytes or image folder.
+
+    Anything FFmpeg decodes works (MP4, WebM, GIF, MOV, ...); a folder is read in file-name order at 8 fps.
+    """
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    if isinstance(source, bytes):
+        if not source:
+            raise VideoError("source clip is empty (0 bytes)")
+        return _read_container(io.BytesIO(source), "source clip", max_frames)
+    path = Path(source)
+    if not path.exists():
+        raise VideoError(f"{path} does not exist")
+    if path.is_dir():
+        return _read_image_folder(path, max_frames)
+    return _read_container(path, str(path), max_frames)
+
+
+def _read_container(file: Path | io.BytesIO, name: str, max_frames: int | None) -> Clip:
+    try:
+        with av.open(file) as container:
+            if not container.streams.video:
+                raise VideoError(f"{name} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            decoded = itertools.islice(container.decode(stream), max_frames)
+            frames = [frame.to_ndarray(format="rgb24") for frame in decoded]
+            rate = stream.average_rate
+    except av.FFmpegError as error:
+        raise VideoError(f"{name} is not a readable video ({error.strerror})") from error
+    if not frames:
+        raise VideoError(f"{name} has no frames")
+    return Clip(np.stack(frames), float(rate) if rate else DEFAULT_FPS)
+
+
+def _read_image_folder(folder: Path, max_frames: int | None) -> Clip:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_frames]
+    if not files:
+        raise VideoError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    frames = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                frame = np.asarray(image.convert("RGB"))
+        except OSError as error:  # includes UnidentifiedImageError
+            raise VideoError(f"{file} is not a readable image ({error})") from error
+        if frames and frame.shape != frames[0].shape:
+            (height, width, _), (first_height, first_width, _) = frame.shape, frames[0].shape
+            raise VideoError(
+                f"{file} is {width}x{height}, but the first image, {files[0].name}, "
+                f"is {first_width}x{first_height}"
+            )
+        frames.append(frame)
+    return Clip(np.stack(frames), DEFAULT_FPS)
+
+
+def sample_frames(clip: Clip, n: int | None, start: int = 0, stride: int = 1) -> Clip:
+    """Take frames start, start + stride, ... (`n` of them, or all that exist when `n` is None).
+
+    The result plays at clip.fps / stride, so it lasts as long in seconds as the span it was taken from.
+    """
+    _check_sampling(n, start, stride)
+    available = len(range(start, len(clip), stride))
+    if available == 0 or (n is not None and n > available):
+        asked = "frames" if n is None else f"{n} frames"
+        raise VideoError(
+            f"asked for {asked} from index {start} at stride {stride}, "
+            f"but the clip has only {len(clip)} frames"
+        )
+    stop = len(clip) if n is None else start + (n - 1) * stride + 1
+    return Clip(clip.frames[start:stop:stride], clip.fps / stride)
+
+
+def resize_center_crop(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale frames to cover width x height keeping their aspect ratio, then crop the center.
+
+    Returns uint8 frames of shape [N, height, width, 3]; frames already that size are returned as they are.
+    """
+    _check_frames(frames)
+    if width < 1 or height < 1:
+        raise ValueError(f"width and height must be positive, got {width}x{height}")
+    if frames.shape[1:3] == (height, width):
+        return frames
+    size = (width, height)
+    fitted = [ImageOps.fit(Image.fromarray(frame), size, Image.Resampling.BICUBIC) for frame in frames]
+    return np.stack([np.asarray(image) for image in fitted])
+
+
+def load_clip(
+    path: VideoSource,
+    n: int | None,
+    width: int,
+    height: int,
+    start: int = 0,
+    stride: int = 1,
+    max_frames: int | None = None,
+) -> Clip:
+    """Read a video (path, folder or encoded bytes), sample `n` frames and resize/crop them to width x height.
+
+    Decoding stops once the last frame that sampling needs has been read.
+    """
+    _check_sampling(n, start, stride)
+    if n is not None:
+        frames_needed = start + (n - 1) * stride + 1
+        max_frames = frames_needed if max_frames is None else min(max_frames, frames_needed)
+    clip = sample_frames(read_video(path, max_frames=max_frames), n, start=start, stride=stride)
+    return Clip(resize_center_crop(clip.frames, width, height), clip.fps)
+
+
+def encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:
+    """Encode uint8 RGB frames [N, H, W, 3] as an "mp4" (H.264), "webm" (VP9) or "gif" file, in memory.
+
+    MP4 and WebM use yuv420p, which needs an even width and height: odd sizes get one extra row or column that
+    repeats the edge pixels. GIF stores frame delays in centiseconds, so the delay is 1 / fps rounded to 10 ms
+    (at least 20 ms, since browsers slow shorter delays down).
+    """
+    _check_frames(frames)
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if fmt == "gif":
+        return _encode_gif(frames, fps)
+    if fmt in _AV_ENCODERS:
+        return _encode_with_av(frames, fps, fmt)
+    raise ValueError(f"unknown video format {fmt!r}, expected one of {', '.join(ENCODE_FORMATS)}")
+
+
+def _encode_with_av(frames: np.ndarray, fps: float, fmt: str) -> bytes:
+    codec, options = _AV_ENCODERS[fmt]
+    _, height, width, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = options
+        for index, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def _encode_gif(frames: np.ndarray, fps: float) -> bytes:
+    images = [Image.fromarray(frame) for frame in frames]
+    delay_ms = 10 * max(2, round(100 / fps))
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=delay_ms, loop=0)
+    return buffer.getvalue()
+
+
+def write_video(path: str | os.PathLike[str], frames: np.ndarray, fps: float) -> None:
+    """Encode frames in the format the suffix names (.mp4, .webm, .gif) and write them atomically to `path`.
+
+    The file is written next to `path` under a temporary name, then renamed: no reader sees half a video.
+    Missing parent folders are created.
+    """
+    path = Path(path)
+    data = encode_video(frames, fps, path.suffix.lower().removeprefix("."))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        os.chmod(temp_name, 0o644)  # mkstemp makes the file private to its owner
+        os.replace(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+
+
+def encode_png_frames(frames: np.ndarray) -> list[bytes]:
+    """Encode each uint8 RGB frame of [N, H, W, 3] as a PNG file."""
+    _check_frames(frames)
+    encoded = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def _check_sampling(n: int | None, start: int, stride: int) -> None:
+    if n is not None and n < 1:
+        raise ValueError(f"n must be at least 1 (or None for all frames), got {n}")
+    if start < 0:
+        raise ValueError(f"start must be non-negative, got {start}")
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1, got {stride}")
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"expected uint8 RGB frames [N >= 1, H, W, 3], got {frames.dtype} {frames.shape}")
