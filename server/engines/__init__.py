@@ -1,1 +1,22 @@
-"""server/engines."""
+"""Runtime engines behind one interface (`base.Engines`): torch | onnxruntime | tensorrt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.engines.base import Engines, LoadedModel
+
+BACKENDS = ("torch",)
+
+
+def load_model(path: str | Path, backend: str = "torch", device: str | None = None, name: str | None = None
+               ) -> LoadedModel:
+    """Load a tuned model directory for `backend`."""
+    if backend == "torch":
+        from server.engines.torch_engine import load_torch_model
+
+        return load_torch_model(path, device, name)
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+__all__ = ["BACKENDS", "Engines", "LoadedModel", "load_model"]

@@ -1,0 +1,90 @@
+"""The one interface between the generation loop and a runtime (PyTorch, ONNX Runtime, TensorRT).
+
+An `Engines` object runs the three networks of one tuned model at fixed shapes: the text encoder on token ids
+`[1, L]`, the VAE on one frame at a time, and the video UNet on exactly `frames` (8) frames at batch 1
+(inversion, unguided sampling) or batch 2 (classifier-free guidance). Tensors cross the interface as torch
+tensors on `device`; what a backend does inside is its own business. A `LoadedModel` bundles the engines with
+what the loop needs to drive them: tokenizer, scheduler config, VAE scale, source clip latents, fps, defaults.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from transformers import CLIPTokenizer
+
+UNET_FRAMES = 8
+UNET_BATCHES = (1, 2)
+
+
+class EngineShapeError(ValueError):
+    """An input whose shape the engine was not built for."""
+
+
+class Engines(ABC):
+    """Text encoder, VAE encoder/decoder and video UNet of one model, at fixed shapes."""
+
+    backend: str
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    frames: int = UNET_FRAMES
+    batches: tuple[int, ...] = UNET_BATCHES
+
+    def __init__(self, latent_shape: tuple[int, int, int], text_shape: tuple[int, int]) -> None:
+        self.latent_shape = latent_shape  # (C, h, w) of one frame's latents
+        self.text_shape = text_shape  # (L, D) of the text embeddings
+
+    def unet_input_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, self.latent_shape[0], self.frames, *self.latent_shape[1:])
+
+    def check_unet_input(self, sample: torch.Tensor, text: torch.Tensor) -> None:
+        batch = sample.shape[0]
+        if batch not in self.batches or tuple(sample.shape) != self.unet_input_shape(batch):
+            raise EngineShapeError(
+                f"the UNet engine takes samples of shape {self.unet_input_shape(1)} or "
+                f"{self.unet_input_shape(2)}, got {tuple(sample.shape)}"
+            )
+        if tuple(text.shape) != (batch, *self.text_shape):
+            raise EngineShapeError(f"the UNet engine takes text of shape {(batch, *self.text_shape)}, "
+                                   f"got {tuple(text.shape)}")
+
+    @abstractmethod
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """int64 `[1, L]` -> `[1, L, D]`."""
+
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One frame in [-1, 1], `[1, 3, H, W]` -> the VAE posterior mean `[1, C, h, w]` (unscaled)."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """One frame's unscaled latents `[1, C, h, w]` -> pixels in [-1, 1], `[1, 3, H, W]`."""
+
+    @abstractmethod
+    def run_unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """`[B, C, 8, h, w]`, float32 `[1]`, `[B, L, D]` -> `[B, C, 8, h, w]`, B in `batches`."""
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Check the shapes, then run the UNet."""
+        self.check_unet_input(sample, text)
+        return self.run_unet(sample, timestep, text)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: its engines and everything else the loop reads."""
+
+    name: str
+    engines: Engines
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict
+    scaling_factor: float
+    source_latents: torch.Tensor  # scaled, [C, N, h, w]
+    source_hash: str
+    fps: float
+    model_hash: str
+    pixel_size: tuple[int, int]  # (height, width)
+    defaults: dict = field(default_factory=lambda: {"guidance": 12.5, "steps": 50})
+    info: dict = field(default_factory=dict)  # what GetModel reports: base model, prompt, profiles, ...

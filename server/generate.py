@@ -1,0 +1,309 @@
+"""The generation core: DDIM inversion of the source clip, then DDIM sampling with classifier-free guidance,
+window by window for videos longer than the engine's 8 frames. Written once; the Python API, `tav-generate-local`
+and the gRPC server all run this loop, against any `Engines`.
+
+Long videos (DESIGN.md section 5). The UNet always sees 8 frames. The first window generates frames 0-7. Every
+later window holds, in order: the anchor (frame 0) in slot 0, then context frames (already generated, the most
+recent ones), then new frames. One context frame is enough for sparse-causal attention to be exact for the new
+frames: the first new frame's "former frame" is the most recent generated frame and every frame's "first frame"
+is the anchor, just as if the whole video were one sequence. So windows carry one context frame and six new
+ones; the last window takes more context frames instead of padding, so every slot holds a real frame. At each
+denoising step the anchor and context slots are reset to the latents those frames had at that same step when
+they were generated, so the new frames attend to their true first and former frames' features; the context
+slots' own outputs are discarded. Inversion of a long source clip runs through the same windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+from server.engines.base import LoadedModel
+from tuner.components import frames_to_pixels, pixels_to_frames, tokenize
+from tuner.video_io import VideoError, read_video, resize_center_crop
+
+MAX_FRAMES = 128
+MAX_STEPS = 200
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 30.0
+MAX_PROMPT_CHARS = 1000
+MAX_SOURCE_BYTES = 64 * 1024 * 1024
+MAX_SEED = 2**63 - 1
+ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
+
+
+class InvalidRequest(ValueError):
+    """A request option outside its bounds; `field` names the option."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+class Cancelled(Exception):
+    """The caller cancelled the generation (checked before every UNet call)."""
+
+
+@dataclass
+class GenerationOptions:
+    prompt: str
+    negative_prompt: str = ""
+    frames: int = 8
+    steps: int | None = None  # None: the model's recommended value
+    guidance: float | None = None
+    seed: int | None = None  # None: drawn at random and reported
+    invert: bool = True
+    source_video: bytes | None = None  # an encoded clip to invert instead of the model's own source
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    fps: float
+    seed: int
+    steps: int
+    guidance: float
+    prompt_truncated: bool
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, and "total"
+
+
+@dataclass(frozen=True)
+class Window:
+    frames: tuple[int, ...]  # the video frame held in each slot
+    new: tuple[int, ...]  # the slots this window generates; the others are anchor and context
+
+
+def plan_windows(total: int, slots: int = 8) -> list[Window]:
+    """Cover frames 0..total-1 (total >= slots) with windows of `slots` frames; see the module docstring."""
+    if total < slots:
+        raise ValueError(f"plan_windows needs at least {slots} frames, got {total}")
+    windows = [Window(tuple(range(slots)), tuple(range(slots)))]
+    done = slots
+    while done < total:
+        new = min(slots - 2, total - done)
+        context = slots - 1 - new
+        frames = (0, *range(done - context, done), *range(done, done + new))
+        windows.append(Window(frames, tuple(range(1 + context, slots))))
+        done += new
+    return windows
+
+
+class InversionCache:
+    """Inverted latents by (model, source clip, steps, size, frames), least recently used out past `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 512 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        with self._lock:
+            if key not in self._entries:
+                return None
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
+    def put(self, key: tuple, latents: torch.Tensor) -> None:
+        size = latents.numel() * latents.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            self._entries[key] = latents
+            self._entries.move_to_end(key)
+            while sum(t.numel() * t.element_size() for t in self._entries.values()) > self.max_bytes:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def resolve(options: GenerationOptions, model: LoadedModel) -> GenerationOptions:
+    """Check every option against its bounds (InvalidRequest names the field) and fill in the defaults."""
+    if not isinstance(options.prompt, str) or not options.prompt.strip():
+        raise InvalidRequest("prompt", "must not be empty")
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(options, name)) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(name, f"must be at most {MAX_PROMPT_CHARS} characters")
+    steps = model.defaults.get("steps", 50) if options.steps is None else options.steps
+    guidance = model.defaults.get("guidance", 12.5) if options.guidance is None else options.guidance
+    seed = secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed
+    if not 1 <= options.frames <= MAX_FRAMES:
+        raise InvalidRequest("frames", f"must be between 1 and {MAX_FRAMES}, got {options.frames}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidRequest("steps", f"must be between 1 and {MAX_STEPS}, got {steps}")
+    if not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE:
+        raise InvalidRequest("guidance", f"must be between {MIN_GUIDANCE:g} and {MAX_GUIDANCE:g}, got {guidance}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidRequest("seed", f"must be between 0 and {MAX_SEED}")
+    if options.source_video is not None:
+        if len(options.source_video) > MAX_SOURCE_BYTES:
+            raise InvalidRequest("source_video", f"must be at most {MAX_SOURCE_BYTES // 2**20} MiB")
+        if not options.invert:
+            raise InvalidRequest("source_video", "is only used with inversion (invert = true)")
+    engines = model.engines
+    if model.source_latents.shape[0] != engines.latent_shape[0] or tuple(
+        model.source_latents.shape[2:]
+    ) != tuple(engines.latent_shape[1:]):
+        raise InvalidRequest("model", f"source latents {tuple(model.source_latents.shape)} do not fit the engine's "
+                                      f"latent shape {engines.latent_shape}")
+    return GenerationOptions(options.prompt, options.negative_prompt, options.frames, int(steps), float(guidance),
+                             int(seed), options.invert, options.source_video)
+
+
+class Generator:
+    """Runs generations for one loaded model; share an `InversionCache` between generators to reuse inversions."""
+
+    def __init__(self, model: LoadedModel, cache: InversionCache | None = None) -> None:
+        self.model = model
+        self.engines = model.engines
+        self.cache = cache if cache is not None else InversionCache()
+
+    def generate(
+        self,
+        options: GenerationOptions,
+        progress: ProgressFn | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Generate and decode a video."""
+        opts = resolve(options, self.model)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        latents, truncated = self.generate_latents(opts, progress, cancelled, timings)
+        clock = time.perf_counter()
+        frames = self._decode(latents[:, :, : opts.frames])
+        timings["decode"] = time.perf_counter() - clock
+        timings["total"] = time.perf_counter() - started
+        return GenerationResult(frames, self.model.fps, opts.seed, opts.steps, opts.guidance, truncated, timings)
+
+    def generate_latents(
+        self,
+        options: GenerationOptions,
+        progress: ProgressFn | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> tuple[torch.Tensor, bool]:
+        """The sampled latents `[1, C, max(frames, 8), h, w]` (scaled) and whether the prompt was truncated."""
+        opts = resolve(options, self.model)
+        self._progress = progress or (lambda phase, step, total: None)
+        self._cancelled = cancelled or (lambda: False)
+        timings = {} if timings is None else timings
+        clock = time.perf_counter()
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[phase] = timings.get(phase, 0.0) + now - clock
+            clock = now
+
+        cond, truncated = self._encode_text(opts.prompt)
+        uncond, _ = self._encode_text(opts.negative_prompt)
+        lap("text")
+        total = max(opts.frames, self.engines.frames)
+        c, h, w = self.engines.latent_shape
+        generator = torch.Generator().manual_seed(opts.seed)
+        noise = torch.randn((1, c, total, h, w), generator=generator).to(self.engines.device)
+        start = noise * DDIMScheduler.from_config(self.model.scheduler_config).init_noise_sigma
+        if opts.invert:
+            source, source_hash = self._source(opts.source_video)
+            lap("encode")
+            inverted = self._invert(source, source_hash, opts.steps, total)
+            start[:, :, : inverted.shape[2]] = inverted
+            lap("invert")
+        sampler = DDIMScheduler.from_config(self.model.scheduler_config)
+        sampler.set_timesteps(opts.steps)
+        text = torch.cat([uncond, cond]) if opts.guidance > 1 else cond
+        latents = self._denoise(start, sampler, text, opts.guidance, "sample")
+        lap("sample")
+        return latents, truncated
+
+    def _encode_text(self, prompt: str) -> tuple[torch.Tensor, bool]:
+        ids, truncated = tokenize(self.model.tokenizer, prompt)
+        return self.engines.encode_text(ids).float(), truncated
+
+    def _source(self, video: bytes | None) -> tuple[torch.Tensor, str]:
+        """Scaled latents `[C, N, h, w]` of the clip to invert, and its content hash."""
+        if video is None:
+            return self.model.source_latents, self.model.source_hash
+        try:
+            clip = read_video(video, max_frames=MAX_FRAMES)
+        except VideoError as e:
+            raise InvalidRequest("source_video", str(e)) from e
+        height, width = self.model.pixel_size
+        frames = resize_center_crop(clip.frames, width, height)
+        latents = [self.engines.encode_image(frames_to_pixels(frame[None])) for frame in frames]
+        scaled = torch.cat(latents).float().transpose(0, 1) * self.model.scaling_factor
+        return scaled.cpu(), hashlib.sha256(video).hexdigest()
+
+    def _invert(self, source: torch.Tensor, source_hash: str, steps: int, total: int) -> torch.Tensor:
+        """DDIM-invert up to `total` frames of the source (empty prompt, no guidance), through the cache."""
+        count = min(total, source.shape[1])
+        key = (self.model.model_hash, source_hash, steps, tuple(source.shape[2:]), count)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached.to(self.engines.device)
+        clip = source[:, :count]
+        if count < self.engines.frames:  # a source shorter than the engine: repeat its last frame
+            clip = torch.cat([clip, clip[:, -1:].expand(-1, self.engines.frames - count, -1, -1)], dim=1)
+        inverse = DDIMInverseScheduler.from_config(self.model.scheduler_config)
+        inverse.set_timesteps(steps)
+        empty, _ = self._encode_text("")
+        inverted = self._denoise(clip[None].to(self.engines.device), inverse, empty, 1.0, "invert")
+        inverted = inverted[:, :, :count]
+        self.cache.put(key, inverted.cpu())
+        return inverted
+
+    def _denoise(
+        self, x: torch.Tensor, scheduler, text: torch.Tensor, guidance: float, phase: str
+    ) -> torch.Tensor:
+        """Step `x` `[1, C, N, h, w]` through all of `scheduler`'s timesteps, window by window."""
+        plan = plan_windows(x.shape[2], self.engines.frames)
+        reused = {w.frames[s] for w in plan for s in range(len(w.frames)) if s not in w.new}
+        history: dict[int, list[torch.Tensor]] = {}  # frame -> its latents at every step, for reused frames
+        out = x.clone()
+        total, done = len(plan) * len(scheduler.timesteps), 0
+        for window in plan:
+            latents = x[:, :, list(window.frames)].clone()
+            known = [s for s in range(len(window.frames)) if s not in window.new]
+            for step, t in enumerate(scheduler.timesteps):
+                if self._cancelled():
+                    raise Cancelled(f"cancelled during {phase} at step {done} of {total}")
+                for slot in known:
+                    latents[:, :, slot] = history[window.frames[slot]][step]
+                for slot in window.new:
+                    if window.frames[slot] in reused:
+                        history.setdefault(window.frames[slot], []).append(latents[:, :, slot].clone())
+                prediction = self._predict(latents, t, text, guidance)
+                latents = scheduler.step(prediction, t, latents).prev_sample
+                done += 1
+                self._progress(phase, done, total)
+            for slot in window.new:
+                out[:, :, window.frames[slot]] = latents[:, :, slot]
+        return out
+
+    def _predict(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, guidance: float) -> torch.Tensor:
+        """The UNet's prediction; with guidance > 1, one batch-2 call for the unconditional and conditional."""
+        timestep = torch.tensor([float(t)], dtype=torch.float32, device=self.engines.device)
+        if guidance <= 1:
+            return self.engines.unet(latents, timestep, text[-1:])
+        both = self.engines.unet(torch.cat([latents, latents]), timestep, text)
+        uncond, cond = both.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Decode frame by frame (bounded memory) to uint8 `[F, H, W, 3]`."""
+        frames = []
+        for i in range(latents.shape[2]):
+            if self._cancelled():
+                raise Cancelled("cancelled during decode")
+            pixels = self.engines.decode_latents(latents[:, :, i] / self.model.scaling_factor)
+            frames.append(pixels_to_frames(pixels))
+            self._progress("decode", i + 1, latents.shape[2])
+        return np.concatenate(frames)
