@@ -127,3 +127,75 @@ def load_tuned(
     inflate(components.unet, model.config["attention_mode"])
     apply_adapter(components.unet, model.adapter())
     return model, components
+
+
+# The engine directory (`RUN/engines/`, written by the exporter, read by the server):
+#   manifest.json        format version, backend(s), precision, graphs (file, I/O names, shapes, dtypes, sha256),
+#                        the UNet's profiles, opset, producer versions, store key and path, model metadata
+#   tokenizer/           the tokenizer files
+#   scheduler_config.json
+#   adapter.safetensors  the tuned tensors under their names in the graphs
+#   source.safetensors   the source clip's scaled latents
+# The graphs themselves live once per (base model, size, precision, attention mode) in the shared store
+# `REPO/.engines/<key>/`, which the manifest points to by a path relative to the engine directory.
+ENGINE_FORMAT = "tav-engines"
+ENGINE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+ENGINE_ADAPTER_FILE = "adapter.safetensors"
+ENGINE_SOURCE_FILE = "source.safetensors"
+SCHEDULER_FILE = "scheduler_config.json"
+
+
+@dataclass(frozen=True)
+class EngineDir:
+    """An engine directory, opened and checked against its manifest."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> EngineDir:
+        path = Path(path)
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise ArtefactError(f"{path} has no engines ({MANIFEST_FILE} missing): run tav-export")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ArtefactError(f"{manifest_path} is not valid JSON: {e}") from e
+        if manifest.get("format") != ENGINE_FORMAT or manifest.get("format_version") != ENGINE_FORMAT_VERSION:
+            raise ArtefactError(f"{path}: engine format {manifest.get('format')} v{manifest.get('format_version')}"
+                                f" is not {ENGINE_FORMAT} v{ENGINE_FORMAT_VERSION}: re-run tav-export")
+        for name in (ENGINE_ADAPTER_FILE, ENGINE_SOURCE_FILE, SCHEDULER_FILE, "tokenizer"):
+            if not (path / name).exists():
+                raise ArtefactError(f"{path} is unfinished: {name} is missing")
+        return cls(path, manifest)
+
+    @property
+    def store(self) -> Path:
+        return (self.path / self.manifest["store"]["path"]).resolve()
+
+    def graph_path(self, name: str) -> Path:
+        return self.store / self.manifest["graphs"][name]["file"]
+
+    def verify(self, names: tuple[str, ...] | None = None) -> None:
+        """Check that each graph (and the adapter) still has the content hash the manifest recorded."""
+        for name in names or tuple(self.manifest["graphs"]):
+            graph = self.manifest["graphs"][name]
+            files = [self.store / f for f in graph["files"]]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise ArtefactError(f"{self.path}: graph {name} is missing ({', '.join(missing)}): re-run tav-export")
+            if sha256_files(files, self.store) != graph["sha256"]:
+                raise ArtefactError(f"{self.path}: graph {name} does not match its recorded hash: re-run tav-export")
+        if sha256_files([self.path / ENGINE_ADAPTER_FILE], self.path) != self.manifest["adapter_sha256"]:
+            raise ArtefactError(f"{self.path}: {ENGINE_ADAPTER_FILE} does not match its recorded hash")
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / ENGINE_ADAPTER_FILE)
+
+    def source_latents(self) -> torch.Tensor:
+        return load_file(self.path / ENGINE_SOURCE_FILE)["latents"]
+
+    def scheduler_config(self) -> dict:
+        return json.loads((self.path / SCHEDULER_FILE).read_text())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from server.engines.base import Engines, LoadedModel
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def load_model(path: str | Path, backend: str = "torch", device: str | None = None, name: str | None = None
@@ -16,6 +16,14 @@ def load_model(path: str | Path, backend: str = "torch", device: str | None = No
         from server.engines.torch_engine import load_torch_model
 
         return load_torch_model(path, device, name)
+    if backend == "onnxruntime":
+        from server.engines.onnx_engine import load_onnx_model
+
+        return load_onnx_model(path, name)
+    if backend == "tensorrt":
+        from server.engines.tensorrt_engine import load_tensorrt_model
+
+        return load_tensorrt_model(path, name)
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 

@@ -1,0 +1,294 @@
+"""`tav-export`: tuned model directory -> engine directory (DESIGN.md section 4).
+
+The base graphs depend only on (base model, size, precision, attention mode): they are exported and checked once
+into the shared store `REPO/.engines/<key>/` and reused by every tuned model of that base. A tuned model costs
+its engine directory: manifest, tokenizer, scheduler config, source latents and its adapter tensors, which the
+runtimes apply at load (ONNX Runtime initializer overrides, TensorRT refit). Export is idempotent: a complete
+store entry is reused, a missing one is re-created, and every directory is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from safetensors.torch import save_file
+
+from exporter.onnx_export import (
+    GRAPHS,
+    OPSET,
+    ExportError,
+    check_graph,
+    export_graph,
+    graph_files,
+    graph_io,
+    graph_specs,
+    has_sdpa_pattern,
+    with_weights_as_inputs,
+)
+from tuner import artefacts
+from tuner.artefacts import ArtefactError, TunedModel, apply_adapter
+from tuner.components import BaseModelError, base_model_hash, load_components
+from tuner.inflate import inflate, is_trainable
+from tuner.io_utils import atomic_directory, sha256_files
+from tuner.versions import versions
+
+STORE_DIR = ".engines"
+STORE_INDEX = "graphs.json"
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def store_key(model: TunedModel, precision: str) -> str:
+    """What the base graphs depend on, hashed: base model content, size, precision, attention mode, opset."""
+    c = model.config
+    parts = [c["base"]["sha256"], c["latent_height"], c["latent_width"], precision, c["attention_mode"], OPSET]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+def ort_session(path: Path):
+    """A CPU ONNX Runtime session for checks."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def adapter_arrays(adapter: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
+    return {name: tensor.to(dtype).contiguous().numpy() for name, tensor in adapter.items()}
+
+
+def build_store_entry(model: TunedModel, entry: Path, precision: str, progress) -> dict:
+    """Export and check the base graphs into `entry` (atomically); return its index."""
+    dtype = PRECISIONS[precision]
+    components = load_components(model.config["base"]["path"], "cpu", dtype)
+    unet = inflate(components.unet, model.config["attention_mode"])
+    _distinct_adapter_placeholders(unet)
+    specs = graph_specs(components, unet, model.latent_size, dtype)
+    index = {"format_version": 1, "precision": precision, "opset": OPSET, "graphs": {}, "checks": {},
+             "producer": versions()}
+    with atomic_directory(entry, overwrite=True) as tmp:
+        for spec in specs:
+            progress(f"exporting {spec.name}")
+            started = time.perf_counter()
+            path = tmp / f"{spec.name}.onnx"
+            export_graph(spec, path)
+            files = graph_files(path)
+            index["graphs"][spec.name] = {
+                "file": path.name, "files": [f.name for f in files], "sha256": sha256_files(files, tmp),
+                "export_seconds": round(time.perf_counter() - started, 2), **graph_io(path),
+            }
+            if precision == "fp32":
+                index["checks"][spec.name] = check_graph(spec, ort_session(path), precision)
+            else:
+                index["checks"][spec.name] = check_dtypes(path)
+        progress("writing the UNet variant that takes the tuned tensors as inputs (ONNX Runtime)")
+        names = [n for n in unet.state_dict() if is_trainable(n)]
+        ort_path = tmp / "unet_adapter_inputs.onnx"
+        with_weights_as_inputs(tmp / "unet.onnx", ort_path, names)
+        files = graph_files(ort_path)
+        unet_spec = specs[-1]
+        index["graphs"]["unet_adapter_inputs"] = {
+            "file": ort_path.name, "files": [f.name for f in files], "sha256": sha256_files(files, tmp),
+            **graph_io(tmp / "unet.onnx"), "weight_inputs": names,
+        }
+        if precision == "fp32":
+            placeholders = adapter_arrays({n: t for n, t in unet.state_dict().items() if n in set(names)})
+            index["checks"]["unet_adapter_inputs"] = check_graph(unet_spec, ort_session(ort_path), precision,
+                                                                 weights=placeholders)
+        index["sdpa_pattern"] = has_sdpa_pattern(tmp / "unet.onnx")
+        (tmp / STORE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def _distinct_adapter_placeholders(unet) -> None:
+    """Give every tunable tensor of the base graph a distinct seeded random value. Each model's adapter replaces
+    them at load; but identical tensors (a fresh inflation's zero output weights) would be merged into one
+    initializer by the exporter, and the adapter could no longer address each by name."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in unet.state_dict().items():
+            if is_trainable(name):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+
+
+def check_dtypes(path: Path) -> dict:
+    """Where fp16 cannot be run (no GPU here): the graph's float inputs and its float weights are fp16."""
+    io = graph_io(path)
+    wrong = [f"{v['name']} is {v['dtype']}" for v in io["inputs"]
+             if v["name"] not in ("timestep", "input_ids") and v["dtype"] != "float16"]
+    weights = [t.data_type for t in onnx.load(str(path), load_external_data=False).graph.initializer]
+    fp16, fp32 = weights.count(onnx.TensorProto.FLOAT16), weights.count(onnx.TensorProto.FLOAT)
+    if wrong or fp16 == 0 or fp32 > fp16:
+        raise ExportError(f"{path.name}: not an fp16 graph ({'; '.join(wrong) or 'weights are not fp16'})")
+    return {"fp16_weights": fp16, "fp32_weights": fp32, "outputs": {v["name"]: v["dtype"] for v in io["outputs"]}}
+
+
+def load_store_entry(entry: Path) -> dict | None:
+    """The index of a complete, intact store entry, or None."""
+    try:
+        index = json.loads((entry / STORE_INDEX).read_text())
+        for graph in index["graphs"].values():
+            if sha256_files([entry / f for f in graph["files"]], entry) != graph["sha256"]:
+                return None
+        return index if set(index["graphs"]) == {*GRAPHS, "unet_adapter_inputs"} else None
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def export(
+    run: str | Path,
+    out: str | Path | None = None,
+    precision: str = "fp32",
+    tensorrt: bool = False,
+    store: str | Path | None = None,
+    progress=print,
+) -> Path:
+    """Export a tuned model directory to an engine directory; return its path."""
+    try:
+        model = TunedModel.open(run)
+    except ArtefactError as e:
+        raise ExportError(str(e)) from e
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    base = Path(model.config["base"]["path"])
+    try:
+        if base_model_hash(base) != model.config["base"]["sha256"]:
+            raise ExportError(f"the base model {base} changed since {run} was tuned (content hash differs)")
+    except BaseModelError as e:
+        raise ExportError(f"the base model of {run} is unusable: {e}") from e
+    _, latents = model.source()
+    if tuple(latents.shape[2:]) != model.latent_size:
+        raise ExportError(f"{run}: size mismatch: tav_config.json says latents {model.latent_size}, the source "
+                          f"latents are {tuple(latents.shape[2:])}")
+    out = Path(out) if out else model.path / "engines"
+    store_root = Path(store) if store else model.path.parent / STORE_DIR
+    for directory in (out.parent, store_root):
+        _check_writable(directory)
+
+    key = store_key(model, precision)
+    entry = store_root / key
+    index = load_store_entry(entry)
+    if index is None:
+        progress(f"building shared base graphs in {entry}")
+        index = build_store_entry(model, entry, precision, progress)
+    else:
+        progress(f"reusing shared base graphs in {entry}")
+
+    adapter = model.adapter()
+    unet_path = entry / index["graphs"]["unet_adapter_inputs"]["file"]
+    graph = onnx.load(str(entry / index["graphs"]["unet"]["file"]), load_external_data=False).graph
+    initializers = {t.name: tuple(t.dims) for t in graph.initializer}
+    weight_map = {}  # adapter tensor -> its initializer in unet.onnx (TensorRT refit) and input of the ORT variant
+    for name, tensor in adapter.items():
+        if initializers.get(name) != tuple(tensor.shape):
+            raise ExportError(f"adapter tensor {name} has no initializer of shape {tuple(tensor.shape)} in the graph")
+        weight_map[name] = {"initializer": name, "input": name, "transpose": None}
+    if precision == "fp32":
+        progress("checking the tuned UNet: ONNX Runtime with the adapter vs PyTorch")
+        tuned_check = check_tuned_unet(model, unet_path, adapter)
+    else:
+        tuned_check = {"skipped": "fp16 numeric checks run where a GPU is present"}
+
+    with atomic_directory(out, overwrite=True) as tmp:
+        dtype = PRECISIONS[precision]
+        save_file({k: v.to(dtype).contiguous() for k, v in adapter.items()}, tmp / artefacts.ENGINE_ADAPTER_FILE)
+        save_file({"latents": latents.contiguous()}, tmp / artefacts.ENGINE_SOURCE_FILE)
+        shutil.copytree(Path(model.config["base"]["path"]) / "tokenizer", tmp / "tokenizer")
+        shutil.copy(Path(model.config["base"]["path"]) / "scheduler" / "scheduler_config.json",
+                    tmp / artefacts.SCHEDULER_FILE)
+        manifest = build_manifest(model, index, key, os.path.relpath(entry, out), precision, weight_map, tuned_check)
+        manifest["adapter_sha256"] = sha256_files([tmp / artefacts.ENGINE_ADAPTER_FILE], tmp)
+        manifest["source_sha256"] = sha256_files([model.path / artefacts.SOURCE_FILE], model.path)
+        if tensorrt:
+            from exporter.tensorrt_build import build_plans
+
+            manifest["tensorrt"] = build_plans(entry, index, model, precision, progress)
+            manifest["backends"].append("tensorrt")
+        (tmp / artefacts.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    progress(f"engines: {out}")
+    return out
+
+
+def check_tuned_unet(model: TunedModel, unet_path: Path, adapter: dict[str, torch.Tensor]) -> dict:
+    """The base UNet graph with the adapter as initializer overrides must match the tuned PyTorch UNet."""
+    components = load_components(model.config["base"]["path"])
+    unet = inflate(components.unet, model.config["attention_mode"])
+    apply_adapter(unet, adapter)
+    spec = next(s for s in graph_specs(components, unet, model.latent_size, torch.float32) if s.name == "unet")
+    return check_graph(spec, ort_session(unet_path), "fp32", seed=1, weights=adapter_arrays(adapter))
+
+
+def build_manifest(model: TunedModel, index: dict, key: str, store_path: str, precision: str, weight_map: dict,
+                   tuned_check: dict) -> dict:
+    c = model.config
+    unet_io = index["graphs"]["unet"]
+    sample = next(i for i in unet_io["inputs"] if i["name"] == "sample")["shape"]
+    text = next(i for i in unet_io["inputs"] if i["name"] == "encoder_hidden_states")["shape"]
+    return {
+        "format": artefacts.ENGINE_FORMAT,
+        "format_version": artefacts.ENGINE_FORMAT_VERSION,
+        "backends": ["onnxruntime"],
+        "precision": precision,
+        "opset": index["opset"],
+        "store": {"key": key, "path": store_path},
+        "graphs": index["graphs"],
+        "unet_profiles": [{"batch": b, "sample": [b, *sample[1:]], "encoder_hidden_states": [b, *text[1:]],
+                           "timestep": [1]} for b in (1, 2)],
+        "sdpa_pattern": index["sdpa_pattern"],
+        "checks": {"base": index["checks"], "tuned_unet": tuned_check},
+        "weight_map": weight_map,
+        "model": {"model_hash": model.model_hash, "base_path": c["base"]["path"], "base_sha256": c["base"]["sha256"],
+                  "prompt": c["prompt"], "attention_mode": c["attention_mode"], "frames": c["frames"]},
+        "latent_channels": sample[1],
+        "latent_size": [c["latent_height"], c["latent_width"]],
+        "pixel_size": [c["height"], c["width"]],
+        "text_shape": text[1:],
+        "scaling_factor": _scaling_factor(c["base"]["path"]),
+        "fps": c["fps"],
+        "defaults": c.get("recommended", {"guidance": 12.5, "steps": 50}),
+        "producer": versions(),
+    }
+
+
+def _scaling_factor(base: str) -> float:
+    return float(json.loads((Path(base) / "vae" / "config.json").read_text()).get("scaling_factor", 0.18215))
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail before any work when `directory` (or the nearest existing ancestor) takes no new files."""
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ExportError(f"cannot write to {directory}: {e.strerror}") from e
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="tav-export", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="tuned model directory (RUN)")
+    p.add_argument("--out", help="engine directory (default RUN/engines)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    p.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (needs a GPU and tensorrt)")
+    p.add_argument("--store", help="shared graph store (default: REPO/.engines beside the model)")
+    args = p.parse_args(argv)
+    try:
+        export(args.model, args.out, args.precision, args.tensorrt, args.store)
+    except (ExportError, ArtefactError) as e:
+        print(f"tav-export: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""ONNX Runtime engines: the exported graphs of an engine directory, with the model's adapter tensors applied as
+initializer overrides on the shared base UNet graph.
+
+CPU here; with `onnxruntime-gpu` installed, the CUDA (or TensorRT) execution provider and I/O binding keep the
+tensors on the GPU between calls.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import CLIPTokenizer
+
+from server.engines.base import Engines, LoadedModel
+from tuner.artefacts import EngineDir
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# engine part -> the graph of the store it runs
+SESSION_GRAPHS = {"text_encoder": "text_encoder", "vae_encoder": "vae_encoder", "vae_decoder": "vae_decoder",
+                  "unet": "unet_adapter_inputs"}
+# One session per (graph file, providers, threads), shared by every model of the same base: a tuned model costs
+# only its adapter tensors.
+_SESSIONS: dict[tuple, object] = {}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:  # pragma: no cover - a dependency of the project
+        raise RuntimeError("the onnxruntime backend needs the onnxruntime package") from e
+    return onnxruntime
+
+
+class OnnxEngines(Engines):
+    backend = "onnxruntime"
+
+    def __init__(self, engine_dir: EngineDir, providers: list[str] | None = None, threads: int | None = None) -> None:
+        manifest = engine_dir.manifest
+        super().__init__((manifest["latent_channels"], *manifest["latent_size"]), tuple(manifest["text_shape"]))
+        ort = _ort()
+        available = ort.get_available_providers()
+        self.providers = providers or [p for p in (*GPU_PROVIDERS, "CPUExecutionProvider") if p in available]
+        self.on_gpu = self.providers[0] != "CPUExecutionProvider"
+        self.device = torch.device("cuda" if self.on_gpu else "cpu")
+        self.dtype = torch.float16 if manifest["precision"] == "fp16" else torch.float32
+        self.pixel_size = tuple(manifest["pixel_size"])
+        self._threads = threads or len(os.sched_getaffinity(0))
+        # The tuned tensors are inputs of the shared base UNet graph, fed with every call.
+        self.weights = {manifest["weight_map"][name]["input"]: tensor.to(self.dtype).contiguous()
+                        for name, tensor in engine_dir.adapter().items()}
+        if self.on_gpu:
+            self.weights = {k: v.to(self.device) for k, v in self.weights.items()}
+        self.sessions = {name: self._session(engine_dir.graph_path(graph)) for name, graph in SESSION_GRAPHS.items()}
+
+    def _session(self, path: Path):
+        key = (str(path), tuple(self.providers), self._threads)
+        if key not in _SESSIONS:
+            ort = _ort()
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = self._threads
+            _SESSIONS[key] = ort.InferenceSession(str(path), options, providers=self.providers)
+        return _SESSIONS[key]
+
+    def _run(self, name: str, inputs: dict[str, torch.Tensor], out_shape: tuple[int, ...]) -> torch.Tensor:
+        session = self.sessions[name]
+        if not self.on_gpu:
+            feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+            return torch.from_numpy(session.run(None, feeds)[0])
+        binding = session.io_binding()  # GPU: inputs and output stay in device memory
+        for key, tensor in inputs.items():
+            tensor = tensor.to(self.device).contiguous()
+            inputs[key] = tensor
+            binding.bind_input(key, "cuda", 0, _np_of(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
+        out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
+        binding.bind_output(session.get_outputs()[0].name, "cuda", 0, _np_of(out.dtype), out_shape, out.data_ptr())
+        session.run_with_iobinding(binding)
+        return out
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._run("text_encoder", {"input_ids": input_ids.to(torch.int64)}, (1, *self.text_shape))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run("vae_encoder", {"pixels": pixels.to(self.dtype)}, (1, *self.latent_shape))
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._run("vae_decoder", {"latents": latents.to(self.dtype)}, (1, 3, *self.pixel_size))
+
+    def run_unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        inputs = {"sample": sample.to(self.dtype), "timestep": timestep.float(),
+                  "encoder_hidden_states": text.to(self.dtype), **self.weights}
+        return self._run("unet", inputs, tuple(sample.shape)).float()
+
+
+def _np_of(dtype: torch.dtype):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
+
+
+def load_onnx_model(run: str | Path, name: str | None = None, verify: bool = True) -> LoadedModel:
+    """Load a tuned model's engine directory (`RUN/engines`, or an engine directory itself) for ONNX Runtime."""
+    path = Path(run)
+    engine_dir = EngineDir.open(path / "engines" if (path / "engines").is_dir() else path)
+    if verify:
+        engine_dir.verify()
+    manifest = engine_dir.manifest
+    engines = OnnxEngines(engine_dir)
+    return LoadedModel(
+        name=name or (path.name if path.name != "engines" else path.parent.name),
+        engines=engines,
+        tokenizer=CLIPTokenizer.from_pretrained(engine_dir.path / "tokenizer"),
+        scheduler_config=engine_dir.scheduler_config(),
+        scaling_factor=float(manifest["scaling_factor"]),
+        source_latents=engine_dir.source_latents(),
+        source_hash=manifest["source_sha256"],
+        fps=float(manifest["fps"]),
+        model_hash=manifest["model"]["model_hash"],
+        pixel_size=tuple(manifest["pixel_size"]),
+        defaults=dict(manifest["defaults"]),
+        info={"base_model": manifest["model"]["base_path"], "prompt": manifest["model"]["prompt"],
+              "frames": manifest["model"]["frames"], "attention_mode": manifest["model"]["attention_mode"],
+              "profiles": manifest["unet_profiles"], "precision": manifest["precision"]},
+    )
