@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import params, tune_speed
+from benchmarks import latency, params, tune_speed
 
 STUDIES = {
+    "latency": (latency, "ms per UNet call, per phase and per generated frame vs length, per backend"),
     "tune": (tune_speed, "seconds per tuning step and peak memory"),
     "params": (params, "parameter counts (total, trainable) of the tiny and the SD 1.4-config UNet"),
 }

@@ -1,0 +1,126 @@
+"""`tav-bench latency`: what a user asks first: ms per UNet call (batch 1 and 2), time per phase, and end-to-end
+ms per generated frame for several video lengths (autoregressive windows past 8 frames), per backend.
+
+Backends are measured alternately (A B A B ...) and summarised by median and p90, since timings on shared
+machines move by 10-30% between runs. Fewer denoising steps than the 50 a user would run are fine: the cost is
+per step and per frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import save_plot, summarize, time_alternating, write_result
+from server.engines import load_model
+from server.generate import GenerationOptions, Generator, InversionCache
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="tuned model directory (default: tune the tiny model on a clip)")
+    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated")
+    p.add_argument("--lengths", default="8,16,32", help="comma-separated frame counts")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps per generation")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--unet-repeats", type=int, default=10)
+
+
+def default_model(workdir: Path) -> Path:
+    """The tiny model tuned briefly on a 64-frame shapes-world clip, exported (so every backend can load it)."""
+    from exporter.cli import export
+    from tuner.shapes.world import make_clip
+    from tuner.tiny import make_tiny
+    from tuner.tune import TuneSettings, tune
+    from tuner.video_io import write_video
+
+    frames, caption, _ = make_clip("red", "circle", "white", "right", frames=64, seed=0)
+    clip = workdir / "clip.mp4"
+    write_video(clip, frames, fps=8)
+    base = make_tiny(workdir / "tiny")
+    run = tune(base, clip, caption, workdir / "repo" / "circle", TuneSettings(width=32, height=32, steps=20),
+               progress=False)
+    export(run, progress=lambda message: None)
+    return run
+
+
+def unet_calls(models: dict, repeats: int) -> dict:
+    """ms per UNet call at batch 1 and 2, backends interleaved."""
+    variants = {}
+    for backend, model in models.items():
+        engines = model.engines
+        for batch in engines.batches:
+            sample = torch.randn(engines.unet_input_shape(batch), device=engines.device)
+            text = torch.randn(batch, *engines.text_shape, device=engines.device)
+            t = torch.tensor([500.0], device=engines.device)
+            variants[f"{backend}/batch{batch}"] = (lambda e=engines, s=sample, x=text, tt=t: e.unet(s, tt, x))
+    return time_alternating(variants, repeats, warmup=2)
+
+
+def generations(models: dict, lengths: list[int], args: argparse.Namespace) -> dict:
+    """Per length and backend: end-to-end ms per frame, and the per-phase split (medians)."""
+    results = {}
+    for length in lengths:
+        options = GenerationOptions("a blue circle is moving right on a black background", frames=length,
+                                    steps=args.steps, guidance=args.guidance, seed=0)
+        timings: dict[str, list[dict]] = {backend: [] for backend in models}
+        for repeat in range(args.repeats + 1):  # the first round is warm-up
+            for backend, model in models.items():
+                generator = Generator(model, InversionCache(max_bytes=0))  # measure inversion every time
+                result = generator.generate(options)
+                if repeat:
+                    timings[backend].append(result.timings)
+        for backend, runs in timings.items():
+            per_frame = summarize([r["total"] / length for r in runs])
+            phases = {phase: summarize([r[phase] for r in runs])["median_ms"] for phase in runs[0]}
+            results[f"{backend}/{length}"] = {"backend": backend, "frames": length, "ms_per_frame": per_frame,
+                                              "phase_median_ms": phases}
+    return results
+
+
+def run(args: argparse.Namespace) -> dict:
+    backends = args.backends.split(",")
+    lengths = [int(n) for n in args.lengths.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or default_model(Path(tmp))
+        models = {backend: load_model(model_dir, backend) for backend in backends}
+        engines = next(iter(models.values())).engines
+        result = {
+            "study": "latency",
+            "model": str(args.model or "tiny model tuned on a shapes-world clip (tav-bench default)"),
+            "latent_shape": list(engines.latent_shape),
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "unet_ms": unet_calls(models, args.unet_repeats),
+            "generation": generations(models, lengths, args),
+        }
+    write_result(args.out, "latency", result)
+
+    def per_frame(ax):
+        for backend in backends:
+            rows = [result["generation"][f"{backend}/{n}"]["ms_per_frame"]["median_ms"] for n in lengths]
+            ax.plot(lengths, rows, marker="o", label=backend)
+        ax.set_xlabel("frames generated")
+        ax.set_ylabel(f"ms per frame ({args.steps} steps, guidance {args.guidance:g})")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+
+    def phases(ax):
+        names = [k for k in result["generation"][f"{backends[0]}/{lengths[0]}"]["phase_median_ms"] if k != "total"]
+        labels = [f"{b}/{n}" for b in backends for n in lengths]
+        bottom = [0.0] * len(labels)
+        for phase in names:
+            heights = [result["generation"][label]["phase_median_ms"][phase] / int(label.split("/")[1])
+                       for label in labels]
+            ax.bar(labels, heights, bottom=bottom, label=phase)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        ax.set_ylabel("ms per frame, by phase")
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend()
+
+    save_plot(args.out / "latency_per_frame.png", per_frame)
+    save_plot(args.out / "latency_phases.png", phases)
+    return result
