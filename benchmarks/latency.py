@@ -9,6 +9,7 @@ per step and per frame.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -87,11 +88,14 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or default_model(Path(tmp))
         models = {backend: load_model(model_dir, backend) for backend in backends}
-        engines = next(iter(models.values())).engines
+        first = next(iter(models.values()))
+        engines = first.engines
+        unet_config = json.loads((Path(first.info["base_model"]) / "unet" / "config.json").read_text())
         result = {
             "study": "latency",
             "model": str(args.model or "tiny model tuned on a shapes-world clip (tav-bench default)"),
             "latent_shape": list(engines.latent_shape),
+            "unet_config": {k: v for k, v in unet_config.items() if not k.startswith("_")},
             "steps": args.steps,
             "guidance": args.guidance,
             "unet_ms": unet_calls(models, args.unet_repeats),
