@@ -70,6 +70,9 @@ def build_store_entry(model: TunedModel, entry: Path, precision: str, progress) 
     """Export and check the base graphs into `entry` (atomically); return its index."""
     dtype = PRECISIONS[precision]
     components = load_components(model.config["base"]["path"], "cpu", dtype)
+    # The text encoder stays fp32 at every precision: it runs once per prompt, and CLIP traced in fp16 mixes
+    # fp16 and fp32 inputs in its LayerNorm, which ONNX Runtime refuses.
+    components.text_encoder.float()
     unet = inflate(components.unet, model.config["attention_mode"])
     _distinct_adapter_placeholders(unet)
     specs = graph_specs(components, unet, model.latent_size, dtype)
@@ -86,8 +89,8 @@ def build_store_entry(model: TunedModel, entry: Path, precision: str, progress) 
                 "file": path.name, "files": [f.name for f in files], "sha256": sha256_files(files, tmp),
                 "export_seconds": round(time.perf_counter() - started, 2), **graph_io(path),
             }
-            if precision == "fp32":
-                index["checks"][spec.name] = check_graph(spec, ort_session(path), precision)
+            if precision == "fp32" or spec.name == "text_encoder":
+                index["checks"][spec.name] = check_graph(spec, ort_session(path), "fp32")
             else:
                 index["checks"][spec.name] = check_dtypes(path)
         progress("writing the UNet variant that takes the tuned tensors as inputs (ONNX Runtime)")

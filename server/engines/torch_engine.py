@@ -1,32 +1,61 @@
-"""PyTorch engines: the tuned model's own modules, eager, under `torch.inference_mode`.
+"""PyTorch engines: the video UNet, VAE and text encoder as PyTorch modules, eager, under `torch.inference_mode`.
 
-fp32 on CPU; fp16 (or bf16) on CUDA. The reference every other backend is checked against.
+fp32 on CPU; fp16 on CUDA. The reference every other backend is checked against. Models of one base share one
+set of modules (`SharedBase`); each model holds only its adapter tensors, copied into the shared UNet in place
+when a request for it starts and another model's were active.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from server.engines.base import Engines, LoadedModel
-from tuner.artefacts import load_tuned
-from tuner.components import Components
+from tuner.artefacts import TunedModel, apply_adapter
+from tuner.components import Components, load_components
+from tuner.inflate import inflate
 from tuner.io_utils import sha256_files
+
+
+class SharedBase:
+    """A base model's modules, inflated once, with the adapter of the model most recently activated."""
+
+    def __init__(self, components: Components) -> None:
+        self.components = components
+        self.active: object | None = None  # the owner of the adapter now in the UNet
+        self.last_switch_seconds = 0.0
+
+    def activate(self, owner: object, adapter: dict[str, torch.Tensor]) -> None:
+        if self.active is not owner:
+            started = time.perf_counter()
+            apply_adapter(self.components.unet, adapter)
+            self.active = owner
+            self.last_switch_seconds = time.perf_counter() - started
+
+
+# (base path, base hash, attention mode, device, dtype) -> SharedBase
+_BASES: dict[tuple, SharedBase] = {}
 
 
 class TorchEngines(Engines):
     backend = "torch"
 
-    def __init__(
-        self, components: Components, latent_size: tuple[int, int], device: torch.device, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, base: SharedBase, adapter: dict[str, torch.Tensor], latent_size: tuple[int, int],
+                 device: torch.device, dtype: torch.dtype) -> None:
+        components = base.components
         channels = int(components.unet.config.in_channels)
         text_shape = (components.tokenizer.model_max_length, int(components.text_encoder.config.hidden_size))
         super().__init__((channels, *latent_size), text_shape)
-        self.components = components
+        self.base = base
+        self.adapter = adapter
         self.device = device
         self.dtype = dtype
+
+    @property
+    def components(self) -> Components:
+        return self.base.components
 
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -42,24 +71,37 @@ class TorchEngines(Engines):
 
     @torch.inference_mode()
     def run_unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        self.base.activate(self, self.adapter)
         out = self.components.unet(sample.to(self.dtype), timestep.to(self.device), text.to(self.dtype))
         return out.float()
 
 
+def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype) -> SharedBase:
+    base = model.config["base"]
+    key = (base["path"], base["sha256"], model.config["attention_mode"], str(device), dtype)
+    if key not in _BASES:
+        components = load_components(base["path"], device, dtype)
+        inflate(components.unet, model.config["attention_mode"])
+        _BASES[key] = SharedBase(components)
+    return _BASES[key]
+
+
 def load_torch_model(run: str | Path, device: str | None = None, name: str | None = None) -> LoadedModel:
-    """Load a tuned model directory as a `LoadedModel` with PyTorch engines."""
+    """Load a tuned model directory as a `LoadedModel` with PyTorch engines (its base shared with others)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model, components = load_tuned(run, device, dtype)
-    engines = TorchEngines(components, model.latent_size, device, dtype)
+    model = TunedModel.open(run)
+    base = shared_base(model, device, dtype)
+    adapter = {k: v.to(device, dtype) for k, v in model.adapter().items()}
+    engines = TorchEngines(base, adapter, model.latent_size, device, dtype)
     _, latents = model.source()
     config = model.config
     return LoadedModel(
         name=name or Path(run).name,
         engines=engines,
-        tokenizer=components.tokenizer,
-        scheduler_config=components.scheduler_config,
-        scaling_factor=components.scaling_factor,
+        tokenizer=base.components.tokenizer,
+        scheduler_config=base.components.scheduler_config,
+        scaling_factor=base.components.scaling_factor,
         source_latents=latents,
         source_hash=sha256_files([model.path / "source.safetensors"], model.path),
         fps=float(config["fps"]),
