@@ -6,13 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import floor, latency, params, scaling, tune_speed
+from benchmarks import floor, latency, models, params, scaling, tune_speed
 
 STUDIES = {
     "latency": (latency, "ms per UNet call, per phase and per generated frame vs length, per backend"),
     "tune": (tune_speed, "seconds per tuning step and peak memory"),
     "scaling": (scaling, "ms per frame vs length: sparse-causal windows vs full cross-frame attention"),
     "floor": (floor, "FLOPs per UNet call and per frame, machine matmul rate, GPU floors for SD 1.4"),
+    "models": (models, "resident memory vs number of tuned models of one base; model switch time"),
     "params": (params, "parameter counts (total, trainable) of the tiny and the SD 1.4-config UNet"),
 }
 

@@ -154,8 +154,10 @@ def export(
     tensorrt: bool = False,
     store: str | Path | None = None,
     progress=print,
+    check_tuned: bool = True,
 ) -> Path:
-    """Export a tuned model directory to an engine directory; return its path."""
+    """Export a tuned model directory to an engine directory; return its path. The base graphs are always
+    checked when they are built; `check_tuned` also checks this model's UNet with its adapter (fp32 only)."""
     try:
         model = TunedModel.open(run)
     except ArtefactError as e:
@@ -195,7 +197,9 @@ def export(
         if initializers.get(name) != tuple(tensor.shape):
             raise ExportError(f"adapter tensor {name} has no initializer of shape {tuple(tensor.shape)} in the graph")
         weight_map[name] = {"initializer": name, "input": name, "transpose": None}
-    if precision == "fp32":
+    if not check_tuned:
+        tuned_check = {"skipped": "not asked for"}
+    elif precision == "fp32":
         progress("checking the tuned UNet: ONNX Runtime with the adapter vs PyTorch")
         tuned_check = check_tuned_unet(model, unet_path, adapter)
     else:

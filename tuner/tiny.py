@@ -56,12 +56,15 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def make_tiny(out: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Write the tiny model directory to `out` (which must not exist) and return its path."""
+def make_tiny(
+    out: str | Path, seed: int = 0, prediction_type: str = "epsilon", unet_config: dict | None = None
+) -> Path:
+    """Write the tiny model directory to `out` (which must not exist) and return its path. `unet_config`
+    replaces the tiny UNet's configuration (e.g. a larger UNet for memory measurements)."""
     out = Path(out)
     torch.manual_seed(seed)
     with atomic_directory(out) as tmp:
-        UNet2DConditionModel(**UNET_CONFIG).save_pretrained(tmp / "unet")
+        UNet2DConditionModel(**(unet_config or UNET_CONFIG)).save_pretrained(tmp / "unet")
         AutoencoderKL(**VAE_CONFIG).save_pretrained(tmp / "vae")
         tokenizer = _byte_tokenizer(tmp / "tokenizer")
         text_config = CLIPTextConfig(
