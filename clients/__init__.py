@@ -1,1 +1,5 @@
-"""clients."""
+"""Python client library and CLI (`tav-client`) for the Tune-A-Video gRPC server; needs only the stubs."""
+
+from clients.client import AsyncClient, Client, Model, ModelList, ServerError, Video
+
+__all__ = ["AsyncClient", "Client", "Model", "ModelList", "ServerError", "Video"]

@@ -1,0 +1,45 @@
+"""Prometheus metrics of the server, in their own registry (several servers can share a process, as in tests),
+served over plain HTTP by prometheus_client's `start_http_server`.
+
+Exposed: requests by final status code and model, queue depth, running requests, per-phase latency histograms
+(queue wait, text, encode, invert, sample, decode, output encoding, total) and latency per frame.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600, 1800)
+FRAME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tav_requests", "Generate requests by final status code and model",
+                                ["code", "model"], registry=self.registry)
+        self.queue_depth = Gauge("tav_queue_depth", "Requests waiting in the queue", registry=self.registry)
+        self.running = Gauge("tav_running_requests", "Requests the worker is running (0 or 1)",
+                             registry=self.registry)
+        self.phase_seconds = Histogram("tav_phase_seconds", "Seconds per phase of successful generations",
+                                       ["model", "phase"], buckets=PHASE_BUCKETS, registry=self.registry)
+        self.frame_seconds = Histogram("tav_seconds_per_frame",
+                                       "Generation seconds (text encoding to output encoding) per frame",
+                                       ["model"], buckets=FRAME_BUCKETS, registry=self.registry)
+        self._http = None
+
+    def observe_result(self, model: str, timings: dict[str, float], frames: int) -> None:
+        for phase, seconds in timings.items():
+            self.phase_seconds.labels(model, phase).observe(seconds)
+        self.frame_seconds.labels(model).observe((timings["total"] + timings.get("output", 0.0)) / frames)
+
+    def serve(self, port: int, host: str) -> int:
+        """Serve /metrics over HTTP on `host:port` (0: any free port); returns the port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

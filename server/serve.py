@@ -1,0 +1,220 @@
+"""`tav-serve`: the gRPC server. Assembles the service, the worker, health, reflection, optional bearer-token
+auth and TLS, message-size limits, keepalive and metrics, then runs until SIGTERM or SIGINT and drains
+(DESIGN.md section 6): health NOT_SERVING, no new requests, the running request and the queued ones that
+finish within the grace period complete, the rest are answered UNAVAILABLE before their work starts, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from tuneavideo.v1 import tuneavideo_pb2_grpc as pb2_grpc
+
+from server.auth import BearerTokenInterceptor, read_tokens
+from server.engines import BACKENDS
+from server.generate import MAX_SOURCE_BYTES
+from server.metrics import Metrics
+from server.registry import ModelRegistry
+from server.service import SERVICE_NAME, VideoGenerationService
+from server.worker import FairQueue, Worker
+
+log = logging.getLogger("tav-serve")
+
+MAX_RECEIVE_BYTES = MAX_SOURCE_BYTES + (1 << 20)  # the largest source clip, plus room for the other fields
+MAX_SEND_BYTES = 4 << 20  # result chunks are at most 1 MiB
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class ServerConfig:
+    repo: Path
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (logged, and returned by TavServer.start)
+    backend: str = "torch"
+    device: str | None = None
+    max_queue: int = 16  # requests waiting, besides the running one
+    tokens: list[str] = field(default_factory=list)  # accepted bearer tokens; empty: no auth
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    grace: float = 30.0  # seconds to drain after SIGTERM
+    max_request_seconds: float = 3600.0  # the longest a request may take from acceptance to result
+    max_connection_age: float = 1800.0
+    engine_cache_bytes: int = 16 * 2**30
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        # Connections are recycled so clients re-resolve and spread over replicas; a request in flight keeps
+        # its connection for as long as the longest allowed request.
+        ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.max_request_seconds * 1000)),
+        # Ping every minute so proxies and NATs keep idle connections open; accept client pings every 30 s or
+        # slower (the client library pings every 60 s during calls).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class TavServer:
+    """The server's parts and life cycle: `start`, serving once warm, `drain`, `wait_closed`."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        self.config = config
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(config.repo, config.backend, config.device, config.engine_cache_bytes)
+        self.queue = FairQueue(config.max_queue)
+        self.metrics.queue_depth.set_function(lambda: len(self.queue))
+        self.service = VideoGenerationService(self.registry, self.queue, self.metrics, config.max_request_seconds)
+        self.health = health_aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.draining = False
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        """Listen, start the worker (which warms the models, then flips health to SERVING); returns the port."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._closed = asyncio.Event()
+        interceptors = [BearerTokenInterceptor(config.tokens)] if config.tokens else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
+        pb2_grpc.add_VideoGenerationServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, NOT_SERVING)
+        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert is not None:
+            pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
+            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+        else:
+            self.port = self.server.add_insecure_port(address)
+        await self.server.start()
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
+            log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
+        self.worker = Worker(self.registry, self.queue, lambda: loop.call_soon_threadsafe(self._became_ready))
+        self.worker.start()
+        log.info("listening on %s:%d (%s, backend %s); warming %d models", config.host, self.port,
+                 "TLS" if config.tls_cert else "plaintext", config.backend, len(self.registry.models))
+        return self.port
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _became_ready(self) -> None:
+        if self.draining:
+            return
+        self.service.accepting = True
+        self._spawn(self._serving())
+
+    async def _serving(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, SERVING)
+        self._ready.set()
+        log.info("serving %s", ", ".join(sorted(self.registry.models)) or "no models")
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    def request_drain(self) -> None:
+        """Start draining (the signal handler)."""
+        if not self.draining:
+            self._spawn(self.drain())
+
+    async def drain(self) -> None:
+        """Stop serving: see the module docstring."""
+        if self.draining:
+            await self._closed.wait()
+            return
+        self.draining = True
+        deadline = time.monotonic() + self.config.grace
+        log.info("draining: finishing what fits in %.0f s", self.config.grace)
+        await self.health.enter_graceful_shutdown()
+        self.service.accepting = False
+        self.worker.drain(deadline)
+        try:
+            await asyncio.wait_for(self.service.wait_idle(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            log.warning("grace period over: cancelling the requests still running")
+        await self.server.stop(None)  # cancels what is left; a cancelled generation stops within one step
+        if not await asyncio.to_thread(self.worker.join, 60):
+            log.warning("the worker did not stop within 60 s")
+        self.metrics.close()
+        log.info("stopped")
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+async def run(config: ServerConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain."""
+    server = TavServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_drain)
+    await server.wait_closed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="tav-serve", description="Serve tuned Tune-A-Video models over gRPC.")
+    p.add_argument("--repo", required=True, type=Path, help="model repository: one tuned model directory per id")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="0: any free port (logged)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; past it RESOURCE_EXHAUSTED")
+    p.add_argument("--auth-token-file", type=Path, help="require 'authorization: Bearer <token>', a token a line")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to drain after SIGTERM")
+    p.add_argument("--max-request-seconds", type=float, default=3600.0,
+                   help="longest a request may take from acceptance to result (also the connection-age grace)")
+    p.add_argument("--max-connection-age", type=float, default=1800.0, help="seconds before a connection recycles")
+    p.add_argument("--engine-cache-gb", type=float, default=16.0,
+                   help="memory for the loaded models' own tensors (adapters, source latents)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = ServerConfig(
+            repo=args.repo, host=args.host, port=args.port, backend=args.backend, device=args.device,
+            max_queue=args.max_queue, tokens=read_tokens(args.auth_token_file) if args.auth_token_file else [],
+            tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, grace=args.grace,
+            max_request_seconds=args.max_request_seconds, max_connection_age=args.max_connection_age,
+            engine_cache_bytes=int(args.engine_cache_gb * 2**30),
+        )
+        asyncio.run(run(config))
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"tav-serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The `tuneavideo.v1.VideoGeneration` gRPC service: checks each request, queues it for the worker, streams
+its progress, then sends the encoded result in chunks of at most 1 MiB.
+
+Validation lives in one place: the numeric bounds and defaults are `server.generate.resolve`'s (checked here,
+before the request is accepted, whenever the model's engines are loaded; otherwise by the worker, with the
+same status codes); this module adds what only the protocol has: the model id, the output format and the
+request's presence rules. The request's field names are the core's option names, so `InvalidRequest.field`
+is the proto field the message names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tuneavideo.v1 import tuneavideo_pb2 as pb2
+from tuneavideo.v1 import tuneavideo_pb2_grpc as pb2_grpc
+
+from server.generate import GenerationOptions, GenerationResult, InvalidRequest, resolve
+from server.metrics import Metrics
+from server.registry import ModelEntry, ModelRegistry, ModelUnavailable, check_model_id
+from server.worker import Done, Failed, FairQueue, Job, Progress, QueueClosed, QueueFull, Started
+from tuner.components import tokenize
+from tuner.video_io import encode_png_frames, encode_video
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["VideoGeneration"].full_name
+CHUNK_BYTES = 1 << 20
+DEFAULT_FRAMES = 8
+FORMATS = {
+    pb2.OUTPUT_FORMAT_UNSPECIFIED: "mp4",
+    pb2.OUTPUT_FORMAT_MP4: "mp4",
+    pb2.OUTPUT_FORMAT_GIF: "gif",
+    pb2.OUTPUT_FORMAT_PNG_FRAMES: "png",
+}
+MIME_TYPES = {"mp4": "video/mp4", "gif": "image/gif", "png": "image/png"}
+PHASES = {"invert": pb2.PHASE_INVERT, "sample": pb2.PHASE_SAMPLE, "decode": pb2.PHASE_DECODE}
+DEADLINE_SLACK = 0.5  # seconds: a client's deadline fires a moment before the server's copy of it
+NOT_ACCEPTING = "the server is warming up or shutting down; retry shortly or on another replica"
+
+
+class RequestFailed(Exception):
+    """Ends a call with a status code and a message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def options_from_request(request: pb2.GenerateRequest) -> GenerationOptions:
+    """The core's options for a request; unset optional fields take their defaults."""
+    return GenerationOptions(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        frames=request.frames if request.HasField("frames") else DEFAULT_FRAMES,
+        steps=request.steps if request.HasField("steps") else None,
+        guidance=request.guidance if request.HasField("guidance") else None,
+        seed=request.seed if request.HasField("seed") else None,
+        invert=request.invert if request.HasField("invert") else True,
+        source_video=request.source_video or None,
+    )
+
+
+def encode_output(frames: np.ndarray, fps: float, fmt: str) -> list[bytes]:
+    """The files of a result: one MP4 or GIF, or one PNG per frame."""
+    return encode_png_frames(frames) if fmt == "png" else [encode_video(frames, fps, fmt)]
+
+
+def chunks(files: list[bytes]) -> Iterator[pb2.Chunk]:
+    """The files cut into chunks of at most CHUNK_BYTES, in order; the last one is marked."""
+    pieces = [(index, offset) for index, data in enumerate(files) for offset in range(0, max(len(data), 1),
+                                                                                      CHUNK_BYTES)]
+    for n, (index, offset) in enumerate(pieces):
+        data = files[index][offset : offset + CHUNK_BYTES]
+        yield pb2.Chunk(file=index, offset=offset, data=data, last=n == len(pieces) - 1)
+
+
+class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
+    def __init__(self, registry: ModelRegistry, queue: FairQueue, metrics: Metrics, max_request_seconds: float) -> None:
+        self.registry = registry
+        self.queue = queue
+        self.metrics = metrics
+        self.max_request_seconds = max_request_seconds
+        self.accepting = False  # True once the models are warm, False again while draining
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no Generate call is in progress."""
+        await self._idle.wait()
+
+    async def Generate(self, request: pb2.GenerateRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb2.GenerateResponse]:
+        label = request.model if request.model in self.registry.models else "-"
+        code = grpc.StatusCode.CANCELLED  # unless the call ends otherwise: the client went away
+        self._active += 1
+        self._idle.clear()
+        try:
+            async with contextlib.aclosing(self._generate(request, context)) as responses:
+                async for response in responses:
+                    yield response
+            code = grpc.StatusCode.OK
+        except RequestFailed as e:
+            code = e.code
+            await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining < DEADLINE_SLACK:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise
+        finally:
+            self.metrics.requests.labels(code.name, label).inc()
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _generate(self, request: pb2.GenerateRequest, context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[pb2.GenerateResponse]:
+        if not self.accepting:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, NOT_ACCEPTING)
+        options, fmt, truncated = self._check(request)
+        remaining = context.time_remaining()
+        limit = self.max_request_seconds if remaining is None else min(remaining, self.max_request_seconds)
+        job = Job(uuid.uuid4().hex, request.model, options, asyncio.get_running_loop(), time.monotonic() + limit)
+        try:
+            position = self.queue.put(job)
+        except QueueFull:
+            raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the queue is full ({self.queue.max_size} requests waiting); retry later") from None
+        except QueueClosed:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, NOT_ACCEPTING) from None
+        log.info("request %s accepted for model %s at queue position %d", job.id, job.model, position)
+        try:
+            accepted = pb2.Accepted(request_id=job.id, queue_position=position, prompt_truncated=truncated)
+            yield pb2.GenerateResponse(accepted=accepted)
+            queued = 0.0
+            while not isinstance(event := await job.events.get(), Done):
+                if isinstance(event, Failed):
+                    raise RequestFailed(event.code, event.message)
+                if isinstance(event, Started):
+                    queued = event.queued
+                elif isinstance(event, Progress):
+                    progress = pb2.Progress(phase=PHASES[event.phase], step=event.step, total=event.total)
+                    yield pb2.GenerateResponse(progress=progress)
+            async for response in self._result(job.model, event.result, fmt, queued):
+                yield response
+        finally:
+            job.stop.set()  # a no-op once done; else the worker stops within one step
+            self.queue.remove(job)
+
+    def _check(self, request: pb2.GenerateRequest) -> tuple[GenerationOptions, str, bool]:
+        """The request's options (resolved when the model is loaded), output format and prompt truncation."""
+        try:
+            check_model_id(request.model)
+            entry = self.registry.entry(request.model)
+            if request.format not in FORMATS:
+                raise InvalidRequest("format", f"unknown output format {request.format}")
+            options = options_from_request(request)
+            model = self.registry.ready(entry.id)
+            if model is not None:
+                options = resolve(options, model)
+        except InvalidRequest as e:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except ModelUnavailable as e:
+            raise RequestFailed(grpc.StatusCode.NOT_FOUND, str(e)) from None
+        truncated = entry.tokenizer is not None and any(
+            tokenize(entry.tokenizer, prompt)[1] for prompt in (options.prompt, options.negative_prompt)
+        )
+        return options, FORMATS[request.format], truncated
+
+    async def _result(self, model: str, result: GenerationResult, fmt: str, queued: float
+                      ) -> AsyncIterator[pb2.GenerateResponse]:
+        clock = time.perf_counter()
+        files = await asyncio.to_thread(encode_output, result.frames, result.fps, fmt)
+        timings = {"queue": queued, **result.timings, "output": time.perf_counter() - clock}
+        frames, height, width, _ = result.frames.shape
+        self.metrics.observe_result(model, timings, frames)
+        info = pb2.ResultInfo(
+            mime_type=MIME_TYPES[fmt], files=len(files), size_bytes=sum(map(len, files)), frames=frames,
+            width=width, height=height, fps=result.fps, seed=result.seed, steps=result.steps,
+            guidance=result.guidance, timings=timings,
+        )
+        yield pb2.GenerateResponse(result=info)
+        for chunk in chunks(files):
+            yield pb2.GenerateResponse(chunk=chunk)
+
+    async def ListModels(self, request: pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb2.ListModelsResponse:
+        skipped = [pb2.SkippedModel(id=name, reason=reason) for name, reason in sorted(self.registry.skipped.items())]
+        return pb2.ListModelsResponse(models=[self._info(e) for e in self.registry.entries()], skipped=skipped)
+
+    async def GetModel(self, request: pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> pb2.ModelInfo:
+        try:
+            check_model_id(request.id, "id")
+            return self._info(self.registry.entry(request.id))
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ModelUnavailable as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+
+    def _info(self, entry: ModelEntry) -> pb2.ModelInfo:
+        config = entry.config
+        profiles = [pb2.Profile(batch=b, frames=f, latent_height=h, latent_width=w) for b, f, h, w in entry.profiles]
+        return pb2.ModelInfo(
+            id=entry.id, base_model=Path(config["base"]["path"]).name, width=config["width"],
+            height=config["height"], frames=config["frames"], source_frames=config.get("source_frames", 0),
+            fps=config["fps"], source_prompt=config["prompt"], attention_mode=config["attention_mode"],
+            backends=entry.backends, backend=self.registry.backend, profiles=profiles,
+            default_steps=entry.defaults.get("steps", 50), default_guidance=entry.defaults.get("guidance", 12.5),
+            loaded=self.registry.ready(entry.id) is not None,
+        )
