@@ -1,44 +1,159 @@
 """The main job, end to end on the embedded default model: `make demo`.
 
-Stages (each a real command a user would run, driven from here):
-  1. the base model: the tiny random SD 1.x-layout model (`tav-make-tiny`);
-  2. a source clip: a shapes-world clip, "a red circle is moving right on a white background";
-  3. one-shot tuning into the model repository (`tav-tune`).
+Every stage is the real command a user runs, driven from here:
+  1. base model: the shipped shapes-world model `models/shapes-sd` (or, if absent, the tiny random model);
+  2. source clip: a shapes-world clip, "a red circle is moving right on a white background";
+  3. `tav-tune` into the model repository runs/demo/repo/ (reused when already tuned);
+  4. `tav-export` to ONNX engines (idempotent);
+  5. `tav-serve` on loopback, waited on through the standard health service;
+  6. `tav-client generate`: three edits of the clip and one 24-frame long video, as GIFs;
+  7. a side-by-side grid PNG and, on the shapes model, edit metrics from the pixel checker.
 Everything lands under runs/demo/.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tuner.shapes.world import make_clip
-from tuner.video_io import write_video
+import numpy as np
 
-RUNS = Path("runs/demo")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tuner.shapes.world import make_clip  # noqa: E402
+from tuner.video_io import read_video, write_video  # noqa: E402
+
+RUNS = ROOT / "runs" / "demo"
+SHAPES_MODEL = ROOT / "models" / "shapes-sd"
+SOURCE = ("red", "circle", "white", "right")
+EDITS = {  # name -> (prompt, what the checker should read: colour, shape, background)
+    "blue-circle": ("a blue circle is moving right on a white background", ("blue", "circle", "white")),
+    "red-circle-black": ("a red circle is moving right on a black background", ("red", "circle", "black")),
+    "green-square": ("a green square is moving right on a white background", ("green", "square", "white")),
+}
+LONG = ("long-yellow-circle", "a yellow circle is moving right on a gray background", ("yellow", "circle", "gray"))
+BIN = Path(sys.executable).parent
 
 
 def sh(*args: str) -> None:
     print("$", " ".join(args), flush=True)
-    subprocess.run(args, check=True)
+    subprocess.run([str(BIN / args[0]), *args[1:]], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(server: subprocess.Popen, target: str, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"tav-serve exited with {server.returncode}")
+        health = subprocess.run([str(BIN / "tav-client"), "health", "--server", target], capture_output=True)
+        if health.returncode == 0:
+            return
+        time.sleep(1)
+    raise SystemExit("tav-serve did not become SERVING in time")
+
+
+def tune_once(base: Path, clip: Path, caption: str, model: Path, quick: bool) -> None:
+    """Tune unless the repository already holds this model tuned from this base."""
+    config = model / "tav_config.json"
+    if config.exists() and json.loads(config.read_text())["base"]["path"] == str(base.resolve()):
+        print(f"reusing the tuned model {model}")
+        return
+    steps = "30" if quick else "300"
+    sh("tav-tune", "--base", str(base), "--video", str(clip), "--prompt", caption, "--out", str(model),
+       "--frames", "8", "--width", "64", "--height", "64", "--steps", steps, "--lr", "1e-4" if not quick else "1e-3",
+       "--overwrite")
+
+
+def grid(rows: dict[str, np.ndarray], path: Path, frames: int = 8) -> None:
+    """One row per clip (first `frames` frames), source on top."""
+    from PIL import Image
+
+    strips = [np.concatenate(list(video[:frames]), axis=1) for video in rows.values()]
+    Image.fromarray(np.concatenate(strips, axis=0)).save(path)
+
+
+def edit_metrics(videos: dict[str, np.ndarray], wanted: dict[str, tuple], source_track: list) -> dict:
+    """Per edit: the fraction of frames whose colour, shape and background match the prompt, and the mean pixel
+    distance between the generated and the source centroid trajectories."""
+    from tuner.shapes.checker import check_clip
+
+    metrics = {}
+    for name, video in videos.items():
+        readings = check_clip(video)
+        colour, shape, background = wanted[name]
+        n = min(len(readings), len(source_track))
+        distance = [np.hypot(r.cx - s.cx, r.cy - s.cy) for r, s in zip(readings[:n], source_track[:n], strict=True)]
+        metrics[name] = {
+            "colour": float(np.mean([r.colour == colour for r in readings])),
+            "shape": float(np.mean([r.shape == shape for r in readings])),
+            "background": float(np.mean([r.background == background for r in readings])),
+            "trajectory_px": float(np.mean(distance)),
+        }
+    return metrics
 
 
 def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
-    base = RUNS / "tiny-sd"
-    if not base.exists():
+    shapes = SHAPES_MODEL.is_dir()
+    base = SHAPES_MODEL if shapes else RUNS / "tiny-sd"
+    if not shapes and not base.exists():
         sh("tav-make-tiny", str(base))
-    frames, caption, _ = make_clip("red", "circle", "white", "right", frames=16, seed=0)
-    source = RUNS / "red-circle.mp4"
-    write_video(source, frames, fps=8)
-    print(f"source clip: {source} ({caption!r})")
-    model = RUNS / "repo" / "red-circle"
-    sh("tav-tune", "--base", str(base), "--video", str(source), "--prompt", caption, "--out", str(model),
-       "--frames", "8", "--width", "64", "--height", "64", "--steps", "50", "--lr", "1e-3", "--overwrite")
-    print(f"tuned model: {model}")
+    print(f"base model: {base}{'' if shapes else ' (random tiny model: the shipped shapes model is absent)'}")
+
+    frames, caption, truth = make_clip(*SOURCE, frames=24, seed=0)
+    clip = RUNS / "source.mp4"
+    write_video(clip, frames, fps=8)
+    write_video(RUNS / "source.gif", frames, fps=8)
+    print(f"source clip: {clip} ({caption!r})")
+
+    repo = RUNS / "repo"
+    model = repo / "red-circle"
+    tune_once(base, clip, caption, model, quick=not shapes)
+    sh("tav-export", "--model", str(model))
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    server = subprocess.Popen([str(BIN / "tav-serve"), "--repo", str(repo), "--port", str(port),
+                               "--backend", "onnxruntime"], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    videos: dict[str, np.ndarray] = {}
+    try:
+        wait_serving(server, target)
+        steps = "25" if shapes else "10"
+        for name, (prompt, _) in [*EDITS.items(), (LONG[0], (LONG[1], None))]:
+            out = RUNS / f"{name}.gif"
+            length = "24" if name == LONG[0] else "8"
+            sh("tav-client", "generate", "--server", target, "--model", "red-circle", "--prompt", prompt,
+               "--frames", length, "--steps", steps, "--guidance", "7.5", "--seed", "0", "--format", "gif",
+               "--out", str(out))
+            videos[name] = read_video(out).frames
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+
+    grid({"source": frames, **videos}, RUNS / "grid.png")
+    print(f"grid: {RUNS / 'grid.png'}")
+    if shapes:
+        wanted = {**{k: v[1] for k, v in EDITS.items()}, LONG[0]: LONG[2]}
+        metrics = edit_metrics(videos, wanted, truth)
+        (RUNS / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        for name, m in metrics.items():
+            print(f"  {name:20s} colour {m['colour']:.0%}  shape {m['shape']:.0%}  background {m['background']:.0%}"
+                  f"  trajectory {m['trajectory_px']:.1f}px")
+    print(f"done: videos, grid and metrics in {RUNS}")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()
