@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,30 +136,52 @@ class ModelRegistry:
         self._ready: OrderedDict[str, Generator] = OrderedDict()  # least recently used first
         self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._scanned = 0.0
         self.scan()
 
     def scan(self) -> None:
-        """List the repository: every non-dot subdirectory is a model or a skipped entry with its reason."""
+        """List the repository: every non-dot subdirectory is a model or a skipped entry with its reason. Run
+        again while serving, it picks up added models and drops removed ones (a request already holding a
+        removed model's engines finishes; later ones get NOT_FOUND)."""
         if not self.repo.is_dir():
             raise FileNotFoundError(f"model repository {self.repo} is not a directory")
+        models: dict[str, ModelEntry] = {}
+        skipped: dict[str, str] = {}
         for path in sorted(self.repo.iterdir()):
             name = path.name
             if name.startswith(".") or not path.is_dir():
                 continue
             if not MODEL_ID.fullmatch(name):
-                self._skip(name, f"not a model id ({MODEL_ID.pattern})")
+                skipped[name] = f"not a model id ({MODEL_ID.pattern})"
                 continue
             try:
                 tuned = TunedModel.open(path)
             except ArtefactError as e:
-                self._skip(name, str(e))
+                skipped[name] = str(e)
                 continue
             backends = available_backends(path)
             if self.backend not in backends:
-                self._skip(name, f"no {self.backend} engines (run tav-export)")
+                skipped[name] = f"no {self.backend} engines (run tav-export)"
                 continue
-            config = tuned.config
-            self.models[name] = ModelEntry(name, path, config, backends, defaults=dict(config.get("recommended", {})))
+            known = self.models.get(name)
+            if known is not None and known.config == tuned.config:
+                models[name] = known  # unchanged: keep its measured cost and tokenizer
+            else:
+                models[name] = ModelEntry(name, path, tuned.config, backends,
+                                          defaults=dict(tuned.config.get("recommended", {})))
+        with self._lock:
+            for name, reason in skipped.items():
+                if self.skipped.get(name) != reason:
+                    log.warning("model %s skipped: %s", name, reason)
+            for name in set(self.models) - set(models) - set(skipped):
+                log.info("model %s removed from the repository", name)
+            self.models, self.skipped = models, skipped
+            self._scanned = time.monotonic()
+
+    def rescan(self, min_interval: float = 1.0) -> None:
+        """`scan` again unless the last scan is more recent than `min_interval` seconds."""
+        if time.monotonic() - self._scanned >= min_interval:
+            self.scan()
 
     def _skip(self, name: str, reason: str, exc_info: bool = False) -> None:
         log.warning("model %s skipped: %s", name, reason, exc_info=exc_info)
@@ -167,7 +190,10 @@ class ModelRegistry:
             self.skipped[name] = reason
 
     def entry(self, model_id: str) -> ModelEntry:
-        """The servable model `model_id`, or ModelUnavailable saying why not."""
+        """The servable model `model_id`, or ModelUnavailable saying why not (after a fresh look at the
+        repository for an id it does not know)."""
+        if model_id not in self.models:
+            self.rescan()
         with self._lock:
             if model_id in self.models:
                 return self.models[model_id]

@@ -196,6 +196,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
 
     async def ListModels(self, request: pb2.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb2.ListModelsResponse:
+        self.registry.scan()  # a fresh look: models added to or removed from the repository since
         skipped = [pb2.SkippedModel(id=name, reason=reason) for name, reason in sorted(self.registry.skipped.items())]
         return pb2.ListModelsResponse(models=[self._info(e) for e in self.registry.entries()], skipped=skipped)
 

@@ -4,10 +4,15 @@ event loop thread (so tests stay plain synchronous code), and raw stubs."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import shutil
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
+from queue import Empty, Queue
 
 import grpc
 from tuneavideo.v1 import tuneavideo_pb2 as pb2
@@ -104,3 +109,34 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", "server.pem", "-days", "1", "-extfile", "san.cnf")
     return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+
+
+class ServeProcess:
+    """`tav-serve` in a subprocess on a free port, its log collected by a reader thread."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "server.serve", "--port", "0", *args],
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: Queue = Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.port = int(self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                line = self.lines.get(timeout=max(0.0, min(1.0, end - time.monotonic())))
+            except Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.log.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"no {pattern!r} in the server's log:\n{''.join(self.log)}")

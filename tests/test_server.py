@@ -8,16 +8,13 @@ import io
 import itertools
 import json
 import math
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from queue import Empty, Queue
+from queue import Queue
 
 import grpc
 import numpy as np
@@ -27,7 +24,7 @@ from grpc_helpers import (
     MODEL,
     OTHER_MODEL,
     PROMPT,
-    START_TIMEOUT,
+    ServeProcess,
     ServerThread,
     files,
     kinds,
@@ -349,37 +346,6 @@ def test_tls_and_bearer_token(repo, tmp_path):
         assert e.value.code == CODE.UNAVAILABLE
     finally:
         server.stop()
-
-
-class ServeProcess:
-    """`tav-serve` in a subprocess on a free port, its log collected by a reader thread."""
-
-    def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.serve", "--port", "0", *args],
-                                     stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: Queue = Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = int(self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                line = self.lines.get(timeout=max(0.0, min(1.0, end - time.monotonic())))
-            except Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.log.append(line)
-            if match := re.search(pattern, line):
-                return match
-        raise AssertionError(f"no {pattern!r} in the server's log:\n{''.join(self.log)}")
 
 
 def health_status(channel) -> int:
