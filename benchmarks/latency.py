@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import save_plot, summarize, time_alternating, write_result
-from server.engines import load_model
+from server.engines import LoadedModel, load_model
 from server.generate import GenerationOptions, Generator, InversionCache
+
+PROMPT = "a blue circle is moving right on a black background"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--unet-repeats", type=int, default=10)
+    p.add_argument("--no-grpc", action="store_true", help="skip the comparison through tav-serve on loopback")
 
 
 def default_model(workdir: Path) -> Path:
@@ -65,7 +69,7 @@ def generations(models: dict, lengths: list[int], args: argparse.Namespace) -> d
     """Per length and backend: end-to-end ms per frame, and the per-phase split (medians)."""
     results = {}
     for length in lengths:
-        options = GenerationOptions("a blue circle is moving right on a black background", frames=length,
+        options = GenerationOptions(PROMPT, frames=length,
                                     steps=args.steps, guidance=args.guidance, seed=0)
         timings: dict[str, list[dict]] = {backend: [] for backend in models}
         for repeat in range(args.repeats + 1):  # the first round is warm-up
@@ -79,6 +83,40 @@ def generations(models: dict, lengths: list[int], args: argparse.Namespace) -> d
             phases = {phase: summarize([r[phase] for r in runs])["median_ms"] for phase in runs[0]}
             results[f"{backend}/{length}"] = {"backend": backend, "frames": length, "ms_per_frame": per_frame,
                                               "phase_median_ms": phases}
+    return results
+
+
+def through_grpc(model_dir: Path, model: LoadedModel, backend: str, lengths: list[int],
+                 args: argparse.Namespace) -> dict:
+    """ms per frame through tav-serve on loopback against the Python API, alternating, per length; the ratio
+    is the server's overhead (queueing, progress streaming, encoding the video, transport)."""
+    from clients import Client
+    from server.serve import BackgroundServer, ServerConfig
+
+    server = BackgroundServer(ServerConfig(repo=model_dir.parent, port=0, backend=backend))
+    try:
+        server.wait_ready()
+        client = Client(server.target)
+        results = {}
+        for length in lengths:
+            options = dict(frames=length, steps=args.steps, guidance=args.guidance, seed=0)
+            api = Generator(model)
+            seconds: dict[str, list[float]] = {"api": [], "grpc": []}
+            for repeat in range(args.repeats + 1):
+                for via in ("api", "grpc"):
+                    started = time.perf_counter()
+                    if via == "api":
+                        api.generate(GenerationOptions(PROMPT, **options))
+                    else:
+                        client.generate(model_dir.name, PROMPT, format="mp4", **options)
+                    if repeat:
+                        seconds[via].append((time.perf_counter() - started) / length)
+            api_ms, grpc_ms = summarize(seconds["api"]), summarize(seconds["grpc"])
+            results[f"{backend}/{length}"] = {"api_ms_per_frame": api_ms, "grpc_ms_per_frame": grpc_ms,
+                                              "grpc_over_api": grpc_ms["median_ms"] / api_ms["median_ms"]}
+        client.close()
+    finally:
+        server.stop()
     return results
 
 
@@ -101,6 +139,12 @@ def run(args: argparse.Namespace) -> dict:
             "unet_ms": unet_calls(models, args.unet_repeats),
             "generation": generations(models, lengths, args),
         }
+        if not args.no_grpc:
+            # both sides keep their inversion cache: after the warm-up round neither inverts again, so the
+            # ratio compares sampling, decoding and, for gRPC, queueing, streaming, encoding and transport
+            result["grpc"] = {}
+            for backend, model in models.items():
+                result["grpc"] |= through_grpc(Path(model_dir), model, backend, lengths, args)
     write_result(args.out, "latency", result)
 
     def per_frame(ax):

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,36 @@ async def run(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_drain)
     await server.wait_closed()
+
+
+class BackgroundServer:
+    """A `TavServer` on its own event loop in a background thread, driven from synchronous code (tests,
+    benchmarks, embedding): `BackgroundServer(config)`, `.wait_ready()`, `.target`, `.stop()`."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="tav-serve-loop", daemon=True)
+        self._thread.start()
+        self.server = self.call(self._make(config))
+        self.port = self.call(self.server.start())
+        self.target = f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    async def _make(config: ServerConfig) -> TavServer:
+        return TavServer(config)
+
+    def call(self, coroutine, timeout: float = 600):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def wait_ready(self) -> None:
+        self.call(self.server.wait_ready())
+
+    def stop(self) -> None:
+        self.call(self.server.drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
 
 
 def main(argv: list[str] | None = None) -> None:

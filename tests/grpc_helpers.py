@@ -3,7 +3,6 @@ event loop thread (so tests stay plain synchronous code), and raw stubs."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ import grpc
 from tuneavideo.v1 import tuneavideo_pb2 as pb2
 from tuneavideo.v1 import tuneavideo_pb2_grpc as pb2_grpc
 
-from server.serve import ServerConfig, TavServer
+from server.serve import BackgroundServer as ServerThread  # noqa: F401  (the tests' name for it)
 
 MODEL = "square"
 OTHER_MODEL = "square.v2"  # the same tuned model under a second id
@@ -40,35 +39,6 @@ def make_repo(root: Path, tuned_run: Path) -> Path:
     shutil.copytree(tuned_run, broken)
     (broken / "adapter.safetensors").write_bytes(b"not safetensors")
     return repo
-
-
-class ServerThread:
-    """A `TavServer` on an event loop in a background thread."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-loop", daemon=True)
-        self._thread.start()
-        self.server = self.call(self._make(config))
-        self.port = self.call(self.server.start())
-        self.target = f"127.0.0.1:{self.port}"
-
-    @staticmethod
-    async def _make(config: ServerConfig) -> TavServer:
-        return TavServer(config)
-
-    def call(self, coroutine, timeout: float = START_TIMEOUT):
-        """Run a coroutine on the server's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def wait_ready(self) -> None:
-        self.call(self.server.wait_ready())
-
-    def stop(self) -> None:
-        self.call(self.server.drain())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 def request(**fields) -> pb2.GenerateRequest:
