@@ -114,6 +114,11 @@ class ModelEntry:
                 for batch in UNET_BATCHES]
 
 
+def _signature(path: Path) -> tuple:
+    """Size and modification time of a model's files: whether it changed since it failed to load."""
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
+
+
 class ModelRegistry:
     """The models of a repository and the bounded cache of their ready `Generator`s (one per model, all sharing
     one `InversionCache`)."""
@@ -137,6 +142,7 @@ class ModelRegistry:
         self._bytes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._scanned = 0.0
+        self._failed: dict[str, tuple[tuple, str]] = {}  # model -> (its files' signature, why it failed to load)
         self.scan()
 
     def scan(self) -> None:
@@ -163,6 +169,10 @@ class ModelRegistry:
             if self.backend not in backends:
                 skipped[name] = f"no {self.backend} engines (run tav-export)"
                 continue
+            failed = self._failed.get(name)
+            if failed is not None and failed[0] == _signature(path):
+                skipped[name] = failed[1]  # its engines failed to load and nothing changed since
+                continue
             known = self.models.get(name)
             if known is not None and known.config == tuned.config:
                 models[name] = known  # unchanged: keep its measured cost and tokenizer
@@ -184,10 +194,13 @@ class ModelRegistry:
             self.scan()
 
     def _skip(self, name: str, reason: str, exc_info: bool = False) -> None:
+        """Take a model whose engines failed to load out of service until its files change."""
         log.warning("model %s skipped: %s", name, reason, exc_info=exc_info)
         with self._lock:
-            self.models.pop(name, None)
+            entry = self.models.pop(name, None)
             self.skipped[name] = reason
+            if entry is not None:
+                self._failed[name] = (_signature(entry.path), reason)
 
     def entry(self, model_id: str) -> ModelEntry:
         """The servable model `model_id`, or ModelUnavailable saying why not (after a fresh look at the
