@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import CLIPTokenizer
+
+from tuner.artefacts import EngineDir
 
 UNET_FRAMES = 8
 UNET_BATCHES = (1, 2)
@@ -88,3 +91,31 @@ class LoadedModel:
     pixel_size: tuple[int, int]  # (height, width)
     defaults: dict = field(default_factory=lambda: {"guidance": 12.5, "steps": 50})
     info: dict = field(default_factory=dict)  # what GetModel reports: base model, prompt, profiles, ...
+
+
+def open_engine_dir(run: str | Path) -> tuple[EngineDir, str]:
+    """A tuned model's engine directory (`RUN/engines`, or an engine directory given itself) and the model name."""
+    path = Path(run)
+    engine_dir = EngineDir.open(path / "engines" if (path / "engines").is_dir() else path)
+    return engine_dir, path.name if path.name != "engines" else path.parent.name
+
+
+def model_from_engine_dir(engine_dir: EngineDir, engines: Engines, name: str, **info) -> LoadedModel:
+    """The `LoadedModel` of an exported model, whatever runtime `engines` is."""
+    manifest = engine_dir.manifest
+    return LoadedModel(
+        name=name,
+        engines=engines,
+        tokenizer=CLIPTokenizer.from_pretrained(engine_dir.path / "tokenizer"),
+        scheduler_config=engine_dir.scheduler_config(),
+        scaling_factor=float(manifest["scaling_factor"]),
+        source_latents=engine_dir.source_latents(),
+        source_hash=manifest["source_sha256"],
+        fps=float(manifest["fps"]),
+        model_hash=manifest["model"]["model_hash"],
+        pixel_size=tuple(manifest["pixel_size"]),
+        defaults=dict(manifest["defaults"]),
+        info={"base_model": manifest["model"]["base_path"], "prompt": manifest["model"]["prompt"],
+              "frames": manifest["model"]["frames"], "attention_mode": manifest["model"]["attention_mode"],
+              "profiles": manifest["unet_profiles"], "precision": manifest["precision"], **info},
+    )

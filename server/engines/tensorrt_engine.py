@@ -29,9 +29,8 @@ from pathlib import Path
 import onnx
 import torch
 from onnx import numpy_helper
-from transformers import CLIPTokenizer
 
-from server.engines.base import Engines, EngineShapeError, LoadedModel
+from server.engines.base import Engines, EngineShapeError, LoadedModel, model_from_engine_dir, open_engine_dir
 from tuner import artefacts
 from tuner.artefacts import ArtefactError, EngineDir
 from tuner.io_utils import sha256_files
@@ -346,9 +345,8 @@ def load_tensorrt_model(run: str | Path, name: str | None = None, verify: bool =
     """Load a tuned model's engine directory (`RUN/engines`, or an engine directory itself) for TensorRT: its plans
     (shared with the other models of its base), checked against this machine, with its adapter refitted."""
     trt = require_tensorrt()
-    path = Path(run)
-    engine_dir = EngineDir.open(path / "engines" if (path / "engines").is_dir() else path)
-    name = name or (path.name if path.name != "engines" else path.parent.name)
+    engine_dir, default_name = open_engine_dir(run)
+    name = name or default_name
     manifest = engine_dir.manifest
     record = manifest.get("tensorrt")
     if record is None:
@@ -359,21 +357,6 @@ def load_tensorrt_model(run: str | Path, name: str | None = None, verify: bool =
     if verify and sha256_files([adapter_file], engine_dir.path) != manifest["adapter_sha256"]:
         raise ArtefactError(f"model {name!r}: {adapter_file} does not match its recorded hash")
     engines = TensorRTEngines(engine_dir, name, verify)
-    return LoadedModel(
-        name=name,
-        engines=engines,
-        tokenizer=CLIPTokenizer.from_pretrained(engine_dir.path / "tokenizer"),
-        scheduler_config=engine_dir.scheduler_config(),
-        scaling_factor=float(manifest["scaling_factor"]),
-        source_latents=engine_dir.source_latents(),
-        source_hash=manifest["source_sha256"],
-        fps=float(manifest["fps"]),
-        model_hash=manifest["model"]["model_hash"],
-        pixel_size=tuple(manifest["pixel_size"]),
-        defaults=dict(manifest["defaults"]),
-        info={"base_model": manifest["model"]["base_path"], "prompt": manifest["model"]["prompt"],
-              "frames": manifest["model"]["frames"], "attention_mode": manifest["model"]["attention_mode"],
-              "profiles": manifest["unet_profiles"], "precision": manifest["precision"],
-              "tensorrt": {"version": record["tensorrt_version"], "gpu": record["gpu"],
-                           "refit_seconds": engines.last_refit_seconds}},
-    )
+    tensorrt = {"version": record["tensorrt_version"], "gpu": record["gpu"],
+                "refit_seconds": engines.last_refit_seconds}
+    return model_from_engine_dir(engine_dir, engines, name, tensorrt=tensorrt)
