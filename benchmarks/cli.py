@@ -6,14 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import floor, latency, models, params, scaling, tune_speed
+from benchmarks import backends, export_sd, floor, latency, models, params, scaling, tune_speed
 
 STUDIES = {
+    "backends": (backends, "PyTorch vs ONNX Runtime here: ms per UNet call and per frame, and which is faster"),
     "latency": (latency, "ms per UNet call, per phase and per generated frame vs length, per backend"),
     "tune": (tune_speed, "seconds per tuning step and peak memory"),
     "scaling": (scaling, "ms per frame vs length: sparse-causal windows vs full cross-frame attention"),
     "floor": (floor, "FLOPs per UNet call and per frame, machine matmul rate, GPU floors for SD 1.4"),
     "models": (models, "resident memory vs number of tuned models of one base; model switch time"),
+    "export-sd": (export_sd, "export a full SD 1.4-config video UNet at 512x512 x 8 frames; check at 256"),
     "params": (params, "parameter counts (total, trainable) of the tiny and the SD 1.4-config UNet"),
 }
 

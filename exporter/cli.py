@@ -36,6 +36,7 @@ from exporter.onnx_export import (
     has_sdpa_pattern,
     with_weights_as_inputs,
 )
+from exporter.optimize import REWRITE_VERSION, optimize_unet_for_ort
 from tuner import artefacts
 from tuner.artefacts import ArtefactError, TunedModel, apply_adapter
 from tuner.components import BaseModelError, base_model_hash, load_components
@@ -49,9 +50,11 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def store_key(model: TunedModel, precision: str) -> str:
-    """What the base graphs depend on, hashed: base model content, size, precision, attention mode, opset."""
+    """What the base graphs depend on, hashed: base model content, size, precision, attention mode, opset, and the
+    version of the ONNX Runtime graph rewrite."""
     c = model.config
-    parts = [c["base"]["sha256"], c["latent_height"], c["latent_width"], precision, c["attention_mode"], OPSET]
+    parts = [c["base"]["sha256"], c["latent_height"], c["latent_width"], precision, c["attention_mode"], OPSET,
+             REWRITE_VERSION]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
@@ -93,15 +96,16 @@ def build_store_entry(model: TunedModel, entry: Path, precision: str, progress) 
                 index["checks"][spec.name] = check_graph(spec, ort_session(path), "fp32")
             else:
                 index["checks"][spec.name] = check_dtypes(path)
-        progress("writing the UNet variant that takes the tuned tensors as inputs (ONNX Runtime)")
+        progress("writing the UNet variant that takes the tuned tensors as inputs, attention fused (ONNX Runtime)")
         names = [n for n in unet.state_dict() if is_trainable(n)]
         ort_path = tmp / "unet_adapter_inputs.onnx"
         with_weights_as_inputs(tmp / "unet.onnx", ort_path, names)
+        ort_optimization = optimize_unet_for_ort(ort_path)
         files = graph_files(ort_path)
         unet_spec = specs[-1]
         index["graphs"]["unet_adapter_inputs"] = {
             "file": ort_path.name, "files": [f.name for f in files], "sha256": sha256_files(files, tmp),
-            **graph_io(tmp / "unet.onnx"), "weight_inputs": names,
+            **graph_io(tmp / "unet.onnx"), "weight_inputs": names, "ort_optimization": ort_optimization,
         }
         if precision == "fp32":
             placeholders = adapter_arrays({n: t for n, t in unet.state_dict().items() if n in set(names)})

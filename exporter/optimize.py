@@ -21,6 +21,7 @@ from onnx import helper
 
 from exporter.onnx_export import EXTERNAL_DATA_BYTES, ExportError
 
+REWRITE_VERSION = 1  # part of the store key: entries rewritten by another version are rebuilt
 MS_DOMAIN = "com.microsoft"
 HEADS_FIRST = [0, 2, 1, 3]  # [N, L, heads, d] <-> [N, heads, L, d]
 KEYS_TRANSPOSED = [0, 2, 3, 1]  # [N, L, heads, d] -> [N, heads, d, L]
@@ -61,7 +62,7 @@ def _static_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Every intermediate tensor's inferred shape (None for a dimension that depends on the batch)."""
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in (*inferred.graph.value_info, *inferred.graph.input)}
+            for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
 
 
 def fuse_attention(model: onnx.ModelProto, shapes_of: onnx.ModelProto | None = None) -> int:
@@ -75,7 +76,7 @@ def fuse_attention(model: onnx.ModelProto, shapes_of: onnx.ModelProto | None = N
     """
     graph = _Graph(model.graph)
     dims = _static_dims(shapes_of or model)
-    fused: dict[str, onnx.NodeProto] = {}  # name of the output Reshape -> the attention node replacing it
+    fused: dict[str, onnx.NodeProto] = {}  # output of the final Reshape -> the attention node replacing it
     for softmax in (n for n in model.graph.node if n.op_type == "Softmax"):
         scores = graph.made_by(softmax.input[0], "MatMul")
         weighted = graph.sole_consumer(softmax.output[0], "MatMul")
@@ -94,13 +95,13 @@ def fuse_attention(model: onnx.ModelProto, shapes_of: onnx.ModelProto | None = N
         heads, width = dims.get(q[1], [None] * 4)[1], dims.get(q[0], [None])[-1]
         if out is None or not heads or not width or len(dims.get(out.output[0], [])) != 3:
             continue
-        scope = out.name.rsplit("/", 1)[0]
-        fused[out.name] = helper.make_node(
-            "MultiHeadAttention", [q[0], k[0], v[0]], [out.output[0]], name=f"{scope}/MultiHeadAttention",
+        fused[out.output[0]] = helper.make_node(
+            "MultiHeadAttention", [q[0], k[0], v[0]], [out.output[0]],
+            name=softmax.name.replace("Softmax", "MultiHeadAttention"),
             domain=MS_DOMAIN, num_heads=heads, scale=1.0 / math.sqrt(width // heads),
         )
     if fused:
-        nodes = [fused.get(node.name, node) for node in model.graph.node]
+        nodes = [fused.get(node.output[0], node) for node in model.graph.node]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         if all(o.domain != MS_DOMAIN for o in model.opset_import):
