@@ -6,6 +6,6 @@ import os
 # slower, measured on 2 cores).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from server.local import generate  # noqa: E402
+from server.local import generate
 
 __all__ = ["generate"]
