@@ -1,0 +1,155 @@
+"""Shapes world: generator, pixel checker, pretraining CLI (tiny configuration) and the shipped model."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tuner.shapes import world
+from tuner.shapes.checker import check_clip, check_frame
+from tuner.shapes.pretrain import build_tokenizer
+from tuner.shapes.pretrain import main as pretrain_main
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
+
+
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    radius = int(3 * sigma) + 1
+    kernel = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    out = image.astype(np.float64)
+    for axis in (0, 1):
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in range(3)], mode="edge")
+        out = sum(w * np.take(padded, range(i, i + out.shape[axis]), axis=axis) for i, w in enumerate(kernel))
+    return out
+
+
+def test_clip_is_deterministic_and_captioned():
+    a, caption, truth = world.make_clip("red", "circle", "white", "right", frames=8, seed=3)
+    b, _, _ = world.make_clip("red", "circle", "white", "right", frames=8, seed=3)
+    c, _, _ = world.make_clip("red", "circle", "white", "right", frames=8, seed=4)
+    assert a.shape == (8, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert caption == "a red circle is moving right on a white background"
+    assert world.image_caption("blue", "square", "gray") == "a blue square on a gray background"
+    assert len(truth) == 8 and truth[0].colour == "red" and truth[0].background == "white"
+
+
+@pytest.mark.parametrize("trajectory", list(world.TRAJECTORIES))
+def test_clip_truth_follows_trajectory(trajectory):
+    frames, caption, truth = world.make_clip("green", "triangle", "black", trajectory, frames=8, seed=1)
+    assert world.TRAJECTORIES[trajectory] in caption
+    xs, ys, sizes = (np.array([getattr(t, k) for t in truth]) for k in ("cx", "cy", "size"))
+    moves = {
+        "right": np.diff(xs) > 0,
+        "left": np.diff(xs) < 0,
+        "down": np.diff(ys) > 0,
+        "up": np.diff(ys) < 0,
+        "diagonal": (np.abs(np.diff(xs)) > 0) & (np.abs(np.diff(ys)) > 0),
+        "bounce": np.array([np.ptp(ys) > 10]),
+        "grow": np.diff(sizes) > 0,
+    }
+    assert moves[trajectory].all()
+    readings = check_clip(frames)
+    assert [r.shape for r in readings] == ["triangle"] * 8
+    assert np.allclose([r.cx for r in readings], xs, atol=1.0)
+    assert np.allclose([r.cy for r in readings], ys, atol=1.0)
+
+
+def test_dataset_leaves_out_held_out_combinations():
+    images, captions = world.sample_dataset(400, seed=0)
+    assert images.shape == (400, 64, 64, 3)
+    for colour, shape in world.HELD_OUT:
+        assert not any(f"{colour} {shape}" in c for c in captions)
+    assert any(" is " in c for c in captions) and any(" is " not in c for c in captions)
+
+
+@pytest.mark.parametrize("degradation", ["clean", "blur", "blur+noise"])
+def test_checker_reads_ground_truth_renders(degradation):
+    rng = np.random.default_rng({"clean": 0, "blur": 1, "blur+noise": 2}[degradation])
+    hits = {"colour": [], "shape": [], "background": []}
+    errors = []
+    for i in range(240):
+        colour = list(world.COLOURS)[i % 4]
+        shape = world.SHAPES[(i // 4) % 3]
+        background = list(world.BACKGROUNDS)[(i // 12) % 3]
+        spec = world.random_spec(rng, colour, shape, background)
+        image = world.render(spec).astype(np.float64)
+        if degradation != "clean":
+            image = _blur(image, rng.uniform(0.5, 1.5))
+        if degradation == "blur+noise":
+            image = np.clip(image + rng.normal(0.0, 8.0, image.shape), 0, 255)
+        reading, truth = check_frame(image), world.truth(spec)
+        for attribute in hits:
+            hits[attribute].append(getattr(reading, attribute) == getattr(truth, attribute))
+        errors.append(
+            (abs(reading.cx - truth.cx), abs(reading.cy - truth.cy), abs(reading.size - truth.size))
+        )
+    for attribute, values in hits.items():
+        assert np.mean(values) >= 0.98, (attribute, np.mean(values))
+    centroid_x, centroid_y, size = np.max(errors, axis=0)
+    assert centroid_x < 1.0 and centroid_y < 1.0 and size < 2.0
+
+
+def test_checker_reads_empty_frame():
+    reading = check_frame(np.full((64, 64, 3), 128, np.uint8))
+    assert (reading.colour, reading.shape, reading.background) == ("none", "none", "gray")
+
+
+def test_tokenizer_gives_every_world_word_one_token(tmp_path):
+    tokenizer = build_tokenizer(tmp_path, world.vocabulary())
+    caption = world.clip_caption("yellow", "triangle", "gray", "bounce")
+    ids = tokenizer(caption).input_ids
+    assert len(ids) == len(caption.split()) + 2
+    assert tokenizer.convert_ids_to_tokens(ids)[1:-1] == [w + "</w>" for w in caption.split()]
+    assert tokenizer.unk_token_id not in tokenizer("an orange hexagon", add_special_tokens=False).input_ids
+
+
+def test_pretrain_tiny_run_loads_as_stable_diffusion(tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    out = tmp_path / "tiny-sd"
+    pretrain_main(
+        ["--out", str(out), "--arch", "tiny", "--images", "48", "--vae-steps", "3", "--vae-batch", "4"]
+        + ["--unet-steps", "3", "--unet-batch", "4", "--seed", "1"]
+    )
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    for folder in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (out / folder).is_dir()
+    assert list(out.rglob("*.bin")) == [] and len(list(out.rglob("*.safetensors"))) == 3
+    assert (out / "tokenizer" / "vocab.json").exists() and (out / "tokenizer" / "merges.txt").exists()
+
+    scheduler = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.steps_offset == 1
+    assert not scheduler.config.clip_sample and not scheduler.config.set_alpha_to_one
+    assert UNet2DConditionModel.from_pretrained(out, subfolder="unet").dtype == torch.float32
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        out, safety_checker=None, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(
+        "a red circle on a white background", height=64, width=64, num_inference_steps=2, output_type="np"
+    ).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="models/shapes-sd not trained yet")
+def test_shipped_model_draws_the_prompted_colour():
+    from tuner.shapes.evaluate_t2i import generate, load_pipeline
+
+    pipeline = load_pipeline(SHIPPED)
+    combos = [("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "square")]
+    combos += [("yellow", "circle"), ("red", "square")]
+    prompts = [
+        world.image_caption(c, s, bg)
+        for (c, s), bg in zip(combos, ["white", "black", "gray"] * 2, strict=True)
+    ]
+    images = generate(pipeline, prompts, samples=1, steps=15, guidance=6.0, seed=0)
+    readings = [check_frame(image) for image in images]
+    right = sum(r.colour == c for r, (c, _) in zip(readings, combos, strict=True))
+    assert right >= 5, readings
