@@ -31,6 +31,10 @@ class ServerError(Exception):
     """A call that ended with a status other than OK; `code` is the grpc.StatusCode."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        if code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (details or ""):
+            # A proxy (nginx, Envoy) lost its replica mid-stream and reset the stream; the server never sent a
+            # status. Report it as a broken direct connection is reported: the replica went away.
+            code = grpc.StatusCode.UNAVAILABLE
         hint = ""
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
             hint = " (the request is over the server's message size limit: source_video may be at most 64 MiB)"
