@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import backends, export_sd, floor, latency, models, params, scaling, tune_speed
+from benchmarks import backends, export_sd, floor, latency, models, params, quality, scaling, tune_speed
 
 STUDIES = {
     "backends": (backends, "PyTorch vs ONNX Runtime here: ms per UNet call and per frame, and which is faster"),
@@ -16,6 +16,7 @@ STUDIES = {
     "floor": (floor, "FLOPs per UNet call and per frame, machine matmul rate, GPU floors for SD 1.4"),
     "models": (models, "resident memory vs number of tuned models of one base; model switch time"),
     "export-sd": (export_sd, "export a full SD 1.4-config video UNet at 512x512 x 8 frames; check at 256"),
+    "quality": (quality, "edit quality on the shapes model: text alignment, motion, consistency, ablations, drift"),
     "params": (params, "parameter counts (total, trainable) of the tiny and the SD 1.4-config UNet"),
 }
 

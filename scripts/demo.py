@@ -7,7 +7,7 @@ Every stage is the real command a user runs, driven from here:
   4. `tav-export` to ONNX engines (idempotent);
   5. `tav-serve` on loopback, waited on through the standard health service;
   6. `tav-client generate`: three edits of the clip and one 24-frame long video, as GIFs;
-  7. a side-by-side grid PNG and, on the shapes model, edit metrics from the pixel checker.
+  7. a side-by-side grid PNG and, on the shapes model, edit metrics from the pixel checker (`score_clip`).
 Everything lands under runs/demo/.
 """
 
@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tuner.shapes.checker import check_clip, score_clip  # noqa: E402
 from tuner.shapes.world import make_clip  # noqa: E402
 from tuner.video_io import read_video, write_video  # noqa: E402
 
@@ -85,26 +86,6 @@ def grid(rows: dict[str, np.ndarray], path: Path, frames: int = 8) -> None:
     Image.fromarray(np.concatenate(strips, axis=0)).save(path)
 
 
-def edit_metrics(videos: dict[str, np.ndarray], wanted: dict[str, tuple], source_track: list) -> dict:
-    """Per edit: the fraction of frames whose colour, shape and background match the prompt, and the mean pixel
-    distance between the generated and the source centroid trajectories."""
-    from tuner.shapes.checker import check_clip
-
-    metrics = {}
-    for name, video in videos.items():
-        readings = check_clip(video)
-        colour, shape, background = wanted[name]
-        n = min(len(readings), len(source_track))
-        distance = [np.hypot(r.cx - s.cx, r.cy - s.cy) for r, s in zip(readings[:n], source_track[:n], strict=True)]
-        metrics[name] = {
-            "colour": float(np.mean([r.colour == colour for r in readings])),
-            "shape": float(np.mean([r.shape == shape for r in readings])),
-            "background": float(np.mean([r.background == background for r in readings])),
-            "trajectory_px": float(np.mean(distance)),
-        }
-    return metrics
-
-
 def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     shapes = SHAPES_MODEL.is_dir()
@@ -147,7 +128,7 @@ def main() -> None:
     print(f"grid: {RUNS / 'grid.png'}")
     if shapes:
         wanted = {**{k: v[1] for k, v in EDITS.items()}, LONG[0]: LONG[2]}
-        metrics = edit_metrics(videos, wanted, truth)
+        metrics = {name: score_clip(check_clip(video), wanted[name], truth) for name, video in videos.items()}
         (RUNS / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         for name, m in metrics.items():
             print(f"  {name:20s} colour {m['colour']:.0%}  shape {m['shape']:.0%}  background {m['background']:.0%}"

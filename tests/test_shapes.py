@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tuner.shapes import world
-from tuner.shapes.checker import check_clip, check_frame
+from tuner.shapes.checker import check_clip, check_frame, score_clip
 from tuner.shapes.pretrain import build_tokenizer
 from tuner.shapes.pretrain import main as pretrain_main
 
@@ -91,6 +91,21 @@ def test_checker_reads_ground_truth_renders(degradation):
         assert np.mean(values) >= 0.98, (attribute, np.mean(values))
     centroid_x, centroid_y, size = np.max(errors, axis=0)
     assert centroid_x < 1.0 and centroid_y < 1.0 and size < 2.0
+
+
+def test_score_clip_on_the_source_itself_and_on_a_broken_copy():
+    video, _, truth = world.make_clip("green", "square", "black", "grow", frames=8, seed=4)
+    score = score_clip(check_clip(video), ("green", "square", "black"), truth)
+    assert score["all"] == 1.0 and score["flip_rate"] == 0.0
+    assert score["trajectory_px"] < 1.0 and score["size_change_px"] < 1.0  # growth is the source's own
+
+    broken = video.copy()
+    broken[3] = video[3, 0, 0]  # frame 3 loses its object
+    broken[5] = np.roll(video[5], 10, axis=1)  # frame 5 jumps 10 px right
+    score = score_clip(check_clip(broken), ("red", "square", "black"), truth)
+    assert score["colour"] == 0.0 and score["shape"] == 7 / 8 and score["background"] == 1.0
+    assert score["flip_rate"] == 2 / 7  # into and out of the empty frame
+    assert abs(score["trajectory_px"] - (np.hypot(64, 64) + 10.0) / 8) < 1.0
 
 
 def test_checker_reads_empty_frame():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tuner.shapes.world import BACKGROUNDS, COLOURS
+from tuner.shapes.world import BACKGROUNDS, COLOURS, SIZE, FrameTruth
 
 BORDER = 2
 # Below this colour distance between the object and the background the frame is read as empty.
@@ -145,3 +145,39 @@ def check_frame(img: np.ndarray) -> FrameReading:
 def check_clip(frames: np.ndarray) -> list[FrameReading]:
     """Read every frame of a clip [F, H, W, 3]."""
     return [check_frame(frame) for frame in frames]
+
+
+def score_clip(
+    readings: list[FrameReading], wanted: tuple[str, str, str], source: list[FrameTruth]
+) -> dict[str, float]:
+    """How well a generated clip shows the `wanted` (colour, shape, background) with the `source` clip's motion.
+
+    - text alignment: the fraction of frames whose colour, shape, background (and all three) match `wanted`;
+    - motion fidelity: `trajectory_px`, the mean distance between generated and source centroids (an empty
+      frame counts as the frame's diagonal, 64 * sqrt(2), so losing the object is never rewarded);
+    - temporal consistency: the fraction of consecutive frame pairs whose colour or shape reading changes
+      (`flip_rate`), and `size_change_px`, the mean |change of size| between consecutive frames beyond the
+      source's own change.
+    Frames past the source's length are scored for alignment and consistency only.
+    """
+    colour, shape, background = wanted
+    n = min(len(readings), len(source))
+    diagonal = math.hypot(SIZE, SIZE)
+    distance = [
+        diagonal if r.colour == "none" else math.hypot(r.cx - s.cx, r.cy - s.cy)
+        for r, s in zip(readings[:n], source[:n], strict=True)
+    ]
+    pairs = list(zip(readings[:-1], readings[1:], strict=True))
+    source_growth = [b.size - a.size for a, b in zip(source[:-1], source[1:], strict=True)]
+    source_growth += [0.0] * (len(pairs) - len(source_growth))
+    flips = [(a.colour, a.shape) != (b.colour, b.shape) for a, b in pairs]
+    size_changes = [abs((b.size - a.size) - g) for (a, b), g in zip(pairs, source_growth, strict=False)]
+    return {
+        "colour": float(np.mean([r.colour == colour for r in readings])),
+        "shape": float(np.mean([r.shape == shape for r in readings])),
+        "background": float(np.mean([r.background == background for r in readings])),
+        "all": float(np.mean([(r.colour, r.shape, r.background) == wanted for r in readings])),
+        "trajectory_px": float(np.mean(distance)),
+        "flip_rate": float(np.mean(flips)) if pairs else 0.0,
+        "size_change_px": float(np.mean(size_changes)) if pairs else 0.0,
+    }

@@ -63,8 +63,11 @@ class Architecture:
 
 ARCHITECTURES = {
     # The shipped model, sized for two shared CPU cores: a light VAE (no mid-block attention) converges in
-    # minutes; the UNet is (32, 64, 64) wide with 2 attention heads, because on a CPU 8 heads of width 4 spend
-    # more time on attention matrices than the whole rest of a training step.
+    # minutes; the UNet is (64, 128, 128) wide with 2 attention heads, because on a CPU 8 heads of width 8 spend
+    # more time on attention matrices than the whole rest of a training step (measured: 0.41 vs 0.31 s per
+    # batch-12 step). A (32, 64, 64) UNet trains 1.7x faster per step but, after 4000 steps, drew the prompted
+    # colour in only 67% and the background in 46% of samples.
+    "base": Architecture((16, 32, 64), 8, False, 64, 2, 4, (64, 128, 128), 32, 2),
     "small": Architecture((16, 32, 64), 8, False, 64, 2, 4, (32, 64, 64), 32, 2),
     # Only for tests: builds and trains in seconds, learns nothing useful.
     "tiny": Architecture((8, 16, 16), 8, False, 16, 1, 2, (16, 32, 32), 8, 2),
@@ -75,7 +78,7 @@ ARCHITECTURES = {
 class PretrainConfig:
     out: Path
     seed: int = 0
-    arch: str = "small"
+    arch: str = "base"
     images: int = 12000
     motion_fraction: float = 0.3
     vae_steps: int = 2800
@@ -83,12 +86,13 @@ class PretrainConfig:
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
     foreground_weight: float = 4.0
-    unet_steps: int = 3400
-    unet_batch: int = 12
+    unet_steps: int = 5000
+    unet_batch: int = 16
     unet_lr: float = 8e-4
     weight_decay: float = 1e-2
     caption_dropout: float = 0.1
     offset_noise: float = 0.15
+    high_noise_fraction: float = 0.3
     min_snr: float = 5.0
     ema_decay: float = 0.998
     minutes: float = 45.0
@@ -400,9 +404,12 @@ def train_unet(
     The noise gets a per-channel constant offset ("offset noise"). Without it the SD schedule leaves about 7%
     of the signal at t = 999, a flat background's mean latent shows through the noise, and the model learns to
     read the background from it instead of from the caption: sampling from pure noise then draws a random
-    background (measured: 25% right at guidance 9).
+    background (measured: 25% right at guidance 9). Offset noise alone only got that to 55%: the caption's
+    background word matters only at the highest noise levels, where nothing else shows it, so a
+    `high_noise_fraction` of each batch draws t from the top 20% of the schedule.
     """
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    steps = noise_scheduler.config.num_train_timesteps
     alphas_cumprod = noise_scheduler.alphas_cumprod
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
     loss_weight = snr.clamp(max=cfg.min_snr) / snr
@@ -427,9 +434,9 @@ def train_unet(
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
         noise += cfg.offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=generator)
-        t = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=generator
-        )
+        t = torch.randint(0, steps, (cfg.unet_batch,), generator=generator)
+        high = torch.rand(cfg.unet_batch, generator=generator) < cfg.high_noise_fraction
+        t = torch.where(high, torch.randint(int(0.8 * steps), steps, t.shape, generator=generator), t)
         context = text_encoder(token_ids[captions]).last_hidden_state
         prediction = unet(noise_scheduler.add_noise(x0, noise, t), t, context).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
@@ -586,6 +593,7 @@ def main(argv: list[str] | None = None) -> None:
         "weight_decay",
         "caption_dropout",
         "offset_noise",
+        "high_noise_fraction",
         "min_snr",
         "ema_decay",
     ):

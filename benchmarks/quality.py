@@ -1,0 +1,293 @@
+"""`tav-bench quality`: how well Tune-A-Video edits a clip and keeps its motion, read back by the pixel checker.
+
+The base is the shipped shapes-world model, so every generated frame can be scored against the prompt and the
+source clip's ground truth (`tuner.shapes.checker.score_clip`): text alignment, motion fidelity (centroid
+trajectory error) and temporal consistency. Each source clip is tuned once per method of the paper's ablation
+(its Fig. 10) and edited four ways (colour, shape, background, colour + background), both from the inverted
+source and from seeded noise:
+
+  t2i_per_frame      the text-to-image model frame by frame (attention `per_frame`, no tuning)
+  inflated_untuned   the inflated video UNet (sparse-causal attention, zero-initialised temporal attention)
+  tuned_per_frame    tuned on the clip with `per_frame` attention
+  tune_a_video       tuned with sparse-causal attention: the method
+
+"No tuning" is a tuning run of 0 steps, so every method is an ordinary tuned model directory served by the
+same generation loop. A second study tunes Tune-A-Video on a 64-frame clip and generates 8, 24 and 64 frames,
+to measure drift across the autoregressive windows. With `--clip DIR` (a local `transformers` CLIP model) the
+paper's CLIP text alignment and frame consistency are reported too.
+
+Every tuned model and every scored generation is kept under `--work`, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from benchmarks.common import save_plot, write_result
+from server.engines.torch_engine import load_torch_model
+from server.generate import GenerationOptions, Generator, InversionCache
+from tuner.shapes import world
+from tuner.shapes.checker import check_clip, score_clip
+from tuner.tune import TuneSettings, tune
+
+SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
+SOURCES = (  # colour, shape, background, trajectory
+    ("red", "circle", "white", "right"),
+    ("yellow", "square", "gray", "down"),
+    ("green", "triangle", "black", "diagonal"),
+    ("blue", "circle", "gray", "left"),
+)
+METHODS = {  # name -> (attention mode, tuned)
+    "t2i_per_frame": ("per_frame", False),
+    "inflated_untuned": ("sparse_causal", False),
+    "tuned_per_frame": ("per_frame", True),
+    "tune_a_video": ("sparse_causal", True),
+}
+STARTS = ("inversion", "noise")
+METRICS = ("colour", "shape", "background", "all", "trajectory_px", "flip_rate", "size_change_px")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", type=Path, default=SHAPES_MODEL, help="shapes-world base model")
+    p.add_argument("--work", type=Path, default=Path("runs/quality"), help="tuned models and cached scores")
+    p.add_argument("--clips", type=int, default=3, help=f"how many source clips (at most {len(SOURCES)})")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    p.add_argument("--tune-steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (inversion and sampling)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--lengths", default="8,24,64", help="lengths for the drift study; empty to skip it")
+    p.add_argument("--clip", type=Path, help="local CLIP model directory for the paper's CLIP metrics")
+
+
+def edits(colour: str, shape: str, background: str) -> dict[str, tuple[str, str, str]]:
+    """The four edits of a source: each swaps to the next colour / shape / background of the world."""
+
+    def after(options, value):
+        options = list(options)
+        return options[(options.index(value) + 1) % len(options)]
+
+    new_colour, new_shape = after(world.COLOURS, colour), after(world.SHAPES, shape)
+    new_background = after(world.BACKGROUNDS, background)
+    return {
+        "colour": (new_colour, shape, background),
+        "shape": (colour, new_shape, background),
+        "background": (colour, shape, new_background),
+        "colour+background": (new_colour, shape, new_background),
+    }
+
+
+class Study:
+    """Tunes (or reuses) models under `work`, generates, scores, and caches each score by its key."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = args.work
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.scores_path = self.work / "scores.jsonl"
+        self.scores = {}
+        if self.scores_path.exists():
+            for line in self.scores_path.read_text().splitlines():
+                row = json.loads(line)
+                self.scores[row["key"]] = row
+        self.cache = InversionCache()
+        self.clip_scorer = None
+        if args.clip:
+            from benchmarks.clip_metrics import ClipScorer
+
+            self.clip_scorer = ClipScorer(args.clip)
+        self.videos: dict[str, np.ndarray] = {}
+
+    def source(self, name: str, spec: tuple[str, str, str, str], frames: int, seed: int) -> tuple:
+        """Write a source clip as lossless PNG frames; returns (frames, caption, truth, folder)."""
+        video, caption, truth = world.make_clip(*spec, frames=frames, seed=seed)
+        folder = self.work / "sources" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(video):
+            Image.fromarray(frame).save(folder / f"{i:04d}.png")
+        return video, caption, truth, folder
+
+    def tuned(self, name: str, folder: Path, caption: str, mode: str, steps: int) -> Path:
+        out = self.work / "models" / name
+        settings = TuneSettings(frames=8, width=world.SIZE, height=world.SIZE, steps=steps, lr=self.args.lr,
+                                attention_mode=mode)
+        config = out / "tav_config.json"
+        if config.exists():
+            done = json.loads(config.read_text())
+            if done["settings"] == json.loads(json.dumps(vars(settings))) and done["base"]["path"] == str(
+                self.args.base.resolve()
+            ):
+                return out
+        return tune(self.args.base, folder, caption, out, settings, overwrite=True, progress=False)
+
+    def generate(self, key: str, model: Path, prompt: str, wanted: tuple, truth: list, frames: int,
+                 invert: bool, keep: bool) -> dict:
+        """Score one generation (cached by `key`); keep its frames for the grid when asked."""
+        if key in self.scores and not keep:
+            return self.scores[key]
+        options = GenerationOptions(prompt, frames=frames, steps=self.args.steps, guidance=self.args.guidance,
+                                    seed=0, invert=invert)
+        video = Generator(load_torch_model(model), self.cache).generate(options).frames
+        if keep:
+            self.videos[key] = video
+        if key in self.scores:
+            return self.scores[key]
+        row = {"key": key, **score_clip(check_clip(video), wanted, truth)}
+        if self.clip_scorer:
+            row.update(self.clip_scorer.score(video, prompt))
+        self.scores[key] = row
+        with self.scores_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+
+def mean_scores(rows: list[dict]) -> dict[str, float]:
+    keys = [k for k in rows[0] if k not in ("key", "clip", "method", "start", "edit")]
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def ablation(study: Study, args: argparse.Namespace, bar: tqdm) -> list[dict]:
+    rows = []
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for index, spec in enumerate(SOURCES[: args.clips]):
+        name = f"clip{index}-{'-'.join(spec)}"
+        video, caption, truth, folder = study.source(name, spec, frames=8, seed=index)
+        study.videos[f"{name}/source"] = video
+        for method in methods:
+            mode, tuned = METHODS[method]
+            bar.set_description(f"{name} {method}: tuning")
+            model = study.tuned(f"{name}-{method}", folder, caption, mode, args.tune_steps if tuned else 0)
+            for start in STARTS:
+                for edit, wanted in edits(*spec[:3]).items():
+                    bar.set_description(f"{name} {method} {start} {edit}")
+                    prompt = world.clip_caption(*wanted, spec[3])
+                    keep = start == "inversion" and (method == "tune_a_video" or index == 0)
+                    key = f"{name}/{method}/{start}/{edit}"
+                    row = study.generate(key, model, prompt, wanted, truth, 8, start == "inversion", keep)
+                    rows.append({**row, "clip": name, "method": method, "start": start, "edit": edit})
+                    bar.update()
+    return rows
+
+
+def drift(study: Study, args: argparse.Namespace, lengths: list[int], bar: tqdm) -> dict:
+    """Tune-A-Video on a 64-frame clip, generated at several lengths from the inverted source."""
+    spec = SOURCES[0]
+    video, caption, truth, folder = study.source("long", spec, frames=max(lengths), seed=100)
+    bar.set_description("long clip: tuning")
+    model = study.tuned("long-tune_a_video", folder, caption, "sparse_causal", args.tune_steps)
+    result = {}
+    for edit in ("colour", "background"):
+        wanted = edits(*spec[:3])[edit]
+        prompt = world.clip_caption(*wanted, spec[3])
+        for length in lengths:
+            bar.set_description(f"long clip {edit} {length} frames")
+            key = f"long/{edit}/{length}"
+            row = study.generate(key, model, prompt, wanted, truth, length, True, keep=True)
+            frames = check_clip(study.videos[key])
+            segments = [(a, min(a + 8, length)) for a in range(0, length, 8)]
+            row = {**row, "segment_all": [
+                float(np.mean([(r.colour, r.shape, r.background) == wanted for r in frames[a:b]]))
+                for a, b in segments]}
+            result.setdefault(edit, {})[str(length)] = row
+            bar.update()
+    return result
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means per method and start, per edit type for the method, and the issue's pass / fail checks."""
+    table: dict[str, dict] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for start in STARTS:
+            chosen = [r for r in rows if r["method"] == method and r["start"] == start]
+            if chosen:
+                table[f"{method}/{start}"] = mean_scores(chosen)
+    per_edit = {
+        f"{edit}/{start}": mean_scores(chosen)
+        for start in STARTS
+        for edit in dict.fromkeys(r["edit"] for r in rows)
+        if (chosen := [r for r in rows if r["method"] == "tune_a_video" and r["start"] == start and r["edit"] == edit])
+    }
+    checks = {}
+    if "tune_a_video/inversion" in table:
+        tav = table["tune_a_video/inversion"]
+        for edit in ("colour", "background"):
+            if f"{edit}/inversion" in per_edit:
+                checks[f"tav_inversion_{edit}_swap_alignment>=0.8"] = per_edit[f"{edit}/inversion"]["all"] >= 0.8
+        checks["tav_inversion_trajectory<=3px"] = tav["trajectory_px"] <= 3.0
+        for start in STARTS:
+            t2i, ours = table.get(f"t2i_per_frame/{start}"), table.get(f"tune_a_video/{start}")
+            if t2i and ours:
+                checks[f"tav_more_consistent_than_t2i_per_frame/{start}"] = (
+                    ours["flip_rate"] <= t2i["flip_rate"] and ours["size_change_px"] < t2i["size_change_px"]
+                )
+        untuned, ours = table.get("inflated_untuned/noise"), table.get("tune_a_video/noise")
+        if untuned and ours:
+            checks["tav_better_motion_than_untuned/noise"] = ours["trajectory_px"] < untuned["trajectory_px"]
+    return {"by_method": table, "tune_a_video_by_edit": per_edit, "checks": checks}
+
+
+def format_table(summary: dict) -> str:
+    """A Markdown table of the means per method and start."""
+    columns = [m for m in METRICS if any(m in v for v in summary["by_method"].values())]
+    columns += [c for c in ("clip_text_alignment", "clip_frame_consistency")
+                if any(c in v for v in summary["by_method"].values())]
+    lines = ["| method / start | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, values in summary["by_method"].items():
+        cells = [f"{values[c]:.0%}" if c in ("colour", "shape", "background", "all", "flip_rate")
+                 else f"{values[c]:.2f}" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_grid(videos: dict[str, np.ndarray], path: Path, frames: int = 8, label_width: int = 230) -> None:
+    """One labelled row per kept clip (its first `frames` frames)."""
+    rows = []
+    for name, video in videos.items():
+        strip = np.concatenate(list(video[:frames]), axis=1)
+        label = Image.new("RGB", (label_width, strip.shape[0]), (255, 255, 255))
+        ImageDraw.Draw(label).text((4, strip.shape[0] // 2 - 6), name[-38:], fill=(0, 0, 0))
+        row = np.concatenate([np.asarray(label), strip], axis=1)
+        rows.append(np.pad(row, ((0, 0), (0, frames * world.SIZE + label_width - row.shape[1]), (0, 0)),
+                           constant_values=255))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if not (args.base / "model_index.json").exists():
+        raise SystemExit(f"tav-bench quality: error: --base {args.base} is not a diffusers model directory")
+    if args.methods and any(m.strip() not in METHODS for m in args.methods.split(",") if m.strip()):
+        raise SystemExit(f"tav-bench quality: error: --methods must name some of {', '.join(METHODS)}")
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    study = Study(args)
+    methods = [m for m in args.methods.split(",") if m.strip()]
+    total = min(args.clips, len(SOURCES)) * len(methods) * len(STARTS) * 4 + 2 * len(lengths)
+    with tqdm(total=total, dynamic_ncols=True) as bar:
+        rows = ablation(study, args, bar)
+        long = drift(study, args, lengths, bar) if lengths else {}
+    summary = summarize(rows)
+    result = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **summary,
+        "length_study": long,
+        "rows": rows,
+        "table": format_table(summary),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.md").write_text(result["table"] + "\n")
+    save_grid(study.videos, args.out / "quality_grid.png")
+
+    def draw(ax):
+        names = list(summary["by_method"])
+        ax.barh(names, [summary["by_method"][n]["all"] for n in names])
+        ax.set_xlabel("text alignment (fraction of frames matching colour, shape and background)")
+        ax.set_xlim(0, 1)
+
+    save_plot(args.out / "quality.png", draw)
+    write_result(args.out, "quality", result)
+    return {k: result[k] for k in ("by_method", "checks", "table")}

@@ -1,0 +1,97 @@
+"""The quality benchmark's plumbing on a tiny pretrained shapes model, its checks, and the CLIP metrics on a tiny
+randomly initialised CLIP (the real figures come from `tav-bench quality` on the shipped model)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+from benchmarks.cli import main as bench_main
+from benchmarks.clip_metrics import ClipScorer
+from benchmarks.quality import METHODS, STARTS, edits, summarize
+from tuner.shapes import world
+from tuner.shapes.pretrain import build_tokenizer
+from tuner.shapes.pretrain import main as pretrain_main
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("clip")
+    tokenizer = build_tokenizer(directory / "tokenizer-files", world.vocabulary(), max_length=16)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
+def test_clip_metrics_on_a_tiny_random_clip(tiny_clip):
+    scorer = ClipScorer(tiny_clip)
+    video, caption, _ = world.make_clip("red", "circle", "white", "right", frames=6, seed=0)
+    still = np.repeat(video[:1], 6, axis=0)
+    moving = scorer.score(video, caption)
+    assert scorer.score(still, caption)["clip_frame_consistency"] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= moving["clip_frame_consistency"] < 1.0 - 1e-6
+    assert -1.0 <= moving["clip_text_alignment"] <= 1.0
+    other = scorer.score(video, "a blue square on a black background")["clip_text_alignment"]
+    assert other != pytest.approx(moving["clip_text_alignment"], abs=1e-6)
+
+
+def test_edits_change_exactly_what_they_name():
+    changed = {name: [a != b for a, b in zip(wanted, ("red", "circle", "white"), strict=True)]
+               for name, wanted in edits("red", "circle", "white").items()}
+    assert changed == {"colour": [True, False, False], "shape": [False, True, False],
+                       "background": [False, False, True], "colour+background": [True, False, True]}
+
+
+def test_checks_compare_the_method_with_each_ablation():
+    def row(method, start, edit="colour", **scores):
+        base = dict(colour=1.0, shape=1.0, background=1.0, all=1.0, trajectory_px=1.0, flip_rate=0.0,
+                    size_change_px=0.1)
+        return {"key": "", "clip": "c", "method": method, "start": start, "edit": edit, **{**base, **scores}}
+
+    rows = [row("tune_a_video", s, e) for s in STARTS for e in ("colour", "background")]
+    rows += [row("t2i_per_frame", s, flip_rate=0.5, size_change_px=2.0) for s in STARTS]
+    rows += [row("inflated_untuned", "noise", trajectory_px=12.0)]
+    checks = summarize(rows)["checks"]
+    assert checks and all(checks.values())
+
+    rows += [row("tune_a_video", "noise", trajectory_px=40.0, all=0.0)]
+    checks = summarize(rows)["checks"]
+    assert not checks["tav_better_motion_than_untuned/noise"] and checks["tav_inversion_trajectory<=3px"]
+
+
+def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip, capsys):
+    base = tmp_path / "shapes-tiny"
+    pretrain_main(["--out", str(base), "--arch", "tiny", "--images", "48", "--vae-steps", "2", "--unet-steps", "2",
+                   "--vae-batch", "4", "--unet-batch", "4"])
+    work, out = tmp_path / "work", tmp_path / "out"
+    bench_main(["quality", "--base", str(base), "--work", str(work), "--out", str(out), "--clips", "1",
+                "--tune-steps", "2", "--steps", "2", "--lengths", "8,12", "--clip", str(tiny_clip)])
+    result = json.loads((out / "quality.json").read_text())
+    assert set(result["by_method"]) == {f"{m}/{s}" for m in METHODS for s in STARTS}
+    assert len(result["rows"]) == len(METHODS) * len(STARTS) * 4
+    for values in result["by_method"].values():
+        assert 0.0 <= values["all"] <= 1.0 and values["trajectory_px"] >= 0.0
+        assert -1.0 <= values["clip_text_alignment"] <= 1.0
+    assert set(result["length_study"]["colour"]) == {"8", "12"}
+    assert len(result["length_study"]["colour"]["12"]["segment_all"]) == 2
+    assert (out / "quality.md").read_text().startswith("| method / start |")
+    grid = Image.open(out / "quality_grid.png")
+    kept = 1 + len(METHODS) * 4 + 2 * 2  # source, clip 0 inverted edits of every method, the length study
+    assert grid.size[1] == kept * world.SIZE
+    models = work / "models"
+    tuned = json.loads((models / "clip0-red-circle-white-right-tune_a_video" / "tav_config.json").read_text())
+    untuned = json.loads((models / "clip0-red-circle-white-right-t2i_per_frame" / "tav_config.json").read_text())
+    assert (tuned["steps"], tuned["attention_mode"]) == (2, "sparse_causal")
+    assert (untuned["steps"], untuned["attention_mode"]) == (0, "per_frame")
+    assert len((work / "scores.jsonl").read_text().splitlines()) == len(result["rows"]) + 2 * 2
