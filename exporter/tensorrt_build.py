@@ -25,39 +25,17 @@ import time
 from pathlib import Path
 
 import onnx
-import torch
 from safetensors import safe_open
 
 from exporter.onnx_export import GRAPHS, ExportError
 from tuner import artefacts
 from tuner.artefacts import TunedModel
 from tuner.io_utils import atomic_directory
+from tuner.tensorrt_support import current_gpu, require_tensorrt
 
-INSTALL_HINT = "the tensorrt backend needs an NVIDIA GPU with the tensorrt package: pip install '.[gpu]'"
-MIN_TENSORRT = (10, 1)  # REFIT_INDIVIDUAL, per-profile contexts sharing user-managed device memory
 PLANS_DIR = "tensorrt"
 PLANS_INDEX = "plans.json"
 UNET_BATCHES = (1, 2)
-
-
-def require_tensorrt():
-    """The `tensorrt` module, once it and a CUDA GPU are known to be there; else an error saying what is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise ExportError(f"{INSTALL_HINT} (tensorrt is not installed)") from e
-    if not torch.cuda.is_available():
-        raise ExportError(f"{INSTALL_HINT} (no CUDA device is visible)")
-    if tuple(int(p) for p in re.findall(r"\d+", trt.__version__)[:2]) < MIN_TENSORRT:
-        raise ExportError(f"{INSTALL_HINT} (TensorRT {'.'.join(map(str, MIN_TENSORRT))} or newer; "
-                          f"found {trt.__version__})")
-    return trt
-
-
-def current_gpu() -> dict:
-    """The GPU plans are built for and checked against: its name and compute capability."""
-    major, minor = torch.cuda.get_device_capability()
-    return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
 
 
 def plan_dir_name(tensorrt_version: str, gpu: dict) -> str:
@@ -92,7 +70,7 @@ def initializer_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def build_plans(entry: Path, index: dict, model: TunedModel, precision: str, progress=print) -> dict:
     """Build (or reuse) the TensorRT plans of the store entry `entry` for this machine; return the manifest record."""
-    trt = require_tensorrt()
+    trt = require_tensorrt(ExportError)
     gpu = current_gpu()
     name = plan_dir_name(trt.__version__, gpu)
     plan_dir = entry / PLANS_DIR / name

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,30 +33,7 @@ from server.engines.base import Engines, EngineShapeError, LoadedModel, model_fr
 from tuner import artefacts
 from tuner.artefacts import ArtefactError, EngineDir
 from tuner.io_utils import sha256_files
-
-INSTALL_HINT = "the tensorrt backend needs an NVIDIA GPU with the tensorrt package: pip install '.[gpu]'"
-MIN_TENSORRT = (10, 1)  # per-profile contexts sharing user-managed device memory (set_device_memory)
-
-
-def require_tensorrt():
-    """The `tensorrt` module, once it and a CUDA GPU are known to be there; else a RuntimeError saying what is
-    missing."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise RuntimeError(f"{INSTALL_HINT} (tensorrt is not installed)") from e
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"{INSTALL_HINT} (no CUDA device is visible)")
-    if tuple(int(p) for p in re.findall(r"\d+", trt.__version__)[:2]) < MIN_TENSORRT:
-        raise RuntimeError(f"{INSTALL_HINT} (TensorRT {'.'.join(map(str, MIN_TENSORRT))} or newer; "
-                           f"found {trt.__version__})")
-    return trt
-
-
-def current_gpu() -> dict:
-    """This machine's GPU as plans record it: name and compute capability."""
-    major, minor = torch.cuda.get_device_capability()
-    return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+from tuner.tensorrt_support import current_gpu, require_tensorrt
 
 
 def check_plans(model: str, record: dict, tensorrt_version: str, gpu: dict) -> None:
