@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--unet-repeats", type=int, default=10)
     p.add_argument("--no-grpc", action="store_true", help="skip the comparison through tav-serve on loopback")
+    p.add_argument("--grpc-backends", help="backends compared through tav-serve (default: all of --backends)")
 
 
 def default_model(workdir: Path) -> Path:
@@ -143,8 +144,8 @@ def run(args: argparse.Namespace) -> dict:
             # both sides keep their inversion cache: after the warm-up round neither inverts again, so the
             # ratio compares sampling, decoding and, for gRPC, queueing, streaming, encoding and transport
             result["grpc"] = {}
-            for backend, model in models.items():
-                result["grpc"] |= through_grpc(Path(model_dir), model, backend, lengths, args)
+            for backend in (args.grpc_backends or args.backends).split(","):
+                result["grpc"] |= through_grpc(Path(model_dir), models[backend], backend, lengths, args)
     write_result(args.out, "latency", result)
 
     def per_frame(ax):
