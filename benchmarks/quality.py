@@ -128,7 +128,8 @@ class Study:
 
     def generate(self, key: str, model: Path, prompt: str, wanted: tuple, truth: list, frames: int,
                  invert: bool, keep: bool) -> dict:
-        """Score one generation (cached by `key`); keep its frames for the grid when asked."""
+        """Score one generation (cached by `key` and the sampling settings); keep its frames for the grid."""
+        key = f"{key}@{self.args.steps}steps,guidance{self.args.guidance:g}"
         if key in self.scores and not keep:
             return self.scores[key]
         options = GenerationOptions(prompt, frames=frames, steps=self.args.steps, guidance=self.args.guidance,
@@ -189,7 +190,7 @@ def drift(study: Study, args: argparse.Namespace, lengths: list[int], bar: tqdm)
             bar.set_description(f"long clip {edit} {length} frames")
             key = f"long/{edit}/{length}"
             row = study.generate(key, model, prompt, wanted, truth, length, True, keep=True)
-            frames = check_clip(study.videos[key])
+            frames = check_clip(study.videos[row["key"]])
             segments = [(a, min(a + 8, length)) for a in range(0, length, 8)]
             row = {**row, "segment_all": [
                 float(np.mean([(r.colour, r.shape, r.background) == wanted for r in frames[a:b]]))
@@ -251,7 +252,8 @@ def save_grid(videos: dict[str, np.ndarray], path: Path, frames: int = 8, label_
     for name, video in videos.items():
         strip = np.concatenate(list(video[:frames]), axis=1)
         label = Image.new("RGB", (label_width, strip.shape[0]), (255, 255, 255))
-        ImageDraw.Draw(label).text((4, strip.shape[0] // 2 - 6), name[-38:], fill=(0, 0, 0))
+        clip, _, rest = name.split("@")[0].partition("/")  # two lines: the clip, then method / start / edit
+        ImageDraw.Draw(label).multiline_text((4, strip.shape[0] // 2 - 12), f"{clip}\n{rest}", fill=(0, 0, 0))
         row = np.concatenate([np.asarray(label), strip], axis=1)
         rows.append(np.pad(row, ((0, 0), (0, frames * world.SIZE + label_width - row.shape[1]), (0, 0)),
                            constant_values=255))

@@ -153,8 +153,7 @@ def test_pretrain_tiny_run_loads_as_stable_diffusion(tmp_path):
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
 
-@pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="models/shapes-sd not trained yet")
-def test_shipped_model_draws_the_prompted_colour():
+def test_shipped_model_draws_the_prompted_colour_and_shape():
     from tuner.shapes.evaluate_t2i import generate, load_pipeline
 
     pipeline = load_pipeline(SHIPPED)
@@ -166,5 +165,26 @@ def test_shipped_model_draws_the_prompted_colour():
     ]
     images = generate(pipeline, prompts, samples=1, steps=15, guidance=6.0, seed=0)
     readings = [check_frame(image) for image in images]
-    right = sum(r.colour == c for r, (c, _) in zip(readings, combos, strict=True))
-    assert right >= 5, readings
+    assert sum(r.colour == c for r, (c, _) in zip(readings, combos, strict=True)) >= 5, readings
+    assert sum(r.shape == s for r, (_, s) in zip(readings, combos, strict=True)) >= 5, readings
+
+
+def test_shipped_model_end_to_end_tune_then_edit_the_background(tmp_path):
+    """The one end-to-end test on the real shipped model: tune it on a clip, then generate from the inverted
+    source with a new background; the checker must read the edit and the source's motion."""
+    from server import generate
+    from tuner.tune import TuneSettings, tune
+    from tuner.video_io import write_video
+
+    video, caption, truth = world.make_clip("blue", "square", "white", "right", frames=8, seed=5)
+    write_video(tmp_path / "clip.gif", video, fps=8)
+    settings = TuneSettings(frames=8, width=64, height=64, steps=60, lr=1e-4)
+    run = tune(SHIPPED, tmp_path / "clip.gif", caption, tmp_path / "run", settings, progress=False)
+    wanted = ("blue", "square", "black")
+    result = generate(run, world.clip_caption(*wanted, "right"), steps=20, guidance=7.5, seed=0)
+    score = score_clip(check_clip(result.frames), wanted, truth)
+    assert score["background"] >= 7 / 8 and score["colour"] >= 7 / 8, score
+    from_noise = generate(run, world.clip_caption(*wanted, "right"), steps=20, guidance=7.5, seed=0, invert=False)
+    noise_score = score_clip(check_clip(from_noise.frames), wanted, truth)
+    assert score["trajectory_px"] < 10.0 and score["trajectory_px"] < 0.75 * noise_score["trajectory_px"], (
+        score, noise_score)
