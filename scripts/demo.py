@@ -1,13 +1,13 @@
 """The main job, end to end on the embedded default model: `make demo`.
 
 Every stage is the real command a user runs, driven from here:
-  1. base model: the shipped shapes-world model `models/shapes-sd` (or, if absent, the tiny random model);
+  1. base model: the shipped shapes-world model `models/shapes-sd`;
   2. source clip: a shapes-world clip, "a red circle is moving right on a white background";
   3. `tav-tune` into the model repository runs/demo/repo/ (reused when already tuned);
   4. `tav-export` to ONNX engines (idempotent);
   5. `tav-serve` on loopback, waited on through the standard health service;
   6. `tav-client generate`: three edits of the clip and one 24-frame long video, as GIFs;
-  7. a side-by-side grid PNG and, on the shapes model, edit metrics from the pixel checker (`score_clip`).
+  7. a side-by-side grid PNG and edit metrics from the pixel checker (`score_clip`).
 Everything lands under runs/demo/.
 """
 
@@ -66,16 +66,14 @@ def wait_serving(server: subprocess.Popen, target: str, seconds: float = 300) ->
     raise SystemExit("tav-serve did not become SERVING in time")
 
 
-def tune_once(base: Path, clip: Path, caption: str, model: Path, quick: bool) -> None:
+def tune_once(base: Path, clip: Path, caption: str, model: Path) -> None:
     """Tune unless the repository already holds this model tuned from this base."""
     config = model / "tav_config.json"
     if config.exists() and json.loads(config.read_text())["base"]["path"] == str(base.resolve()):
         print(f"reusing the tuned model {model}")
         return
-    steps = "30" if quick else "300"
     sh("tav-tune", "--base", str(base), "--video", str(clip), "--prompt", caption, "--out", str(model),
-       "--frames", "8", "--width", "64", "--height", "64", "--steps", steps, "--lr", "1e-4" if not quick else "1e-3",
-       "--overwrite")
+       "--frames", "8", "--width", "64", "--height", "64", "--steps", "300", "--lr", "1e-4", "--overwrite")
 
 
 def grid(rows: dict[str, np.ndarray], path: Path, frames: int = 8) -> None:
@@ -88,11 +86,8 @@ def grid(rows: dict[str, np.ndarray], path: Path, frames: int = 8) -> None:
 
 def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
-    shapes = SHAPES_MODEL.is_dir()
-    base = SHAPES_MODEL if shapes else RUNS / "tiny-sd"
-    if not shapes and not base.exists():
-        sh("tav-make-tiny", str(base))
-    print(f"base model: {base}{'' if shapes else ' (random tiny model: the shipped shapes model is absent)'}")
+    base = SHAPES_MODEL
+    print(f"base model: {base}")
 
     frames, caption, truth = make_clip(*SOURCE, frames=24, seed=0)
     clip = RUNS / "source.mp4"
@@ -102,7 +97,7 @@ def main() -> None:
 
     repo = RUNS / "repo"
     model = repo / "red-circle"
-    tune_once(base, clip, caption, model, quick=not shapes)
+    tune_once(base, clip, caption, model)
     sh("tav-export", "--model", str(model))
 
     port = free_port()
@@ -112,12 +107,11 @@ def main() -> None:
     videos: dict[str, np.ndarray] = {}
     try:
         wait_serving(server, target)
-        steps = "25" if shapes else "10"
         for name, (prompt, _) in [*EDITS.items(), (LONG[0], (LONG[1], None))]:
             out = RUNS / f"{name}.gif"
             length = "24" if name == LONG[0] else "8"
             sh("tav-client", "generate", "--server", target, "--model", "red-circle", "--prompt", prompt,
-               "--frames", length, "--steps", steps, "--guidance", "7.5", "--seed", "0", "--format", "gif",
+               "--frames", length, "--steps", "25", "--guidance", "7.5", "--seed", "0", "--format", "gif",
                "--out", str(out))
             videos[name] = read_video(out).frames
     finally:
@@ -126,13 +120,12 @@ def main() -> None:
 
     grid({"source": frames, **videos}, RUNS / "grid.png")
     print(f"grid: {RUNS / 'grid.png'}")
-    if shapes:
-        wanted = {**{k: v[1] for k, v in EDITS.items()}, LONG[0]: LONG[2]}
-        metrics = {name: score_clip(check_clip(video), wanted[name], truth) for name, video in videos.items()}
-        (RUNS / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        for name, m in metrics.items():
-            print(f"  {name:20s} colour {m['colour']:.0%}  shape {m['shape']:.0%}  background {m['background']:.0%}"
-                  f"  trajectory {m['trajectory_px']:.1f}px")
+    wanted = {**{k: v[1] for k, v in EDITS.items()}, LONG[0]: LONG[2]}
+    metrics = {name: score_clip(check_clip(video), wanted[name], truth) for name, video in videos.items()}
+    (RUNS / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for name, m in metrics.items():
+        print(f"  {name:20s} colour {m['colour']:.0%}  shape {m['shape']:.0%}  background {m['background']:.0%}"
+              f"  trajectory {m['trajectory_px']:.1f}px")
     print(f"done: videos, grid and metrics in {RUNS}")
 
 
