@@ -27,10 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50)
 
 
-def unet_flops(config: dict, batch: int, frames: int, latent: int, text_length: int = 77) -> float:
-    """FLOPs of one video UNet call, counted on the meta device (no memory, no weights)."""
+def unet_flops(config: dict, batch: int, frames: int, latent: int, text_length: int = 77,
+               mode: str = "sparse_causal") -> float:
+    """FLOPs of one video UNet call with attention `mode`, counted on the meta device (no memory, no weights)."""
     with torch.device("meta"):
-        unet = inflate(UNet2DConditionModel(**config))
+        unet = inflate(UNet2DConditionModel(**config), mode)
         sample = torch.randn(batch, unet.config.in_channels, frames, latent, latent)
         text = torch.randn(batch, text_length, unet.config.cross_attention_dim)
     with FlopCounterMode(display=False) as counter, torch.no_grad():

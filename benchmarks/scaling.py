@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> dict:
         if n in measured_full:
             row |= {"full_ms_per_frame": timings[f"full/{n}"]["median_ms"] / n, "full": "measured"}
         else:  # the measured time at the largest length, plus the added FLOPs at this machine's achieved rate
-            base_flops = unet_flops(config, 2, largest, latent)
+            base_flops = unet_flops(config, 2, largest, latent, mode="full")
             rate = base_flops / (timings[f"full/{largest}"]["median_ms"] / 1000)
-            extra = unet_flops(config, 2, n, latent) - base_flops * n / largest
+            extra = unet_flops(config, 2, n, latent, mode="full") - base_flops * n / largest
             row |= {"full_ms_per_frame": (timings[f"full/{largest}"]["median_ms"] * n / largest
                                           + 1000 * extra / rate) / n,
                     "full": f"computed from FLOPs (measured up to {largest} frames)"}

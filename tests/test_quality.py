@@ -95,3 +95,15 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
     assert (tuned["steps"], tuned["attention_mode"]) == (2, "sparse_causal")
     assert (untuned["steps"], untuned["attention_mode"]) == (0, "per_frame")
     assert len((work / "scores.jsonl").read_text().splitlines()) == len(result["rows"]) + 2 * 2
+
+
+def test_flop_count_grows_quadratically_only_with_full_attention(tiny_base):
+    from benchmarks.floor import unet_flops
+
+    config = {k: v for k, v in json.loads((tiny_base / "unet" / "config.json").read_text()).items()
+              if not k.startswith("_")}
+    sparse = [unet_flops(config, 1, n, 8) for n in (8, 16)]
+    full = [unet_flops(config, 1, n, 8, mode="full") for n in (8, 16)]
+    sparse_excess, full_excess = sparse[1] - 2 * sparse[0], full[1] - 2 * full[0]
+    assert 0 <= sparse_excess < 0.01 * sparse[1]  # sparse-causal: linear in frames, but for temporal attention
+    assert full[0] > sparse[0] and full_excess > 10 * sparse_excess  # full: a quadratic spatio-temporal term
