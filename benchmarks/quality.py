@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from benchmarks.common import save_plot, write_result
+from server.engines import LoadedModel
 from server.engines.torch_engine import load_torch_model
 from server.generate import GenerationOptions, Generator, InversionCache
 from tuner.shapes import world
@@ -103,6 +104,7 @@ class Study:
 
             self.clip_scorer = ClipScorer(args.clip)
         self.videos: dict[str, np.ndarray] = {}
+        self.loaded: dict[Path, LoadedModel] = {}
 
     def source(self, name: str, spec: tuple[str, str, str, str], frames: int, seed: int) -> tuple:
         """Write a source clip as lossless PNG frames; returns (frames, caption, truth, folder)."""
@@ -134,7 +136,9 @@ class Study:
             return self.scores[key]
         options = GenerationOptions(prompt, frames=frames, steps=self.args.steps, guidance=self.args.guidance,
                                     seed=0, invert=invert)
-        video = Generator(load_torch_model(model), self.cache).generate(options).frames
+        if model not in self.loaded:
+            self.loaded[model] = load_torch_model(model)
+        video = Generator(self.loaded[model], self.cache).generate(options).frames
         if keep:
             self.videos[key] = video
         if key in self.scores:
