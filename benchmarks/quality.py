@@ -157,9 +157,8 @@ def mean_scores(rows: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
-def ablation(study: Study, args: argparse.Namespace, bar: tqdm) -> list[dict]:
+def ablation(study: Study, args: argparse.Namespace, methods: list[str], bar: tqdm) -> list[dict]:
     rows = []
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for index, spec in enumerate(SOURCES[: args.clips]):
         name = f"clip{index}-{'-'.join(spec)}"
         video, caption, truth, folder = study.source(name, spec, frames=8, seed=index)
@@ -267,14 +266,14 @@ def save_grid(videos: dict[str, np.ndarray], path: Path, frames: int = 8, label_
 def run(args: argparse.Namespace) -> dict:
     if not (args.base / "model_index.json").exists():
         raise SystemExit(f"tav-bench quality: error: --base {args.base} is not a diffusers model directory")
-    if args.methods and any(m.strip() not in METHODS for m in args.methods.split(",") if m.strip()):
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
         raise SystemExit(f"tav-bench quality: error: --methods must name some of {', '.join(METHODS)}")
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     study = Study(args)
-    methods = [m for m in args.methods.split(",") if m.strip()]
     total = min(args.clips, len(SOURCES)) * len(methods) * len(STARTS) * 4 + 2 * len(lengths)
     with tqdm(total=total, dynamic_ncols=True) as bar:
-        rows = ablation(study, args, bar)
+        rows = ablation(study, args, methods, bar)
         long = drift(study, args, lengths, bar) if lengths else {}
     summary = summarize(rows)
     result = {

@@ -117,8 +117,30 @@ def _stopped_on_error(proxy) -> Iterator[None]:
         raise
 
 
-class Nginx:
+class Proxy:
+    """A load-balancer process started in its own temporary directory; a context manager that stops it."""
+
+    stop_signal = signal.SIGTERM
+    proc: subprocess.Popen
+    dir: Path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(self.stop_signal)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(15)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Nginx(Proxy):
     """nginx running deploy/nginx/nginx.conf on a free loopback port in front of `upstreams` (host:port)."""
+
+    stop_signal = signal.SIGQUIT  # graceful: workers finish their streams
 
     def __init__(self, upstreams: list[str]) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tav-nginx-"))
@@ -136,20 +158,8 @@ class Nginx:
     def error_log(self) -> str:
         return (self.dir / "error.log").read_text()
 
-    def __enter__(self) -> Nginx:
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.proc.send_signal(signal.SIGQUIT)  # graceful: workers finish their streams
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(15)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Envoy:
+class Envoy(Proxy):
     """Envoy running deploy/envoy/envoy.yaml on free loopback ports in front of the replicas on `ports`."""
 
     def __init__(self, ports: list[int]) -> None:
@@ -184,18 +194,6 @@ class Envoy:
                 return
             time.sleep(0.2)
         raise AssertionError(f"Envoy does not see every replica healthy: {self.health()}")
-
-    def __enter__(self) -> Envoy:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(15)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def accepted_ids(replica: Replica) -> set[str]:
