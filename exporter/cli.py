@@ -50,10 +50,10 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def store_key(model: TunedModel, precision: str) -> str:
-    """What the base graphs depend on, hashed: base model content, size, precision, attention mode, opset, and the
-    version of the ONNX Runtime graph rewrite."""
+    """What the base graphs depend on, hashed: base model content, size, precision, attention mode and group norm,
+    opset, and the version of the ONNX Runtime graph rewrite."""
     c = model.config
-    parts = [c["base"]["sha256"], c["latent_height"], c["latent_width"], precision, c["attention_mode"], OPSET,
+    parts = [c["base"]["sha256"], c["latent_height"], c["latent_width"], precision, *model.architecture, OPSET,
              REWRITE_VERSION]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
@@ -76,7 +76,7 @@ def build_store_entry(model: TunedModel, entry: Path, precision: str, progress) 
     # The text encoder stays fp32 at every precision: it runs once per prompt, and CLIP traced in fp16 mixes
     # fp16 and fp32 inputs in its LayerNorm, which ONNX Runtime refuses.
     components.text_encoder.float()
-    unet = inflate(components.unet, model.config["attention_mode"])
+    unet = inflate(components.unet, *model.architecture)
     _distinct_adapter_placeholders(unet)
     specs = graph_specs(components, unet, model.latent_size, dtype)
     index = {"format_version": 1, "precision": precision, "opset": OPSET, "graphs": {}, "checks": {},
@@ -232,7 +232,7 @@ def export(
 def check_tuned_unet(model: TunedModel, unet_path: Path, adapter: dict[str, torch.Tensor]) -> dict:
     """The base UNet graph with the adapter as initializer overrides must match the tuned PyTorch UNet."""
     components = load_components(model.config["base"]["path"])
-    unet = inflate(components.unet, model.config["attention_mode"])
+    unet = inflate(components.unet, *model.architecture)
     apply_adapter(unet, adapter)
     spec = next(s for s in graph_specs(components, unet, model.latent_size, torch.float32) if s.name == "unet")
     return check_graph(spec, ort_session(unet_path), "fp32", seed=1, weights=adapter_arrays(adapter))
@@ -258,7 +258,8 @@ def build_manifest(model: TunedModel, index: dict, key: str, store_path: str, pr
         "checks": {"base": index["checks"], "tuned_unet": tuned_check},
         "weight_map": weight_map,
         "model": {"model_hash": model.model_hash, "base_path": c["base"]["path"], "base_sha256": c["base"]["sha256"],
-                  "prompt": c["prompt"], "attention_mode": c["attention_mode"], "frames": c["frames"]},
+                  "prompt": c["prompt"], "attention_mode": c["attention_mode"],
+                  "group_norm": model.architecture[1], "frames": c["frames"]},
         "latent_channels": sample[1],
         "latent_size": [c["latent_height"], c["latent_width"]],
         "pixel_size": [c["height"], c["width"]],

@@ -52,6 +52,25 @@ def test_equals_image_model_on_one_frame_and_on_identical_frames(tiny_base, mode
         torch.testing.assert_close(video(still, t, text), per_frame(image, still, t, text), atol=1e-5, rtol=0)
 
 
+def test_per_frame_group_norm_keeps_the_image_model_on_distinct_frames(tiny_base):
+    """In `per_frame` attention mode the untuned video UNet is the image model run frame by frame, whatever the
+    frames hold; with the reference's clip-wide GroupNorm statistics it is not."""
+    image, video = fresh_unets(tiny_base)
+    video.set_attention_mode("per_frame")
+    zero_temporal_bias(video)
+    clip_norm = inflate(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet"), "per_frame",
+                        group_norm="per_clip").eval()
+    zero_temporal_bias(clip_norm)
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(1, 4, 5, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g)
+    t = torch.tensor([9.0])
+    sample[:, :, 2:] *= 3.0  # frames of different contrast, as a moving shape gives
+    with torch.no_grad():
+        expected = per_frame(image, sample, t, text)
+        torch.testing.assert_close(video(sample, t, text), expected, atol=1e-5, rtol=0)
+        assert (clip_norm(sample, t, text) - expected).abs().max() > 1e-2
+
+
 def test_fresh_inflation_differs_from_image_model_only_by_temporal_bias(tiny_base):
     image, video = fresh_unets(tiny_base)
     sample = torch.randn(1, 4, 1, 16, 16)
@@ -124,6 +143,8 @@ def test_inflate_rejects_bad_mode_and_double_inflation(tiny_base):
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
     with pytest.raises(ValueError, match="attention mode"):
         inflate(unet, mode="causal")
+    with pytest.raises(ValueError, match="group norm"):
+        inflate(unet, group_norm="per_batch")
     inflate(unet)
     with pytest.raises(ValueError, match="already inflated"):
         inflate(unet)
@@ -132,9 +153,9 @@ def test_inflate_rejects_bad_mode_and_double_inflation(tiny_base):
 @pytest.mark.skipif(not FIXTURE.is_dir(), reason="reference fixture missing")
 def test_matches_reference_implementation_checkpoint():
     """A checkpoint of the public reference implementation's UNet3DConditionModel (see the fixture's README)
-    loads with strict key matching and gives the reference's outputs."""
+    loads with strict key matching and gives the reference's outputs (with its clip-wide GroupNorm)."""
     config = json.loads((FIXTURE / "unet_config.json").read_text())
-    video = inflate(UNet2DConditionModel(**config)).eval()
+    video = inflate(UNet2DConditionModel(**config), group_norm="per_clip").eval()
     state = {k: v.float() for k, v in load_file(FIXTURE / "reference_unet3d.safetensors").items()}
     video.load_state_dict(state, strict=True)
     io = load_file(FIXTURE / "io.safetensors")

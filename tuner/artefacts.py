@@ -70,6 +70,12 @@ class TunedModel:
         return f"{self.config['base']['sha256'][:16]}-{self.config['adapter_sha256'][:16]}"
 
     @property
+    def architecture(self) -> tuple[str, str]:
+        """`inflate`'s (attention mode, group norm) for this adapter; models tuned before the group-norm setting
+        existed normalised per clip."""
+        return self.config["attention_mode"], self.config.get("group_norm", "per_clip")
+
+    @property
     def latent_size(self) -> tuple[int, int]:
         """(height, width) of the latents."""
         return self.config["latent_height"], self.config["latent_width"]
@@ -124,7 +130,7 @@ def load_tuned(
     """Load a tuned model directory into ready components whose `unet` is the tuned video UNet."""
     model = TunedModel.open(run)
     components = load_components(model.config["base"]["path"], device, dtype)
-    inflate(components.unet, model.config["attention_mode"])
+    inflate(components.unet, *model.architecture)
     apply_adapter(components.unet, model.adapter())
     return model, components
 

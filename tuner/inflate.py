@@ -8,7 +8,10 @@ subclass of the stock module it replaces, so every pretrained tensor keeps its d
   paper's ablation) or `full` (every frame attends to all frames);
 * every transformer block gains a temporal attention after its feed-forward (`norm_temp` + `attn_temp`, attention
   across the frames at each spatial position, output projection's weight zero-initialised);
-* the ResNet blocks' GroupNorms and `conv_norm_out` normalise over all frames of a clip, not frame by frame.
+* with `group_norm="per_clip"` (the reference implementation's behaviour), the ResNet blocks' GroupNorms and
+  `conv_norm_out` normalise over all frames of a clip. The default, `"per_frame"`, keeps them per frame, so an
+  untuned video UNet in `per_frame` mode is exactly the image model: on a small model the clip-wide statistics
+  changed its noise prediction by as much as the prediction itself (docs/ARCHITECTURE.md, "Per-frame GroupNorm").
 
 Convolutions, up/down-sampling and cross-attention stay per frame. The frame count reaches the inflated modules
 through one `FrameContext` per UNet, set at the start of each forward pass; a UNet must therefore not run two
@@ -28,6 +31,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 ATTENTION_MODES = ("sparse_causal", "per_frame", "full")
+GROUP_NORMS = ("per_frame", "per_clip")
 
 # The tensors one-shot tuning updates (DESIGN.md section 2): the query projections of self- and cross-attention,
 # and the whole temporal attention but its norm.
@@ -130,7 +134,7 @@ class TemporalTransformerBlock(BasicTransformerBlock):
         return x.reshape(bf, tokens, channels)
 
 
-class FrameGroupNorm(nn.GroupNorm):
+class ClipGroupNorm(nn.GroupNorm):
     """GroupNorm over `(b f) c h w` whose statistics span all frames of each clip, as over `b c f h w`."""
 
     frame_context: FrameContext
@@ -171,7 +175,7 @@ class VideoUNet(UNet2DConditionModel):
         self.attention_mode = mode
 
 
-def inflate(unet: UNet2DConditionModel, mode: str = "sparse_causal") -> VideoUNet:
+def inflate(unet: UNet2DConditionModel, mode: str = "sparse_causal", group_norm: str = "per_frame") -> VideoUNet:
     """Turn a diffusers 2-D UNet into the video UNet, in place, and return it.
 
     New temporal attentions are initialised like the reference's (default init, output weight zero) from the
@@ -179,16 +183,19 @@ def inflate(unet: UNet2DConditionModel, mode: str = "sparse_causal") -> VideoUNe
     """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    if group_norm not in GROUP_NORMS:
+        raise ValueError(f"group norm must be one of {GROUP_NORMS}, got {group_norm!r}")
     if isinstance(unet, VideoUNet):
         raise ValueError("this UNet is already inflated")
     context = FrameContext()
     for module in list(unet.modules()):
         if isinstance(module, BasicTransformerBlock):
             _add_temporal_attention(module, context)
-        elif isinstance(module, ResnetBlock2D):
+        elif isinstance(module, ResnetBlock2D) and group_norm == "per_clip":
             for norm in (module.norm1, module.norm2):
-                _become(norm, FrameGroupNorm, context)
-    _become(unet.conv_norm_out, FrameGroupNorm, context)
+                _become(norm, ClipGroupNorm, context)
+    if group_norm == "per_clip":
+        _become(unet.conv_norm_out, ClipGroupNorm, context)
     _become(unet, VideoUNet, context)
     unet.set_attention_mode(mode)
     return unet

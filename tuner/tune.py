@@ -28,7 +28,7 @@ from tuner.components import (
     encode_prompt,
     load_components,
 )
-from tuner.inflate import ATTENTION_MODES, VideoUNet, inflate, is_trainable
+from tuner.inflate import ATTENTION_MODES, GROUP_NORMS, VideoUNet, inflate, is_trainable
 from tuner.io_utils import atomic_directory
 from tuner.versions import versions
 from tuner.video_io import VideoError, read_video, resize_center_crop, sample_frames
@@ -49,6 +49,7 @@ class TuneSettings:
     start: int = 0
     stride: int = 1
     attention_mode: str = "sparse_causal"
+    group_norm: str = "per_frame"  # "per_clip": the reference implementation's clip-wide ResNet statistics
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16", CUDA only
 
@@ -96,6 +97,8 @@ def tune(
     out = Path(out)
     if s.attention_mode not in ATTENTION_MODES:
         raise TuneError(f"--attention-mode must be one of {', '.join(ATTENTION_MODES)}")
+    if s.group_norm not in GROUP_NORMS:
+        raise TuneError(f"--group-norm must be one of {', '.join(GROUP_NORMS)}")
     if s.frames < 1 or s.steps < 0 or s.stride < 1 or s.start < 0:
         raise TuneError("--frames and --stride must be >= 1, --steps and --start >= 0")
     if out.exists() and not overwrite:
@@ -128,7 +131,7 @@ def tune(
     frames = resize_center_crop(clip.frames[: artefacts.MAX_SOURCE_FRAMES], width, height)
 
     torch.manual_seed(s.seed)
-    unet = inflate(components.unet, s.attention_mode)
+    unet = inflate(components.unet, s.attention_mode, s.group_norm)
     trainable = list(mark_trainable(unet).values())
     if s.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -167,6 +170,7 @@ def tune(
     config = {
         "base": {"path": str(Path(base).resolve()), "sha256": base_hash},
         "attention_mode": s.attention_mode,
+        "group_norm": s.group_norm,
         "prompt": prompt,
         "video": str(video),
         "frames": s.frames,
@@ -210,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--start", type=int, default=d.start, help="index of the first frame")
     p.add_argument("--stride", type=int, default=d.stride, help="take every n-th frame")
     p.add_argument("--attention-mode", choices=ATTENTION_MODES, default=d.attention_mode)
+    p.add_argument("--group-norm", choices=GROUP_NORMS, default=d.group_norm,
+                   help="ResNet GroupNorm statistics per frame, or per clip as the reference implementation")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     settings = TuneSettings(
         frames=args.frames, width=args.width, height=args.height, steps=args.steps, lr=args.lr, seed=args.seed,
-        start=args.start, stride=args.stride, attention_mode=args.attention_mode,
+        start=args.start, stride=args.stride, attention_mode=args.attention_mode, group_norm=args.group_norm,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
     )
     try:

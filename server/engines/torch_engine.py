@@ -78,10 +78,10 @@ class TorchEngines(Engines):
 
 def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype) -> SharedBase:
     base = model.config["base"]
-    key = (base["path"], base["sha256"], model.config["attention_mode"], str(device), dtype)
+    key = (base["path"], base["sha256"], *model.architecture, str(device), dtype)
     if key not in _BASES:
         components = load_components(base["path"], device, dtype)
-        inflate(components.unet, model.config["attention_mode"])
+        inflate(components.unet, *model.architecture)
         _BASES[key] = SharedBase(components)
     return _BASES[key]
 
