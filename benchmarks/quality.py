@@ -33,6 +33,7 @@ from benchmarks.common import save_plot, write_result
 from server.engines import LoadedModel
 from server.engines.torch_engine import load_torch_model
 from server.generate import GenerationOptions, Generator, InversionCache
+from tuner.artefacts import TunedModel
 from tuner.shapes import world
 from tuner.shapes.checker import check_clip, score_clip
 from tuner.tune import TuneSettings, tune
@@ -130,8 +131,11 @@ class Study:
 
     def generate(self, key: str, model: Path, prompt: str, wanted: tuple, truth: list, frames: int,
                  invert: bool, keep: bool) -> dict:
-        """Score one generation (cached by `key` and the sampling settings); keep its frames for the grid."""
-        key = f"{key}@{self.args.steps}steps,guidance{self.args.guidance:g}"
+        """Score one generation (cached by `key`, the tuned model's identity and the sampling settings); keep its
+        frames for the grid."""
+        tuned = TunedModel.open(model)
+        model_id = f"{tuned.model_hash},{'/'.join(tuned.architecture)}"
+        key = f"{key}@{model_id},{self.args.steps}steps,guidance{self.args.guidance:g}"
         if key in self.scores and not keep:
             return self.scores[key]
         options = GenerationOptions(prompt, frames=frames, steps=self.args.steps, guidance=self.args.guidance,

@@ -94,6 +94,9 @@ def test_tuned_directory_contents(tuned_run, clip_path):
     assert config["prompt"] == "a red square is moving right"
     assert len(config["base"]["sha256"]) == 64
     assert config["fps"] == pytest.approx(8.0)
+    assert model.architecture == ("sparse_causal", "per_frame")
+    legacy = TunedModel(model.path, {k: v for k, v in config.items() if k != "group_norm"})
+    assert legacy.architecture == ("sparse_causal", "per_clip"), "models tuned before the setting normalised per clip"
     frames, latents = model.source()
     assert frames.shape == (12, 32, 32, 3) and frames.dtype.name == "uint8"  # every frame of the clip
     assert latents.shape == (4, 12, 16, 16)
