@@ -11,10 +11,12 @@ source and from seeded noise:
   tuned_per_frame    tuned on the clip with `per_frame` attention
   tune_a_video       tuned with sparse-causal attention: the method
 
-"No tuning" is a tuning run of 0 steps, so every method is an ordinary tuned model directory served by the
-same generation loop. A second study tunes Tune-A-Video on a 64-frame clip and generates 8, 24 and 64 frames,
-to measure drift across the autoregressive windows. With `--clip DIR` (a local `transformers` CLIP model) the
-paper's CLIP text alignment and frame consistency are reported too.
+"No tuning" is a tuning run of 0 steps, so every method is an ordinary tuned model directory served by the same
+generation loop. As a floor for motion fidelity, the Tune-A-Video model is also prompted with the source caption
+itself, at `--guidance` and at 1: the trajectory error that inversion and sampling alone leave. A second study
+tunes Tune-A-Video on a 64-frame clip and generates 8, 24 and 64 frames, to measure drift across the
+autoregressive windows. With `--clip DIR` (a local `transformers` CLIP model) the paper's CLIP text alignment and
+frame consistency are reported too.
 
 Every tuned model and every scored generation is kept under `--work`, so an interrupted run resumes.
 """
@@ -130,16 +132,17 @@ class Study:
         return tune(self.args.base, folder, caption, out, settings, overwrite=True, progress=False)
 
     def generate(self, key: str, model: Path, prompt: str, wanted: tuple, truth: list, frames: int,
-                 invert: bool, keep: bool) -> dict:
+                 invert: bool, keep: bool, guidance: float | None = None) -> dict:
         """Score one generation (cached by `key`, the tuned model's identity and the sampling settings); keep its
-        frames for the grid."""
+        frames for the grid. `guidance` defaults to `--guidance`."""
+        guidance = self.args.guidance if guidance is None else guidance
         tuned = TunedModel.open(model)
         model_id = f"{tuned.model_hash},{'/'.join(tuned.architecture)}"
-        key = f"{key}@{model_id},{self.args.steps}steps,guidance{self.args.guidance:g}"
+        key = f"{key}@{model_id},{self.args.steps}steps,guidance{guidance:g}"
         if key in self.scores and not keep:
             return self.scores[key]
-        options = GenerationOptions(prompt, frames=frames, steps=self.args.steps, guidance=self.args.guidance,
-                                    seed=0, invert=invert)
+        options = GenerationOptions(prompt, frames=frames, steps=self.args.steps, guidance=guidance, seed=0,
+                                    invert=invert)
         if model not in self.loaded:
             self.loaded[model] = load_torch_model(model)
         video = Generator(self.loaded[model], self.cache).generate(options).frames
@@ -181,6 +184,25 @@ def ablation(study: Study, args: argparse.Namespace, methods: list[str], bar: tq
                     rows.append({**row, "clip": name, "method": method, "start": start, "edit": edit})
                     bar.update()
     return rows
+
+
+def reconstruction(study: Study, args: argparse.Namespace, bar: tqdm) -> dict:
+    """Tune-A-Video from the inverted source prompted with the source caption itself: the trajectory error any
+    edit inherits from inversion and sampling alone. At guidance 1 (the inversion's own) DDIM inversion is nearly
+    exact; classifier-free guidance amplifies its error."""
+    result = {}
+    for guidance in dict.fromkeys((args.guidance, 1.0)):
+        rows = []
+        for index, spec in enumerate(SOURCES[: args.clips]):
+            name = f"clip{index}-{'-'.join(spec)}"
+            _, caption, truth, folder = study.source(name, spec, frames=8, seed=index)
+            model = study.tuned(f"{name}-tune_a_video", folder, caption, "sparse_causal", args.tune_steps)
+            bar.set_description(f"{name} reconstruction, guidance {guidance:g}")
+            rows.append(study.generate(f"{name}/tune_a_video/inversion/reconstruction", model, caption, spec[:3],
+                                       truth, 8, True, keep=False, guidance=guidance))
+            bar.update()
+        result[f"{guidance:g}"] = mean_scores(rows)
+    return result
 
 
 def drift(study: Study, args: argparse.Namespace, lengths: list[int], bar: tqdm) -> dict:
@@ -240,13 +262,12 @@ def summarize(rows: list[dict]) -> dict:
     return {"by_method": table, "tune_a_video_by_edit": per_edit, "checks": checks}
 
 
-def format_table(summary: dict) -> str:
-    """A Markdown table of the means per method and start."""
-    columns = [m for m in METRICS if any(m in v for v in summary["by_method"].values())]
-    columns += [c for c in ("clip_text_alignment", "clip_frame_consistency")
-                if any(c in v for v in summary["by_method"].values())]
-    lines = ["| method / start | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for name, values in summary["by_method"].items():
+def format_table(means: dict[str, dict], title: str = "method / start") -> str:
+    """A Markdown table of mean scores, one row per name."""
+    columns = [m for m in METRICS if any(m in v for v in means.values())]
+    columns += [c for c in ("clip_text_alignment", "clip_frame_consistency") if any(c in v for v in means.values())]
+    lines = [f"| {title} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, values in means.items():
         cells = [f"{values[c]:.0%}" if c in ("colour", "shape", "background", "all", "flip_rate")
                  else f"{values[c]:.2f}" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -275,20 +296,26 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"tav-bench quality: error: --methods must name some of {', '.join(METHODS)}")
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     study = Study(args)
-    total = min(args.clips, len(SOURCES)) * len(methods) * len(STARTS) * 4 + 2 * len(lengths)
+    clips = min(args.clips, len(SOURCES))
+    total = clips * len(methods) * len(STARTS) * 4 + clips * len({args.guidance, 1.0}) + 2 * len(lengths)
     with tqdm(total=total, dynamic_ncols=True) as bar:
         rows = ablation(study, args, methods, bar)
+        recon = reconstruction(study, args, bar)
         long = drift(study, args, lengths, bar) if lengths else {}
     summary = summarize(rows)
     result = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         **summary,
+        "reconstruction": recon,
         "length_study": long,
         "rows": rows,
-        "table": format_table(summary),
+        "table": format_table(summary["by_method"]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.md").write_text(result["table"] + "\n")
+    tables = [result["table"], format_table(summary["tune_a_video_by_edit"], "Tune-A-Video: edit / start"),
+              format_table({f"guidance {g}": v for g, v in recon.items()}, "Tune-A-Video: source caption from "
+                                                                            "its inversion")]
+    (args.out / "quality.md").write_text("\n\n".join(tables) + "\n")
     save_grid(study.videos, args.out / "quality_grid.png")
 
     def draw(ax):

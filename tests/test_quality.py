@@ -85,7 +85,9 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
         assert -1.0 <= values["clip_text_alignment"] <= 1.0
     assert set(result["length_study"]["colour"]) == {"8", "12"}
     assert len(result["length_study"]["colour"]["12"]["segment_all"]) == 2
-    assert (out / "quality.md").read_text().startswith("| method / start |")
+    tables = (out / "quality.md").read_text().split("\n\n")
+    assert [t.split(" |")[0] for t in tables] == [
+        "| method / start", "| Tune-A-Video: edit / start", "| Tune-A-Video: source caption from its inversion"]
     grid = Image.open(out / "quality_grid.png")
     kept = 1 + len(METHODS) * 4 + 2 * 2  # source, clip 0 inverted edits of every method, the length study
     assert grid.size[1] == kept * world.SIZE
@@ -94,7 +96,9 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
     untuned = json.loads((models / "clip0-red-circle-white-right-t2i_per_frame" / "tav_config.json").read_text())
     assert (tuned["steps"], tuned["attention_mode"]) == (2, "sparse_causal")
     assert (untuned["steps"], untuned["attention_mode"]) == (0, "per_frame")
-    assert len((work / "scores.jsonl").read_text().splitlines()) == len(result["rows"]) + 2 * 2
+    assert set(result["reconstruction"]) == {"7.5", "1"}  # the source caption at --guidance and at 1
+    assert all(0.0 <= r["all"] <= 1.0 for r in result["reconstruction"].values())
+    assert len((work / "scores.jsonl").read_text().splitlines()) == len(result["rows"]) + 2 + 2 * 2
 
 
 def test_flop_count_grows_quadratically_only_with_full_attention(tiny_base):
