@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -36,8 +37,10 @@ from server.engines import LoadedModel
 from server.engines.torch_engine import load_torch_model
 from server.generate import GenerationOptions, Generator, InversionCache
 from tuner.artefacts import TunedModel
+from tuner.components import frames_to_pixels, load_components
 from tuner.shapes import world
 from tuner.shapes.checker import check_clip, score_clip
+from tuner.shapes.world import SIZE
 from tuner.tune import TuneSettings, tune
 
 SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
@@ -205,6 +208,31 @@ def reconstruction(study: Study, args: argparse.Namespace, bar: tqdm) -> dict:
     return result
 
 
+def colour_signature_cosines(base: Path, clips: int) -> dict[str, float]:
+    """For each source clip's colour swap: the cosine between the VAE latent signatures of the two colours on the
+    clip's background (a signature: mean latent inside a large circle minus mean latent of the background). A
+    negative cosine means the inverted source latents mark the object's place as unlike the new colour."""
+    components = load_components(base)
+    vae, factor = components.vae, components.vae_factor
+    alpha = world.coverage("circle", SIZE / 2, SIZE / 2, SIZE / 4)
+    cells = alpha.reshape(SIZE // factor, factor, SIZE // factor, factor).mean((1, 3))
+
+    def signature(colour: str, background: str) -> torch.Tensor:
+        spec = world.ShapeSpec(colour, "circle", background, SIZE / 2, SIZE / 2, SIZE / 4,
+                               fg_rgb=world.COLOURS[colour], bg_rgb=world.BACKGROUNDS[background])
+        with torch.no_grad():
+            latent = vae.encode(frames_to_pixels(world.render(spec)[None])).latent_dist.mean[0]
+        return latent[:, torch.from_numpy(cells == 1)].mean(1) - latent[:, torch.from_numpy(cells == 0)].mean(1)
+
+    result = {}
+    for index, (colour, shape, background, trajectory) in enumerate(SOURCES[:clips]):
+        new_colour = edits(colour, shape, background)["colour"][0]
+        cosine = torch.nn.functional.cosine_similarity(signature(colour, background),
+                                                       signature(new_colour, background), dim=0)
+        result[f"clip{index}-{colour}-{shape}-{background}-{trajectory}"] = round(float(cosine), 3)
+    return result
+
+
 def drift(study: Study, args: argparse.Namespace, lengths: list[int], bar: tqdm) -> dict:
     """Tune-A-Video on a 64-frame clip, generated at several lengths from the inverted source."""
     spec = SOURCES[0]
@@ -307,6 +335,7 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         **summary,
         "reconstruction": recon,
+        "colour_swap_latent_cosine": colour_signature_cosines(args.base, clips),
         "length_study": long,
         "rows": rows,
         "table": format_table(summary["by_method"]),

@@ -96,6 +96,8 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
     untuned = json.loads((models / "clip0-red-circle-white-right-t2i_per_frame" / "tav_config.json").read_text())
     assert (tuned["steps"], tuned["attention_mode"]) == (2, "sparse_causal")
     assert (untuned["steps"], untuned["attention_mode"]) == (0, "per_frame")
+    assert list(result["colour_swap_latent_cosine"]) == ["clip0-red-circle-white-right"]
+    assert -1.0 <= result["colour_swap_latent_cosine"]["clip0-red-circle-white-right"] <= 1.0
     assert set(result["reconstruction"]) == {"7.5", "1"}  # the source caption at --guidance and at 1
     assert all(0.0 <= r["all"] <= 1.0 for r in result["reconstruction"].values())
     assert len((work / "scores.jsonl").read_text().splitlines()) == len(result["rows"]) + 2 + 2 * 2
