@@ -23,9 +23,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tuneavideo.v1 import tuneavideo_pb2_grpc as pb2_grpc
 
-from server.auth import BearerTokenInterceptor, read_tokens
 from server.engines import BACKENDS
 from server.generate import MAX_SOURCE_BYTES
+from server.interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, read_tokens
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.service import SERVICE_NAME, VideoGenerationService
@@ -99,7 +99,8 @@ class TavServer:
         loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         self._closed = asyncio.Event()
-        interceptors = [BearerTokenInterceptor(config.tokens)] if config.tokens else []
+        interceptors = [MalformedRequestInterceptor()]  # first: it also sees the token check's answer
+        interceptors += [BearerTokenInterceptor(config.tokens)] if config.tokens else []
         self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
         pb2_grpc.add_VideoGenerationServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -85,10 +85,14 @@ class Case:
 
 
 CASES = [
-    # malformed protobuf: grpcio answers a message it cannot parse with UNKNOWN, before the service sees it
-    Case("protobuf-garbage", lambda: b"\xff\xff\xff", CODE.UNKNOWN, "Error parsing message"),
-    Case("protobuf-truncated", lambda: req()[:-3], CODE.UNKNOWN, "Error parsing message"),
-    Case("protobuf-invalid-utf8-prompt", lambda: req() + b"\x12\x02\xc3\x28", CODE.UNKNOWN, "Error parsing message"),
+    # malformed protobuf: the parse error is answered before the service (or the token check) sees the request
+    Case("protobuf-garbage", lambda: b"\xff\xff\xff", CODE.INVALID_ARGUMENT, "request: not a valid Generate"),
+    Case("protobuf-truncated", lambda: req()[:-3], CODE.INVALID_ARGUMENT, "request: not a valid Generate"),
+    Case("protobuf-invalid-utf8-prompt", lambda: req() + b"\x12\x02\xc3\x28", CODE.INVALID_ARGUMENT,
+         "Error parsing message"),
+    Case("protobuf-garbage-without-token", lambda: b"\xff", CODE.INVALID_ARGUMENT, "request:", metadata=()),
+    Case("protobuf-garbage-get-model", lambda: b"\xff", CODE.INVALID_ARGUMENT, "not a valid GetModel request",
+         method=GET_MODEL),
     Case("protobuf-empty-message", lambda: b"", CODE.INVALID_ARGUMENT, "model:"),
     Case("protobuf-wrong-wire-type-ignored", lambda: req() + b"\x22\x01x", CODE.OK),  # frames as bytes: unknown
     Case("protobuf-unknown-field-ignored", lambda: req() + b"\xf8\x06\x01", CODE.OK),  # field 111
@@ -277,7 +281,7 @@ def test_validator_survives_arbitrary_bytes(validator, data):
     """Bytes that parse as a request (however odd) get a verdict, never an exception from the validator."""
     try:
         r = pb2.GenerateRequest.FromString(data)
-    except DecodeError:  # the parser's refusal: grpcio answers UNKNOWN (see the corpus)
+    except DecodeError:  # the parser's refusal: INVALID_ARGUMENT before the service (see the corpus)
         return
     try:
         validator._check(r)
