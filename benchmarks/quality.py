@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (inversion and sampling)")
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance-sweep", default="1,2,3,5", help="more guidance scales for Tune-A-Video from the "
+                   "inversion (with --guidance always); empty for --guidance alone")
     p.add_argument("--lengths", default="8,24,64", help="lengths for the drift study; empty to skip it")
     p.add_argument("--clip", type=Path, help="local CLIP model directory for the paper's CLIP metrics")
 
@@ -189,22 +191,28 @@ def ablation(study: Study, args: argparse.Namespace, methods: list[str], bar: tq
     return rows
 
 
-def reconstruction(study: Study, args: argparse.Namespace, bar: tqdm) -> dict:
-    """Tune-A-Video from the inverted source prompted with the source caption itself: the trajectory error any
-    edit inherits from inversion and sampling alone. At guidance 1 (the inversion's own) DDIM inversion is nearly
-    exact; classifier-free guidance amplifies its error."""
+def guidance_study(study: Study, args: argparse.Namespace, values: list[float], bar: tqdm) -> dict:
+    """Tune-A-Video from the inversion at several guidance scales: the four edits, and the source caption itself
+    ("reconstruction": the trajectory error any edit inherits from inversion and sampling alone; at guidance 1,
+    the inversion's own, DDIM inversion is nearly exact, and guidance amplifies its error)."""
     result = {}
-    for guidance in dict.fromkeys((args.guidance, 1.0)):
+    for guidance in values:
         rows = []
         for index, spec in enumerate(SOURCES[: args.clips]):
             name = f"clip{index}-{'-'.join(spec)}"
             _, caption, truth, folder = study.source(name, spec, frames=8, seed=index)
             model = study.tuned(f"{name}-tune_a_video", folder, caption, "sparse_causal", args.tune_steps)
-            bar.set_description(f"{name} reconstruction, guidance {guidance:g}")
-            rows.append(study.generate(f"{name}/tune_a_video/inversion/reconstruction", model, caption, spec[:3],
-                                       truth, 8, True, keep=False, guidance=guidance))
-            bar.update()
-        result[f"{guidance:g}"] = mean_scores(rows)
+            for edit, wanted in {"reconstruction": spec[:3], **edits(*spec[:3])}.items():
+                bar.set_description(f"{name} guidance {guidance:g} {edit}")
+                row = study.generate(f"{name}/tune_a_video/inversion/{edit}", model,
+                                     world.clip_caption(*wanted, spec[3]), wanted, truth, 8, True, keep=False,
+                                     guidance=guidance)
+                rows.append({**row, "edit": edit})
+                bar.update()
+        parts = {"edits": [r for r in rows if r["edit"] != "reconstruction"]}
+        for row in rows:
+            parts.setdefault(row["edit"], []).append(row)
+        result[f"{guidance:g}"] = {part: mean_scores(chosen) for part, chosen in parts.items()}
     return result
 
 
@@ -323,18 +331,19 @@ def run(args: argparse.Namespace) -> dict:
     if not methods or any(m not in METHODS for m in methods):
         raise SystemExit(f"tav-bench quality: error: --methods must name some of {', '.join(METHODS)}")
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    guidances = sorted({args.guidance, *(float(x) for x in args.guidance_sweep.split(",") if x.strip())})
     study = Study(args)
     clips = min(args.clips, len(SOURCES))
-    total = clips * len(methods) * len(STARTS) * 4 + clips * len({args.guidance, 1.0}) + 2 * len(lengths)
+    total = clips * len(methods) * len(STARTS) * 4 + clips * len(guidances) * 5 + 2 * len(lengths)
     with tqdm(total=total, dynamic_ncols=True) as bar:
         rows = ablation(study, args, methods, bar)
-        recon = reconstruction(study, args, bar)
+        sweep = guidance_study(study, args, guidances, bar)
         long = drift(study, args, lengths, bar) if lengths else {}
     summary = summarize(rows)
     result = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         **summary,
-        "reconstruction": recon,
+        "guidance_study": sweep,
         "colour_swap_latent_cosine": colour_signature_cosines(args.base, clips),
         "length_study": long,
         "rows": rows,
@@ -342,8 +351,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     tables = [result["table"], format_table(summary["tune_a_video_by_edit"], "Tune-A-Video: edit / start"),
-              format_table({f"guidance {g}": v for g, v in recon.items()}, "Tune-A-Video: source caption from "
-                                                                            "its inversion")]
+              format_table({f"{g} / {part}": sweep[g][part] for g in sweep for part in ("edits", "colour",
+                                                                                        "reconstruction")},
+                           "Tune-A-Video, inversion: guidance / prompt")]
     (args.out / "quality.md").write_text("\n\n".join(tables) + "\n")
     save_grid(study.videos, args.out / "quality_grid.png")
 
@@ -354,5 +364,19 @@ def run(args: argparse.Namespace) -> dict:
         ax.set_xlim(0, 1)
 
     save_plot(args.out / "quality.png", draw)
+
+    def draw_guidance(ax):
+        scales = [float(g) for g in sweep]
+        ax.plot(scales, [sweep[g]["edits"]["all"] for g in sweep], "o-", label="alignment, edits (left)")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("guidance scale (Tune-A-Video from the inversion)")
+        right = ax.twinx()
+        for part, style in (("edits", "s--"), ("reconstruction", "^:")):
+            right.plot(scales, [sweep[g][part]["trajectory_px"] for g in sweep], style, color="C1",
+                       label=f"trajectory px, {part} (right)")
+        ax.legend(loc="lower left", fontsize=8)
+        right.legend(loc="upper left", fontsize=8)
+
+    save_plot(args.out / "quality_guidance.png", draw_guidance)
     write_result(args.out, "quality", result)
     return {k: result[k] for k in ("by_method", "checks", "table")}

@@ -87,7 +87,7 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
     assert len(result["length_study"]["colour"]["12"]["segment_all"]) == 2
     tables = (out / "quality.md").read_text().split("\n\n")
     assert [t.split(" |")[0] for t in tables] == [
-        "| method / start", "| Tune-A-Video: edit / start", "| Tune-A-Video: source caption from its inversion"]
+        "| method / start", "| Tune-A-Video: edit / start", "| Tune-A-Video, inversion: guidance / prompt"]
     grid = Image.open(out / "quality_grid.png")
     kept = 1 + len(METHODS) * 4 + 2 * 2  # source, clip 0 inverted edits of every method, the length study
     assert grid.size[1] == kept * world.SIZE
@@ -98,9 +98,13 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
     assert (untuned["steps"], untuned["attention_mode"]) == (0, "per_frame")
     assert list(result["colour_swap_latent_cosine"]) == ["clip0-red-circle-white-right"]
     assert -1.0 <= result["colour_swap_latent_cosine"]["clip0-red-circle-white-right"] <= 1.0
-    assert set(result["reconstruction"]) == {"7.5", "1"}  # the source caption at --guidance and at 1
-    assert all(0.0 <= r["all"] <= 1.0 for r in result["reconstruction"].values())
-    assert len((work / "scores.jsonl").read_text().splitlines()) == len(result["rows"]) + 2 + 2 * 2
+    # --guidance 7.5 and the default sweep 1, 2, 3, 5; at 7.5 only the reconstruction is new (the edits are cached)
+    sweep = result["guidance_study"]
+    assert list(sweep) == ["1", "2", "3", "5", "7.5"]
+    assert set(sweep["1"]) == {"edits", "reconstruction", *edits("red", "circle", "white")}
+    assert all(0.0 <= r["all"] <= 1.0 and r["trajectory_px"] >= 0.0 for r in sweep["3"].values())
+    assert (out / "quality_guidance.png").exists()
+    assert len((work / "scores.jsonl").read_text().splitlines()) == len(result["rows"]) + 4 * 5 + 1 + 2 * 2
 
 
 def test_flop_count_grows_quadratically_only_with_full_attention(tiny_base):
