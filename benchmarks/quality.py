@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips", type=int, default=3, help=f"how many source clips (at most {len(SOURCES)})")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     p.add_argument("--tune-steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=TuneSettings.lr, help="tuning learning rate (default: the paper's)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (inversion and sampling)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--guidance-sweep", default="1,2,3,5", help="more guidance scales for Tune-A-Video from the "

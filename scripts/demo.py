@@ -73,7 +73,7 @@ def tune_once(base: Path, clip: Path, caption: str, model: Path) -> None:
         print(f"reusing the tuned model {model}")
         return
     sh("tav-tune", "--base", str(base), "--video", str(clip), "--prompt", caption, "--out", str(model),
-       "--frames", "8", "--width", "64", "--height", "64", "--steps", "300", "--lr", "1e-4", "--overwrite")
+       "--frames", "8", "--width", "64", "--height", "64", "--steps", "300", "--overwrite")
 
 
 def grid(rows: dict[str, np.ndarray], path: Path, frames: int = 8) -> None:
