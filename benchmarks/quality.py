@@ -12,11 +12,12 @@ source and from seeded noise:
   tune_a_video       tuned with sparse-causal attention: the method
 
 "No tuning" is a tuning run of 0 steps, so every method is an ordinary tuned model directory served by the same
-generation loop. As a floor for motion fidelity, the Tune-A-Video model is also prompted with the source caption
-itself, at `--guidance` and at 1: the trajectory error that inversion and sampling alone leave. A second study
-tunes Tune-A-Video on a 64-frame clip and generates 8, 24 and 64 frames, to measure drift across the
-autoregressive windows. With `--clip DIR` (a local `transformers` CLIP model) the paper's CLIP text alignment and
-frame consistency are reported too.
+generation loop. A guidance study repeats Tune-A-Video's edits from the inversion at several guidance scales, with
+the source caption itself as a fifth prompt: the trajectory error that inversion and sampling alone leave, a floor
+for every edit. The colour swaps are explained by the VAE: the cosine between the latent signatures of the two
+colours is reported. A second study tunes Tune-A-Video on a 64-frame clip and generates 8, 24 and 64 frames, to
+measure drift across the autoregressive windows. With `--clip DIR` (a local `transformers` CLIP model) the paper's
+CLIP text alignment and frame consistency are reported too.
 
 Every tuned model and every scored generation is kept under `--work`, so an interrupted run resumes.
 """
