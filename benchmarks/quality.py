@@ -15,7 +15,7 @@ source and from seeded noise:
 generation loop. A guidance study repeats Tune-A-Video's edits from the inversion at several guidance scales, with
 the source caption itself as a fifth prompt: the trajectory error that inversion and sampling alone leave, a floor
 for every edit. The colour swaps are explained by the VAE: the cosine between the latent signatures of the two
-colours is reported. A second study tunes Tune-A-Video on a 64-frame clip and generates 8, 24 and 64 frames, to
+colours is reported. A length study tunes Tune-A-Video on a 64-frame clip and generates 8, 24 and 64 frames, to
 measure drift across the autoregressive windows. With `--clip DIR` (a local `transformers` CLIP model) the paper's
 CLIP text alignment and frame consistency are reported too.
 
