@@ -370,12 +370,14 @@ def run(args: argparse.Namespace) -> dict:
         scales = [float(g) for g in sweep]
         ax.plot(scales, [sweep[g]["edits"]["all"] for g in sweep], "o-", label="alignment, edits (left)")
         ax.set_ylim(0, 1)
+        ax.set_ylabel("text alignment")
         ax.set_xlabel("guidance scale (Tune-A-Video from the inversion)")
         right = ax.twinx()
         for part, style in (("edits", "s--"), ("reconstruction", "^:")):
             right.plot(scales, [sweep[g][part]["trajectory_px"] for g in sweep], style, color="C1",
                        label=f"trajectory px, {part} (right)")
-        ax.legend(loc="lower left", fontsize=8)
+        right.set_ylabel("trajectory error (px)")
+        ax.legend(loc="lower right", fontsize=8)
         right.legend(loc="upper left", fontsize=8)
 
     save_plot(args.out / "quality_guidance.png", draw_guidance)
