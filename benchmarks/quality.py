@@ -41,7 +41,6 @@ from tuner.artefacts import TunedModel
 from tuner.components import frames_to_pixels, load_components
 from tuner.shapes import world
 from tuner.shapes.checker import check_clip, score_clip
-from tuner.shapes.world import SIZE
 from tuner.tune import TuneSettings, tune
 
 SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
@@ -74,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "inversion (with --guidance always); empty for --guidance alone")
     p.add_argument("--lengths", default="8,24,64", help="lengths for the drift study; empty to skip it")
     p.add_argument("--clip", type=Path, help="local CLIP model directory for the paper's CLIP metrics")
+
+
+def clip_name(index: int) -> str:
+    return f"clip{index}-{'-'.join(SOURCES[index])}"
 
 
 def edits(colour: str, shape: str, background: str) -> dict[str, tuple[str, str, str]]:
@@ -113,16 +116,24 @@ class Study:
 
             self.clip_scorer = ClipScorer(args.clip)
         self.videos: dict[str, np.ndarray] = {}
+        self.sources: dict[str, tuple] = {}
         self.loaded: dict[Path, LoadedModel] = {}
 
     def source(self, name: str, spec: tuple[str, str, str, str], frames: int, seed: int) -> tuple:
-        """Write a source clip as lossless PNG frames; returns (frames, caption, truth, folder)."""
-        video, caption, truth = world.make_clip(*spec, frames=frames, seed=seed)
-        folder = self.work / "sources" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, frame in enumerate(video):
-            Image.fromarray(frame).save(folder / f"{i:04d}.png")
-        return video, caption, truth, folder
+        """Write a source clip as lossless PNG frames (once per run); returns (frames, caption, truth, folder)."""
+        if name not in self.sources:
+            video, caption, truth = world.make_clip(*spec, frames=frames, seed=seed)
+            folder = self.work / "sources" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, frame in enumerate(video):
+                Image.fromarray(frame).save(folder / f"{i:04d}.png")
+            self.sources[name] = video, caption, truth, folder
+        return self.sources[name]
+
+    def clip(self, index: int) -> tuple:
+        """Source clip `index` of SOURCES, 8 frames: (name, frames, caption, truth, folder)."""
+        name = clip_name(index)
+        return name, *self.source(name, SOURCES[index], frames=8, seed=index)
 
     def tuned(self, name: str, folder: Path, caption: str, mode: str, steps: int) -> Path:
         out = self.work / "models" / name
@@ -173,8 +184,7 @@ def mean_scores(rows: list[dict]) -> dict[str, float]:
 def ablation(study: Study, args: argparse.Namespace, methods: list[str], bar: tqdm) -> list[dict]:
     rows = []
     for index, spec in enumerate(SOURCES[: args.clips]):
-        name = f"clip{index}-{'-'.join(spec)}"
-        video, caption, truth, folder = study.source(name, spec, frames=8, seed=index)
+        name, video, caption, truth, folder = study.clip(index)
         study.videos[f"{name}/source"] = video
         for method in methods:
             mode, tuned = METHODS[method]
@@ -200,8 +210,7 @@ def guidance_study(study: Study, args: argparse.Namespace, values: list[float], 
     for guidance in values:
         rows = []
         for index, spec in enumerate(SOURCES[: args.clips]):
-            name = f"clip{index}-{'-'.join(spec)}"
-            _, caption, truth, folder = study.source(name, spec, frames=8, seed=index)
+            name, _, caption, truth, folder = study.clip(index)
             model = study.tuned(f"{name}-tune_a_video", folder, caption, "sparse_causal", args.tune_steps)
             for edit, wanted in {"reconstruction": spec[:3], **edits(*spec[:3])}.items():
                 bar.set_description(f"{name} guidance {guidance:g} {edit}")
@@ -223,22 +232,22 @@ def colour_signature_cosines(base: Path, clips: int) -> dict[str, float]:
     negative cosine means the inverted source latents mark the object's place as unlike the new colour."""
     components = load_components(base)
     vae, factor = components.vae, components.vae_factor
-    alpha = world.coverage("circle", SIZE / 2, SIZE / 2, SIZE / 4)
-    cells = alpha.reshape(SIZE // factor, factor, SIZE // factor, factor).mean((1, 3))
+    alpha = world.coverage("circle", world.SIZE / 2, world.SIZE / 2, world.SIZE / 4)
+    cells = alpha.reshape(world.SIZE // factor, factor, world.SIZE // factor, factor).mean((1, 3))
 
     def signature(colour: str, background: str) -> torch.Tensor:
-        spec = world.ShapeSpec(colour, "circle", background, SIZE / 2, SIZE / 2, SIZE / 4,
+        spec = world.ShapeSpec(colour, "circle", background, world.SIZE / 2, world.SIZE / 2, world.SIZE / 4,
                                fg_rgb=world.COLOURS[colour], bg_rgb=world.BACKGROUNDS[background])
         with torch.no_grad():
             latent = vae.encode(frames_to_pixels(world.render(spec)[None])).latent_dist.mean[0]
         return latent[:, torch.from_numpy(cells == 1)].mean(1) - latent[:, torch.from_numpy(cells == 0)].mean(1)
 
     result = {}
-    for index, (colour, shape, background, trajectory) in enumerate(SOURCES[:clips]):
+    for index, (colour, shape, background, _) in enumerate(SOURCES[:clips]):
         new_colour = edits(colour, shape, background)["colour"][0]
         cosine = torch.nn.functional.cosine_similarity(signature(colour, background),
                                                        signature(new_colour, background), dim=0)
-        result[f"clip{index}-{colour}-{shape}-{background}-{trajectory}"] = round(float(cosine), 3)
+        result[clip_name(index)] = round(float(cosine), 3)
     return result
 
 
