@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -38,9 +39,9 @@ from server.engines import LoadedModel
 from server.engines.torch_engine import load_torch_model
 from server.generate import GenerationOptions, Generator, InversionCache
 from tuner.artefacts import TunedModel
-from tuner.components import frames_to_pixels, load_components
 from tuner.shapes import world
 from tuner.shapes.checker import check_clip, score_clip
+from tuner.shapes.pretrain import latent_signature
 from tuner.tune import TuneSettings, tune
 
 SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
@@ -228,25 +229,14 @@ def guidance_study(study: Study, args: argparse.Namespace, values: list[float], 
 
 def colour_signature_cosines(base: Path, clips: int) -> dict[str, float]:
     """For each source clip's colour swap: the cosine between the VAE latent signatures of the two colours on the
-    clip's background (a signature: mean latent inside a large circle minus mean latent of the background). A
-    negative cosine means the inverted source latents mark the object's place as unlike the new colour."""
-    components = load_components(base)
-    vae, factor = components.vae, components.vae_factor
-    alpha = world.coverage("circle", world.SIZE / 2, world.SIZE / 2, world.SIZE / 4)
-    cells = alpha.reshape(world.SIZE // factor, factor, world.SIZE // factor, factor).mean((1, 3))
-
-    def signature(colour: str, background: str) -> torch.Tensor:
-        spec = world.ShapeSpec(colour, "circle", background, world.SIZE / 2, world.SIZE / 2, world.SIZE / 4,
-                               fg_rgb=world.COLOURS[colour], bg_rgb=world.BACKGROUNDS[background])
-        with torch.no_grad():
-            latent = vae.encode(frames_to_pixels(world.render(spec)[None])).latent_dist.mean[0]
-        return latent[:, torch.from_numpy(cells == 1)].mean(1) - latent[:, torch.from_numpy(cells == 0)].mean(1)
-
+    clip's background (`latent_signature`). A negative cosine means the inverted source latents mark the object's
+    place as unlike the new colour."""
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     result = {}
     for index, (colour, shape, background, _) in enumerate(SOURCES[:clips]):
         new_colour = edits(colour, shape, background)["colour"][0]
-        cosine = torch.nn.functional.cosine_similarity(signature(colour, background),
-                                                       signature(new_colour, background), dim=0)
+        cosine = torch.nn.functional.cosine_similarity(latent_signature(vae, colour, background),
+                                                       latent_signature(vae, new_colour, background), dim=0)
         result[clip_name(index)] = round(float(cosine), 3)
     return result
 

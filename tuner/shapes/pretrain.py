@@ -40,6 +40,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from tuner.shapes import world
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+STRUCTURE_LEVEL = 4.0
 NOISE_SCHEDULE = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -86,6 +87,7 @@ class PretrainConfig:
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
     foreground_weight: float = 4.0
+    structure_weight: float = 0.1
     unet_steps: int = 5000
     unet_batch: int = 16
     unet_lr: float = 8e-4
@@ -310,6 +312,13 @@ def _foreground(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(mask[:, None]).float()
 
 
+def structure_target(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """[N, 1, *size]: what latent channel 0 is trained to hold: the object's cover of each latent cell, from
+    -STRUCTURE_LEVEL (background) to +STRUCTURE_LEVEL (object), whatever the object's colour or the background."""
+    cover = F.adaptive_avg_pool2d(_foreground(images), size)
+    return STRUCTURE_LEVEL * (2.0 * cover - 1.0)
+
+
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -327,6 +336,12 @@ def train_vae(
 
     The object covers 4-30% of a frame; its pixels weigh `1 + foreground_weight`, or the VAE spends its first
     hundreds of steps on the background and learns the object's colour last (measured: grey-green shapes).
+
+    Latent channel 0 is also pulled (weight `structure_weight`) towards the object's cover of each latent cell
+    (`structure_target`), the same for every colour and background. Left free, this small VAE stored colour as
+    signed latent directions (red and green on white: cosine -0.93 between their latent signatures), so the
+    inverted latents of a red circle marked its place as "not green" and a colour swap redrew the circle
+    elsewhere. With this channel the latents mark where the object is apart from what colour it is.
     """
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     phase = Phase("vae", optimizer, cfg.vae_steps, seconds, governor, warmup=30)
@@ -339,7 +354,8 @@ def train_vae(
         recon = vae.decode(posterior.sample(generator=generator)).sample
         error = recon - batch
         l1, mse = (weight * error.abs()).mean(), (weight * error.square()).mean()
-        loss = l1 + mse + cfg.kl_weight * posterior.kl().mean()
+        structure = F.mse_loss(posterior.mean[:, :1], structure_target(chosen, posterior.mean.shape[-2:]))
+        loss = l1 + mse + cfg.structure_weight * structure + cfg.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -366,6 +382,20 @@ def reconstruction_psnr(vae: AutoencoderKL, images: np.ndarray) -> float:
     batch = _to_tensor(images)
     recon = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
     return 10 * math.log10(4.0 / F.mse_loss(recon, batch).item())
+
+
+def latent_signature(vae: AutoencoderKL, colour: str, background: str) -> torch.Tensor:
+    """[latent channels]: how `vae` marks an object of `colour` on `background`: the mean latent (posterior mean)
+    inside a large centred circle minus the mean latent of the background around it."""
+    size = world.SIZE / 4
+    spec = world.ShapeSpec(colour, "circle", background, world.SIZE / 2, world.SIZE / 2, size,
+                           fg_rgb=world.COLOURS[colour], bg_rgb=world.BACKGROUNDS[background])
+    with torch.no_grad():
+        latent = vae.encode(_to_tensor(world.render(spec)[None])).latent_dist.mean[0]
+    factor = world.SIZE // latent.shape[-1]
+    alpha = world.coverage("circle", world.SIZE / 2, world.SIZE / 2, size)
+    cells = torch.from_numpy(alpha.reshape(latent.shape[-1], factor, latent.shape[-1], factor).mean((1, 3)))
+    return latent[:, cells == 1].mean(1) - latent[:, cells == 0].mean(1)
 
 
 class EMA:
@@ -589,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
         "vae_lr",
         "kl_weight",
         "foreground_weight",
+        "structure_weight",
         "unet_lr",
         "weight_decay",
         "caption_dropout",
