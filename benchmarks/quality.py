@@ -42,7 +42,7 @@ from tuner.artefacts import TunedModel
 from tuner.shapes import world
 from tuner.shapes.checker import check_clip, score_clip
 from tuner.shapes.pretrain import latent_signature
-from tuner.tune import TuneSettings, tune
+from tuner.tune import TuneSettings, is_tuned, tune
 
 SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
 SOURCES = (  # colour, shape, background, trajectory
@@ -140,13 +140,8 @@ class Study:
         out = self.work / "models" / name
         settings = TuneSettings(frames=8, width=world.SIZE, height=world.SIZE, steps=steps, lr=self.args.lr,
                                 attention_mode=mode)
-        config = out / "tav_config.json"
-        if config.exists():
-            done = json.loads(config.read_text())
-            if done["settings"] == json.loads(json.dumps(vars(settings))) and done["base"]["path"] == str(
-                self.args.base.resolve()
-            ):
-                return out
+        if is_tuned(out, self.args.base, caption, settings):
+            return out
         return tune(self.args.base, folder, caption, out, settings, overwrite=True, progress=False)
 
     def generate(self, key: str, model: Path, prompt: str, wanted: tuple, truth: list, frames: int,

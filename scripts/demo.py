@@ -27,10 +27,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuner.components import base_model_hash  # noqa: E402
 from tuner.shapes.checker import check_clip, score_clip  # noqa: E402
 from tuner.shapes.world import make_clip  # noqa: E402
-from tuner.tune import TuneSettings  # noqa: E402
+from tuner.tune import TuneSettings, is_tuned  # noqa: E402
 from tuner.video_io import read_video, write_video  # noqa: E402
 
 RUNS = ROOT / "runs" / "demo"
@@ -70,17 +69,13 @@ def wait_serving(server: subprocess.Popen, target: str, seconds: float = 300) ->
 
 def tune_once(base: Path, clip: Path, caption: str, model: Path) -> None:
     """Tune unless the repository already holds this model tuned from this very base with these settings."""
-    config = model / "tav_config.json"
-    settings = {"frames": 8, "width": 64, "height": 64, "steps": 300}
-    if config.exists():
-        done = json.loads(config.read_text())
-        if done["base"] == {"path": str(base.resolve()), "sha256": base_model_hash(base)} and all(
-            done["settings"][k] == v for k, v in {**settings, "lr": TuneSettings.lr}.items()
-        ):
-            print(f"reusing the tuned model {model}")
-            return
+    settings = TuneSettings(frames=8, width=64, height=64, steps=300)
+    if is_tuned(model, base, caption, settings):
+        print(f"reusing the tuned model {model}")
+        return
     sh("tav-tune", "--base", str(base), "--video", str(clip), "--prompt", caption, "--out", str(model),
-       *(a for k, v in settings.items() for a in (f"--{k}", str(v))), "--overwrite")
+       "--frames", str(settings.frames), "--width", str(settings.width), "--height", str(settings.height),
+       "--steps", str(settings.steps), "--overwrite")
 
 
 def grid(rows: dict[str, np.ndarray], path: Path, frames: int = 8) -> None:

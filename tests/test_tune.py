@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from tuner import artefacts
 from tuner.artefacts import TunedModel, load_tuned
 from tuner.components import encode_prompt, load_components
 from tuner.inflate import inflate, is_trainable
-from tuner.tune import TuneSettings, diffusion_loss, mark_trainable, tune
+from tuner.tune import TuneSettings, diffusion_loss, is_tuned, mark_trainable, tune
 
 
 def test_exactly_the_trainable_tensors_change(tiny_base, tuned_run):
@@ -85,6 +86,21 @@ def test_round_trip_reloads_to_the_same_outputs(tiny_base, clip_path, tmp_path):
     sample, text = torch.randn(1, 4, 8, 16, 16), torch.randn(1, 77, 32)
     with torch.no_grad():
         assert torch.equal(first.unet(sample, 100, text), second.unet(sample, 100, text))
+
+
+def test_is_tuned_only_for_the_same_base_content_prompt_and_settings(tiny_base, clip_path, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    settings = TuneSettings(frames=8, width=32, height=32, steps=1, lr=1e-3, seed=2)
+    run = tune(base, clip_path, "a red square", tmp_path / "run", settings, progress=False)
+    assert is_tuned(run, base, "a red square", settings)
+    assert not is_tuned(run, base, "a blue square", settings)
+    assert not is_tuned(run, base, "a red square", TuneSettings(frames=8, width=32, height=32, steps=2, lr=1e-3,
+                                                                seed=2))
+    assert not is_tuned(tmp_path / "absent", base, "a red square", settings)
+    config = base / "unet" / "config.json"
+    config.write_text(config.read_text().replace("{", '{"edited": true, ', 1))
+    assert not is_tuned(run, base, "a red square", settings)  # same path, other content
 
 
 def test_tuned_directory_contents(tuned_run, clip_path):

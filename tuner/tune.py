@@ -82,6 +82,18 @@ def diffusion_loss(
     return F.mse_loss(prediction.float(), target.float())
 
 
+def is_tuned(out: str | Path, base: str | Path, prompt: str, settings: TuneSettings) -> bool:
+    """Whether `out` already holds a finished model tuned from this very base (path and content) on `prompt`
+    with `settings`, so that a script may reuse it instead of tuning again."""
+    try:
+        config = artefacts.TunedModel.open(out).config
+    except artefacts.ArtefactError:
+        return False
+    base = Path(base).resolve()
+    return (config["base"] == {"path": str(base), "sha256": base_model_hash(base)} and config["prompt"] == prompt
+            and config["settings"] == asdict(settings))
+
+
 def tune(
     base: str | Path,
     video: str | Path,
