@@ -1,6 +1,5 @@
 """Shapes world: generator, pixel checker, pretraining CLI (tiny configuration) and the shipped model."""
 
-import itertools
 import json
 from pathlib import Path
 
@@ -183,17 +182,15 @@ def test_shipped_model_draws_the_prompted_colour_and_shape():
 
 def test_shipped_vae_marks_the_object_alike_whatever_its_colour():
     """Latent channel 0 carries the object's place for every colour, so an inverted clip keeps its layout through
-    a colour swap (without it, red and green on white had opposite latent signatures, cosine -0.93)."""
+    a colour swap: the object's cells sit near +STRUCTURE_LEVEL and the background's near -STRUCTURE_LEVEL,
+    whatever the colour and background (before this, channel 0 was one more colour direction)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(SHIPPED, subfolder="vae")
     for background in world.BACKGROUNDS:
-        signatures = {colour: latent_signature(vae, colour, background) for colour in world.COLOURS}
-        for colour, signature in signatures.items():
-            assert signature[0] > 0.5 * STRUCTURE_LEVEL, (colour, background, signature)
-        for (a, first), (b, second) in itertools.combinations(signatures.items(), 2):
-            cosine = torch.nn.functional.cosine_similarity(first, second, dim=0)
-            assert cosine > 0.3, (a, b, background, first, second)
+        for colour in world.COLOURS:
+            signature = latent_signature(vae, colour, background)
+            assert abs(signature[0] - 2 * STRUCTURE_LEVEL) < 0.1 * 2 * STRUCTURE_LEVEL, (colour, background, signature)
 
 
 def test_shipped_model_end_to_end_tune_then_edit_the_background(tmp_path):
