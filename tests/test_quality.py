@@ -98,7 +98,7 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
     assert (untuned["steps"], untuned["attention_mode"]) == (0, "per_frame")
     assert list(result["colour_swap_latent_cosine"]) == ["clip0-red-circle-white-right"]
     assert -1.0 <= result["colour_swap_latent_cosine"]["clip0-red-circle-white-right"] <= 1.0
-    # --guidance 7.5 and the default sweep 1, 2, 3, 5; at 7.5 only the reconstruction is new (the edits are cached)
+    # the default --guidance 3 and sweep 1, 2, 5, 7.5; at 3 only the reconstruction is new (the edits are cached)
     sweep = result["guidance_study"]
     assert list(sweep) == ["1", "2", "3", "5", "7.5"]
     assert set(sweep["1"]) == {"edits", "reconstruction", *edits("red", "circle", "white")}
