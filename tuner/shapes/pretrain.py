@@ -37,6 +37,7 @@ from diffusers import (
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from tuner.components import frames_to_pixels
 from tuner.shapes import world
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -319,11 +320,6 @@ def structure_target(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return STRUCTURE_LEVEL * (2.0 * cover - 1.0)
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def train_vae(
     vae: AutoencoderKL,
     images: np.ndarray,
@@ -350,7 +346,7 @@ def train_vae(
     vae.train()
     for step in phase:
         chosen = images[torch.randint(len(images), (cfg.vae_batch,), generator=generator).numpy()]
-        batch = _to_tensor(chosen)
+        batch = frames_to_pixels(chosen)
         weight = 1.0 + cfg.foreground_weight * _foreground(chosen)
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample
@@ -372,7 +368,7 @@ def train_vae(
 def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     """Posterior means of all images; sets the VAE's scaling factor to 1 / their std (as SD does)."""
     means = [
-        vae.encode(_to_tensor(images[i : i + batch])).latent_dist.mean for i in range(0, len(images), batch)
+        vae.encode(frames_to_pixels(images[i : i + batch])).latent_dist.mean for i in range(0, len(images), batch)
     ]
     latents = torch.cat(means)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
@@ -381,7 +377,7 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> 
 
 @torch.no_grad()
 def reconstruction_psnr(vae: AutoencoderKL, images: np.ndarray) -> float:
-    batch = _to_tensor(images)
+    batch = frames_to_pixels(images)
     recon = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
     return 10 * math.log10(4.0 / F.mse_loss(recon, batch).item())
 
@@ -393,7 +389,7 @@ def latent_signature(vae: AutoencoderKL, colour: str, background: str) -> torch.
     spec = world.ShapeSpec(colour, "circle", background, world.SIZE / 2, world.SIZE / 2, size,
                            fg_rgb=world.COLOURS[colour], bg_rgb=world.BACKGROUNDS[background])
     with torch.no_grad():
-        latent = vae.encode(_to_tensor(world.render(spec)[None])).latent_dist.mean[0]
+        latent = vae.encode(frames_to_pixels(world.render(spec)[None])).latent_dist.mean[0]
     factor = world.SIZE // latent.shape[-1]
     alpha = world.coverage("circle", world.SIZE / 2, world.SIZE / 2, size)
     cells = torch.from_numpy(alpha.reshape(latent.shape[-1], factor, latent.shape[-1], factor).mean((1, 3)))
