@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=TuneSettings.lr, help="tuning learning rate (default: the paper's)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (inversion and sampling)")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance of the method comparison (3: every edit right "
-                   "and the path kept best on the shipped model; see the guidance study)")
+                   "and the path within 3 px on the shipped model; see the guidance study)")
     p.add_argument("--guidance-sweep", default="1,2,5,7.5", help="more guidance scales for Tune-A-Video from the "
                    "inversion (with --guidance always); empty for --guidance alone")
     p.add_argument("--lengths", default="8,24,64", help="lengths for the drift study; empty to skip it")

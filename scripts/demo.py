@@ -112,7 +112,7 @@ def main() -> None:
         for name, (prompt, _) in [*EDITS.items(), (LONG[0], (LONG[1], None))]:
             out = RUNS / f"{name}.gif"
             length = "24" if name == LONG[0] else "8"
-            # guidance 3: on the shapes model every edit still takes and the path is kept best (benchmarks/README)
+            # guidance 3: on the shapes model every edit takes and the path stays within 3 px (benchmarks/README)
             sh("tav-client", "generate", "--server", target, "--model", "red-circle", "--prompt", prompt,
                "--frames", length, "--steps", "25", "--guidance", "3", "--seed", "0", "--format", "gif",
                "--out", str(out))
