@@ -2,12 +2,19 @@
 generated frames here, so every part agrees on one frame layout (uint8 RGB, [N, H, W, 3]) and one error type.
 
 Containers are decoded and encoded by PyAV (FFmpeg); images, resizing and GIFs go through Pillow.
+
+Decoding is bounded before it starts: a frame may have at most `MAX_FRAME_PIXELS` pixels and a whole read at most
+`MAX_DECODED_PIXELS` (frames x width x height), checked against the container's header where it declares them and
+again frame by frame as they are decoded, so a tiny file that declares a huge canvas costs nothing. A read can be
+stopped between frames (`check`), and can resize each frame as it is decoded (`size`), so memory holds the output
+size, never the source's.
 """
 
+import contextlib
 import io
-import itertools
 import os
 import tempfile
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +34,9 @@ _AV_ENCODERS = {
 ENCODE_FORMATS = (*_AV_ENCODERS, "gif")
 
 VideoSource = str | os.PathLike[str] | bytes
+
+MAX_FRAME_PIXELS = 4096 * 4096  # one decoded frame
+MAX_DECODED_PIXELS = 2**28  # one read, frames x width x height: 128 frames of 1920x1080 fit
 
 
 class VideoError(ValueError):
@@ -49,61 +59,152 @@ class Clip:
         return len(self.frames)
 
 
-def read_video(source: VideoSource, max_frames: int | None = None) -> Clip:
+def read_video(
+    source: VideoSource,
+    max_frames: int | None = None,
+    max_pixels: int = MAX_DECODED_PIXELS,
+    size: tuple[int, int] | None = None,
+    check: Callable[[], None] | None = None,
+) -> Clip:
     """Read the frames (all, or the first `max_frames`) of a video file, encoded video bytes or image folder.
 
-    Anything FFmpeg decodes works (MP4, WebM, GIF, MOV, ...); a folder is read in file-name order at 8 fps.
+    Anything FFmpeg decodes works (MP4, WebM, GIF, MOV, ...); a folder is read in file-name order at 8 fps. A
+    source over the pixel bounds (`max_pixels` in all, `MAX_FRAME_PIXELS` a frame) is a VideoError. `size`
+    (width, height): resize and centre-crop each frame as it is read. `check` is called before each frame;
+    raise from it to stop the read (a cancelled request).
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    name, frames, fps = _open(source, max_frames, max_pixels)
+    out = []
+    with contextlib.closing(frames):
+        while True:
+            if check is not None:
+                check()
+            frame = next(frames, None)
+            if frame is None:
+                break
+            out.append(frame if size is None else resize_center_crop(frame[None], *size)[0])
+    if not out:
+        raise VideoError(f"{name} has no frames")
+    return Clip(np.stack(out), fps)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What `probe_video` learnt of a video: its frame size and rate."""
+
+    width: int
+    height: int
+    fps: float
+
+
+def probe_video(source: VideoSource, max_frames: int | None = None, max_pixels: int = MAX_DECODED_PIXELS
+                ) -> VideoInfo:
+    """Check, decoding the first frame only, that `read_video` can read a video within the same bounds (as far
+    as its header tells); a VideoError says why not."""
+    name, frames, fps = _open(source, max_frames, max_pixels)
+    with contextlib.closing(frames):
+        first = next(frames, None)
+    if first is None:
+        raise VideoError(f"{name} has no frames")
+    return VideoInfo(first.shape[1], first.shape[0], fps)
+
+
+class _PixelBudget:
+    """Decoded pixels against the bounds; a VideoError names the bound a source would pass."""
+
+    def __init__(self, name: str, max_pixels: int) -> None:
+        self.name = name
+        self.max_pixels = max_pixels
+        self.used = 0
+
+    def check(self, frames: int, width: int, height: int) -> None:
+        """Raise unless `frames` more frames of width x height fit."""
+        if width * height > MAX_FRAME_PIXELS:
+            raise VideoError(f"{self.name} has {width}x{height} frames: at most {MAX_FRAME_PIXELS} pixels "
+                             f"(4096x4096) a frame are decoded")
+        if self.used + frames * width * height > self.max_pixels:
+            raise VideoError(f"{self.name} decodes to more than {self.max_pixels} pixels (frames x width x height): "
+                             f"send a shorter or smaller clip")
+
+    def take(self, width: int, height: int) -> None:
+        self.check(1, width, height)
+        self.used += width * height
+
+
+def _open(source: VideoSource, max_frames: int | None, max_pixels: int
+          ) -> tuple[str, Generator[np.ndarray, None, None], float]:
+    """A name for messages, a generator of the source's frames within the bounds, and the frame rate."""
     if isinstance(source, bytes):
         if not source:
             raise VideoError("source clip is empty (0 bytes)")
-        return _read_container(io.BytesIO(source), "source clip", max_frames)
+        frames, fps = _open_container(io.BytesIO(source), "source clip", max_frames, max_pixels)
+        return "source clip", frames, fps
     path = Path(source)
     if not path.exists():
         raise VideoError(f"{path} does not exist")
     if path.is_dir():
-        return _read_image_folder(path, max_frames)
-    return _read_container(path, str(path), max_frames)
+        return str(path), _image_folder_frames(path, max_frames, _PixelBudget(str(path), max_pixels)), DEFAULT_FPS
+    frames, fps = _open_container(path, str(path), max_frames, max_pixels)
+    return str(path), frames, fps
 
 
-def _read_container(file: Path | io.BytesIO, name: str, max_frames: int | None) -> Clip:
+def _open_container(file: Path | io.BytesIO, name: str, max_frames: int | None, max_pixels: int
+                    ) -> tuple[Generator[np.ndarray, None, None], float]:
+    """Open a container and check the frame size (and count, where declared) in its header against the bounds
+    before anything is decoded; each frame is checked again as it is decoded, before it is converted."""
+    budget = _PixelBudget(name, max_pixels)
     try:
-        with av.open(file) as container:
-            if not container.streams.video:
-                raise VideoError(f"{name} has no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            decoded = itertools.islice(container.decode(stream), max_frames)
-            frames = [frame.to_ndarray(format="rgb24") for frame in decoded]
-            rate = stream.average_rate
+        container = av.open(file)
     except av.FFmpegError as error:
         raise VideoError(f"{name} is not a readable video ({error.strerror})") from error
-    if not frames:
-        raise VideoError(f"{name} has no frames")
-    return Clip(np.stack(frames), float(rate) if rate else DEFAULT_FPS)
+    try:
+        if not container.streams.video:
+            raise VideoError(f"{name} has no video stream")
+        stream = container.streams.video[0]
+        declared = min(stream.frames, max_frames or stream.frames)  # stream.frames is 0 when the header does not say
+        budget.check(max(declared, 1), stream.codec_context.width, stream.codec_context.height)
+        rate = stream.average_rate
+    except BaseException:
+        container.close()
+        raise
+    return _container_frames(container, stream, name, max_frames, budget), float(rate) if rate else DEFAULT_FPS
 
 
-def _read_image_folder(folder: Path, max_frames: int | None) -> Clip:
+def _container_frames(container, stream, name: str, max_frames: int | None, budget: _PixelBudget
+                      ) -> Generator[np.ndarray, None, None]:
+    try:
+        stream.thread_type = "AUTO"
+        for index, frame in enumerate(container.decode(stream)):
+            if max_frames is not None and index >= max_frames:
+                break
+            budget.take(frame.width, frame.height)
+            yield frame.to_ndarray(format="rgb24")
+    except av.FFmpegError as error:
+        raise VideoError(f"{name} is not a readable video ({error.strerror})") from error
+    finally:
+        container.close()
+
+
+def _image_folder_frames(folder: Path, max_frames: int | None, budget: _PixelBudget
+                         ) -> Generator[np.ndarray, None, None]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_frames]
     if not files:
         raise VideoError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    frames = []
+    first_size = None
     for file in files:
         try:
-            with Image.open(file) as image:
+            with Image.open(file) as image:  # reads the header; convert() decodes the pixels
+                if first_size is not None and image.size != first_size:
+                    raise VideoError(f"{file} is {image.width}x{image.height}, but the first image, "
+                                     f"{files[0].name}, is {first_size[0]}x{first_size[1]}")
+                first_size = image.size
+                budget.take(*image.size)
                 frame = np.asarray(image.convert("RGB"))
         except OSError as error:  # includes UnidentifiedImageError
             raise VideoError(f"{file} is not a readable image ({error})") from error
-        if frames and frame.shape != frames[0].shape:
-            (height, width, _), (first_height, first_width, _) = frame.shape, frames[0].shape
-            raise VideoError(
-                f"{file} is {width}x{height}, but the first image, {files[0].name}, "
-                f"is {first_width}x{first_height}"
-            )
-        frames.append(frame)
-    return Clip(np.stack(frames), DEFAULT_FPS)
+        yield frame
 
 
 def sample_frames(clip: Clip, n: int | None, start: int = 0, stride: int = 1) -> Clip:
