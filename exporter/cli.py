@@ -165,7 +165,7 @@ def export(
     try:
         model = TunedModel.open(run)
     except ArtefactError as e:
-        raise ExportError(str(e)) from e
+        raise ExportError(f"{run}: {e}") from e
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}")
     base = Path(model.config["base"]["path"])
@@ -174,10 +174,10 @@ def export(
             raise ExportError(f"the base model {base} changed since {run} was tuned (content hash differs)")
     except BaseModelError as e:
         raise ExportError(f"the base model of {run} is unusable: {e}") from e
-    _, latents = model.source()
-    if tuple(latents.shape[2:]) != model.latent_size:
-        raise ExportError(f"{run}: size mismatch: tav_config.json says latents {model.latent_size}, the source "
-                          f"latents are {tuple(latents.shape[2:])}")
+    try:
+        _, latents = model.source()  # checked against the size tav_config.json gives
+    except ArtefactError as e:
+        raise ExportError(f"{run}: {e}") from e
     out = Path(out) if out else model.path / "engines"
     store_root = Path(store) if store else model.path.parent / STORE_DIR
     for directory in (out.parent, store_root):

@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> None:
         result = generate(args.model, args.prompt, backend=args.backend, device=args.device, progress=bars,
                           negative_prompt=args.negative_prompt, frames=args.frames, steps=args.steps,
                           guidance=args.guidance, seed=args.seed, invert=not args.no_invert)
-    except (InvalidRequest, ArtefactError, Cancelled) as e:
+    except ArtefactError as e:
+        bars.close()
+        print(f"tav-generate-local: error: {args.model}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (InvalidRequest, Cancelled) as e:
         bars.close()
         print(f"tav-generate-local: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -8,7 +8,9 @@ RUN/
                        scaled VAE latents (`latents`, float32 [C, N, h, w]) for DDIM inversion
 ```
 
-Everything is safetensors or JSON; nothing is unpickled. Directories are written whole or not at all.
+Everything is safetensors or JSON; nothing is unpickled. Directories are written whole or not at all. Every JSON
+file is read through `read_json`, bounded in size and checked against its schema, so a broken file is an
+`ArtefactError` naming the file (relative to its directory) and what is wrong with it, never anything else.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tuner.components import Components, load_components
@@ -31,10 +35,83 @@ CONFIG_FILE = "tav_config.json"
 ADAPTER_FILE = "adapter.safetensors"
 SOURCE_FILE = "source.safetensors"
 MAX_SOURCE_FRAMES = 128
+MAX_JSON_BYTES = 1 << 20  # no artefact's JSON file comes near this
+
+_POSITIVE_INT = {"type": "integer", "minimum": 1}
+_STRING = {"type": "string"}
+_RECOMMENDED = {
+    "type": "object",
+    "properties": {"steps": {"type": "integer", "minimum": 1, "maximum": 200},
+                   "guidance": {"type": "number", "minimum": 1, "maximum": 30}},
+}
+# What the readers of a tuned model's tav_config.json rely on (writers add more).
+CONFIG_SCHEMA = {
+    "type": "object",
+    "required": ["format", "format_version", "base", "attention_mode", "prompt", "frames", "width", "height",
+                 "latent_width", "latent_height", "fps", "adapter_sha256"],
+    "properties": {
+        "format": {"const": "tav-tuned-model"},
+        "format_version": {"type": "integer"},
+        "base": {"type": "object", "required": ["path", "sha256"], "properties": {"path": _STRING, "sha256": _STRING}},
+        "attention_mode": {"enum": ["sparse_causal", "per_frame", "full"]},
+        "group_norm": {"enum": ["per_frame", "per_clip"]},
+        "prompt": {"type": "string", "minLength": 1},
+        "frames": _POSITIVE_INT,
+        "source_frames": {"type": "integer", "minimum": 0},
+        "width": _POSITIVE_INT,
+        "height": _POSITIVE_INT,
+        "latent_width": _POSITIVE_INT,
+        "latent_height": _POSITIVE_INT,
+        "fps": {"type": "number", "exclusiveMinimum": 0},
+        "recommended": _RECOMMENDED,
+        "adapter_sha256": _STRING,
+    },
+}
 
 
 class ArtefactError(ValueError):
-    """A tuned model directory that is missing, unfinished or of another format version."""
+    """A tuned model or engine directory that is missing, unfinished, broken or of another format version. The
+    message names the file relative to its directory: it may be shown to clients."""
+
+
+def read_json(path: Path, name: str, schema: dict) -> dict:
+    """A JSON file of an artefact, checked: at most MAX_JSON_BYTES, UTF-8, and valid against `schema`. `name` is
+    how messages call the file (relative to the model directory)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except FileNotFoundError:
+        raise ArtefactError(f"{name} is missing") from None
+    except OSError as e:
+        raise ArtefactError(f"{name} cannot be read ({e.strerror})") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise ArtefactError(f"{name} is larger than {MAX_JSON_BYTES} bytes")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ArtefactError(f"{name} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ArtefactError(f"{name} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    if error is not None:
+        where = "/".join(map(str, error.absolute_path)) or "the document"
+        raise ArtefactError(f"{name}: {where}: {_short(error.message)}")
+    return value
+
+
+def _short(message: str) -> str:
+    """A schema message without the offending value when that value is long."""
+    return message if len(message) <= 200 else message[:200] + "..."
+
+
+def read_safetensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of an artefact's safetensors file, or ArtefactError naming it."""
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise ArtefactError(f"{name} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtefactError(f"{name} is not a readable safetensors file") from e
 
 
 @dataclass(frozen=True)
@@ -47,21 +124,14 @@ class TunedModel:
     @classmethod
     def open(cls, path: str | Path) -> TunedModel:
         path = Path(path)
-        config_path = path / CONFIG_FILE
-        if not config_path.is_file():
-            raise ArtefactError(f"{path} is not a tuned model directory (no {CONFIG_FILE})")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ArtefactError(f"{config_path} is not valid JSON: {e}") from e
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-            raise ArtefactError(
-                f"{path}: format {config.get('format')} v{config.get('format_version')} is not "
-                f"{FORMAT} v{FORMAT_VERSION}"
-            )
+        if not (path / CONFIG_FILE).is_file():
+            raise ArtefactError(f"not a tuned model directory ({CONFIG_FILE} is missing)")
+        config = read_json(path / CONFIG_FILE, CONFIG_FILE, CONFIG_SCHEMA)
+        if config["format_version"] != FORMAT_VERSION:
+            raise ArtefactError(f"{CONFIG_FILE}: format {FORMAT} v{config['format_version']} is not v{FORMAT_VERSION}")
         for name in (ADAPTER_FILE, SOURCE_FILE):
             if not (path / name).is_file():
-                raise ArtefactError(f"{path} is unfinished: {name} is missing")
+                raise ArtefactError(f"unfinished: {name} is missing")
         return cls(path, config)
 
     @property
@@ -81,12 +151,18 @@ class TunedModel:
         return self.config["latent_height"], self.config["latent_width"]
 
     def adapter(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / ADAPTER_FILE)
+        return read_safetensors(self.path / ADAPTER_FILE, ADAPTER_FILE)
 
     def source(self) -> tuple[np.ndarray, torch.Tensor]:
         """The source clip's frames (uint8 `[N, H, W, 3]`) and scaled latents (`[C, N, h, w]`)."""
-        tensors = load_file(self.path / SOURCE_FILE)
-        return tensors["frames"].numpy(), tensors["latents"]
+        tensors = read_safetensors(self.path / SOURCE_FILE, SOURCE_FILE)
+        frames, latents = tensors.get("frames"), tensors.get("latents")
+        if frames is None or frames.dtype != torch.uint8 or frames.ndim != 4:
+            raise ArtefactError(f"{SOURCE_FILE}: 'frames' must be uint8 [N, H, W, 3]")
+        if latents is None or latents.ndim != 4 or tuple(latents.shape[2:]) != self.latent_size:
+            raise ArtefactError(f"{SOURCE_FILE}: 'latents' must be [C, N, {self.latent_size[0]}, "
+                                f"{self.latent_size[1]}] ({CONFIG_FILE}'s latent size)")
+        return frames.numpy(), latents
 
 
 def adapter_state(unet: VideoUNet) -> dict[str, torch.Tensor]:
@@ -150,6 +226,42 @@ MANIFEST_FILE = "manifest.json"
 ENGINE_ADAPTER_FILE = "adapter.safetensors"
 ENGINE_SOURCE_FILE = "source.safetensors"
 SCHEDULER_FILE = "scheduler_config.json"
+ENGINE_DIR = "engines"  # in a tuned model directory
+
+_FILE_NAME = {"type": "string", "pattern": r"^[^/\\]+$"}  # a plain name inside the store entry
+_SIZE = {"type": "array", "items": _POSITIVE_INT, "minItems": 2, "maxItems": 2}
+# What the readers of an engine directory's manifest.json rely on (backends may add their own sections).
+MANIFEST_SCHEMA = {
+    "type": "object",
+    "required": ["format", "format_version", "backends", "precision", "store", "graphs", "weight_map", "model",
+                 "latent_channels", "latent_size", "pixel_size", "text_shape", "scaling_factor", "fps", "defaults",
+                 "adapter_sha256", "source_sha256"],
+    "properties": {
+        "format": {"const": "tav-engines"},
+        "format_version": {"type": "integer"},
+        "backends": {"type": "array", "items": _STRING},
+        "precision": {"enum": ["fp32", "fp16", "bf16"]},
+        "store": {"type": "object", "required": ["key", "path"], "properties": {"key": _STRING, "path": _STRING}},
+        "graphs": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["file", "files", "sha256"],
+            "properties": {"file": _FILE_NAME, "files": {"type": "array", "items": _FILE_NAME}, "sha256": _STRING}}},
+        "weight_map": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["input"], "properties": {"input": _STRING}}},
+        "model": {"type": "object", "required": ["model_hash", "base_path", "prompt", "frames", "attention_mode"],
+                  "properties": {"model_hash": _STRING, "base_path": _STRING, "prompt": _STRING,
+                                 "frames": _POSITIVE_INT, "attention_mode": _STRING}},
+        "unet_profiles": {"type": "array"},
+        "latent_channels": _POSITIVE_INT,
+        "latent_size": _SIZE,
+        "pixel_size": _SIZE,
+        "text_shape": _SIZE,
+        "scaling_factor": {"type": "number", "exclusiveMinimum": 0},
+        "fps": {"type": "number", "exclusiveMinimum": 0},
+        "defaults": _RECOMMENDED,
+        "adapter_sha256": _STRING,
+        "source_sha256": _STRING,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -161,20 +273,17 @@ class EngineDir:
 
     @classmethod
     def open(cls, path: str | Path) -> EngineDir:
+        """Open `path` (`RUN/engines`); messages name its files as `engines/<file>`."""
         path = Path(path)
-        manifest_path = path / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise ArtefactError(f"{path} has no engines ({MANIFEST_FILE} missing): run tav-export")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ArtefactError(f"{manifest_path} is not valid JSON: {e}") from e
-        if manifest.get("format") != ENGINE_FORMAT or manifest.get("format_version") != ENGINE_FORMAT_VERSION:
-            raise ArtefactError(f"{path}: engine format {manifest.get('format')} v{manifest.get('format_version')}"
-                                f" is not {ENGINE_FORMAT} v{ENGINE_FORMAT_VERSION}: re-run tav-export")
+        if not (path / MANIFEST_FILE).is_file():
+            raise ArtefactError(f"no engines ({ENGINE_DIR}/{MANIFEST_FILE} is missing): run tav-export")
+        manifest = read_json(path / MANIFEST_FILE, f"{ENGINE_DIR}/{MANIFEST_FILE}", MANIFEST_SCHEMA)
+        if manifest["format_version"] != ENGINE_FORMAT_VERSION:
+            raise ArtefactError(f"{ENGINE_DIR}/{MANIFEST_FILE}: engine format v{manifest['format_version']} is not "
+                                f"v{ENGINE_FORMAT_VERSION}: re-run tav-export")
         for name in (ENGINE_ADAPTER_FILE, ENGINE_SOURCE_FILE, SCHEDULER_FILE, "tokenizer"):
             if not (path / name).exists():
-                raise ArtefactError(f"{path} is unfinished: {name} is missing")
+                raise ArtefactError(f"{ENGINE_DIR} is unfinished: {name} is missing")
         return cls(path, manifest)
 
     @property
@@ -189,19 +298,24 @@ class EngineDir:
         for name in names or tuple(self.manifest["graphs"]):
             graph = self.manifest["graphs"][name]
             files = [self.store / f for f in graph["files"]]
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise ArtefactError(f"{self.path}: graph {name} is missing ({', '.join(missing)}): re-run tav-export")
+            if not all(f.is_file() for f in files):
+                raise ArtefactError(f"the shared graph {name} of store entry {self.manifest['store']['key']} is "
+                                    f"missing: re-run tav-export")
             if sha256_files(files, self.store) != graph["sha256"]:
-                raise ArtefactError(f"{self.path}: graph {name} does not match its recorded hash: re-run tav-export")
+                raise ArtefactError(f"the shared graph {name} of store entry {self.manifest['store']['key']} does not "
+                                    f"match its recorded hash: re-run tav-export")
         if sha256_files([self.path / ENGINE_ADAPTER_FILE], self.path) != self.manifest["adapter_sha256"]:
-            raise ArtefactError(f"{self.path}: {ENGINE_ADAPTER_FILE} does not match its recorded hash")
+            raise ArtefactError(f"{ENGINE_DIR}/{ENGINE_ADAPTER_FILE} does not match its recorded hash")
 
     def adapter(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / ENGINE_ADAPTER_FILE)
+        return read_safetensors(self.path / ENGINE_ADAPTER_FILE, f"{ENGINE_DIR}/{ENGINE_ADAPTER_FILE}")
 
     def source_latents(self) -> torch.Tensor:
-        return load_file(self.path / ENGINE_SOURCE_FILE)["latents"]
+        name = f"{ENGINE_DIR}/{ENGINE_SOURCE_FILE}"
+        latents = read_safetensors(self.path / ENGINE_SOURCE_FILE, name).get("latents")
+        if latents is None or latents.ndim != 4:
+            raise ArtefactError(f"{name}: 'latents' must be [C, N, h, w]")
+        return latents
 
     def scheduler_config(self) -> dict:
-        return json.loads((self.path / SCHEDULER_FILE).read_text())
+        return read_json(self.path / SCHEDULER_FILE, f"{ENGINE_DIR}/{SCHEDULER_FILE}", {"type": "object"})
