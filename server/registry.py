@@ -2,19 +2,31 @@
 
 A repository is a directory of tuned model directories named by their ids; dot-names (the shared engine store
 `.engines/`, a tuner's half-written `.name.tmp-*`) are never models. `ModelRegistry.scan` lists what can be
-served and why the rest cannot; loading, warming and evicting engines happen only on the worker thread (the
-one that owns the engines), least recently used out once the loaded models pass `max_bytes`. A model whose
-engines are missing, broken or mismatched is skipped and reported, never fatal.
+served and why the rest cannot. It runs off the event loop, in the background every few seconds and when a
+request names an id it does not know, so the served view follows the disk:
 
-Each loaded model keeps a measured cost (seconds per UNet call, per decoded frame) so the server can tell,
-while draining, whether a queued request still finishes within the grace period.
+- every file a model is listed by (`tav_config.json`, `engines/manifest.json`) is read through the artefact
+  format's checked readers; a broken one is one skipped model with a reason naming the file, never an error for
+  anyone else. Files are read again only when their stat (inode, size, mtime) changed, so a scan of a large
+  repository is mostly `stat` calls;
+- a model's identity is the content of those two files, which carry the hashes of its adapter, base and graphs:
+  a model re-tuned or re-exported in place, or deleted and re-created with other weights, is a new identity, and
+  its old engines leave the cache; a model gone from the disk leaves the cache too (a request already holding
+  its engines finishes). Shared bases are held weakly by the engines, so the last model of a base to go frees it.
+
+Loading and warming happen only on the worker thread (the one that owns the engines), least recently used out
+once the loaded models pass `max_bytes`. A model whose engines fail to load is skipped until its files change.
+Each loaded model keeps a measured cost (seconds per UNet call, per decoded frame) so the server can tell, while
+draining, whether a queued request still finishes within the grace period.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -35,12 +47,19 @@ from server.generate import (
     InversionCache,
     plan_windows,
 )
-from tuner.artefacts import ADAPTER_FILE, ArtefactError, TunedModel
+from tuner.artefacts import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    ENGINE_DIR,
+    MANIFEST_FILE,
+    ArtefactError,
+    EngineDir,
+    TunedModel,
+)
 
 log = logging.getLogger(__name__)
 
 MODEL_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-ENGINE_MANIFEST = Path("engines") / "manifest.json"
 
 
 class ModelUnavailable(Exception):
@@ -51,20 +70,6 @@ def check_model_id(model_id: str, field_name: str = "model") -> None:
     """Raise InvalidRequest unless `model_id` is a model id: a plain name, never a path."""
     if not MODEL_ID.fullmatch(model_id):
         raise InvalidRequest(field_name, f"{model_id[:80]!r} is not a model id ({MODEL_ID.pattern})")
-
-
-def available_backends(run: Path) -> list[str]:
-    """Backends a tuned model directory has engines for: torch always (it runs the tuned weights directly),
-    onnxruntime once `tav-export` has written `RUN/engines/manifest.json`, and those the manifest lists (tensorrt
-    after `tav-export --tensorrt`)."""
-    manifest = run / ENGINE_MANIFEST
-    if not manifest.is_file():
-        return ["torch"]
-    try:
-        listed = json.loads(manifest.read_text()).get("backends", [])
-    except (OSError, ValueError, AttributeError):
-        listed = []  # a broken manifest is reported when the engines load
-    return ["torch", *dict.fromkeys(["onnxruntime", *listed])]
 
 
 def model_bytes(model: LoadedModel, run: Path) -> int:
@@ -103,6 +108,7 @@ class ModelEntry:
     path: Path
     config: dict
     backends: list[str]
+    identity: str  # the content of its tav_config.json and engines/manifest.json, hashed
     tokenizer: CLIPTokenizer | None = None
     cost: Cost | None = None
     defaults: dict = field(default_factory=dict)
@@ -114,9 +120,53 @@ class ModelEntry:
                 for batch in UNET_BATCHES]
 
 
-def _signature(path: Path) -> tuple:
-    """Size and modification time of a model's files: whether it changed since it failed to load."""
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
+def read_entry(path: Path, backend: str) -> ModelEntry:
+    """The repository entry of the tuned model directory `path` for `backend`; ArtefactError says why it cannot be
+    served. Backends: torch always (it runs the tuned weights directly), and those `tav-export` listed in the
+    engine manifest."""
+    tuned = TunedModel.open(path)
+    manifest = None
+    if (path / ENGINE_DIR / MANIFEST_FILE).exists():
+        try:
+            manifest = EngineDir.open(path / ENGINE_DIR).manifest
+        except ArtefactError:
+            if backend != "torch":  # the torch backend does not read the engines
+                raise
+    backends = ["torch", *dict.fromkeys(manifest["backends"] if manifest else ())]
+    if backend not in backends:
+        raise ArtefactError(f"no {backend} engines (run tav-export)")
+    identity = hashlib.sha256(json.dumps([tuned.config, manifest], sort_keys=True).encode()).hexdigest()
+    return ModelEntry(path.name, path, tuned.config, backends, identity,
+                      defaults=dict(tuned.config.get("recommended", {})))
+
+
+def _stat(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _listing_signature(path: Path) -> tuple:
+    """What a model is listed by: the stat of its directory's two JSON files."""
+    return _stat(path / CONFIG_FILE), _stat(path / ENGINE_DIR / MANIFEST_FILE)
+
+
+def _files_signature(path: Path) -> tuple:
+    """Size and modification time of all of a model's files: whether it changed since its engines failed to load."""
+    signature = []
+    for root, _, names in os.walk(path):
+        signature += [(os.path.join(root, name), _stat(Path(root, name))) for name in sorted(names)]
+    return tuple(signature)
+
+
+def client_reason(error: Exception) -> str:
+    """Why a model's engines failed to load, as a client may read it: the artefact's own message (it names the
+    file relative to the model), else no detail (paths and exception types stay in the log)."""
+    if isinstance(error, ArtefactError):
+        return f"engines failed to load: {error}"
+    return "engines failed to load (details in the server log)"
 
 
 class ModelRegistry:
@@ -132,81 +182,88 @@ class ModelRegistry:
         cache: InversionCache | None = None,
     ) -> None:
         self.repo = Path(repo)
+        if not self.repo.is_dir():
+            raise FileNotFoundError(f"model repository {self.repo} is not a directory")
         self.backend = backend
         self.device = device
         self.max_bytes = max_bytes
         self.cache = cache if cache is not None else InversionCache()
         self.models: dict[str, ModelEntry] = {}
         self.skipped: dict[str, str] = {}
-        self._ready: OrderedDict[str, Generator] = OrderedDict()  # least recently used first
+        self._ready: OrderedDict[str, tuple[str, Generator]] = OrderedDict()  # id -> (identity, generator), LRU first
         self._bytes: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards models, skipped, _ready, _bytes
+        self._scan_lock = threading.Lock()  # one scan at a time
+        self._listed: dict[str, tuple[tuple, ModelEntry | str]] = {}  # id -> (listing signature, entry or reason)
+        self._failed: dict[str, tuple[tuple, str]] = {}  # id -> (files signature, why its engines failed to load)
         self._scanned = 0.0
-        self._failed: dict[str, tuple[tuple, str]] = {}  # model -> (its files' signature, why it failed to load)
         self.scan()
 
     def scan(self) -> None:
-        """List the repository: every non-dot subdirectory is a model or a skipped entry with its reason. Run
-        again while serving, it picks up added models and drops removed ones (a request already holding a
-        removed model's engines finishes; later ones get NOT_FOUND)."""
-        if not self.repo.is_dir():
-            raise FileNotFoundError(f"model repository {self.repo} is not a directory")
-        models: dict[str, ModelEntry] = {}
-        skipped: dict[str, str] = {}
-        for path in sorted(self.repo.iterdir()):
-            name = path.name
-            if name.startswith(".") or not path.is_dir():
-                continue
-            if not MODEL_ID.fullmatch(name):
-                skipped[name] = f"not a model id ({MODEL_ID.pattern})"
-                continue
+        """Look at the repository again: see the module docstring. Safe from any thread; never raises."""
+        with self._scan_lock:
             try:
-                tuned = TunedModel.open(path)
-            except ArtefactError as e:
-                skipped[name] = str(e)
-                continue
-            backends = available_backends(path)
-            if self.backend not in backends:
-                skipped[name] = f"no {self.backend} engines (run tav-export)"
-                continue
-            failed = self._failed.get(name)
-            if failed is not None and failed[0] == _signature(path):
-                skipped[name] = failed[1]  # its engines failed to load and nothing changed since
-                continue
-            known = self.models.get(name)
-            if known is not None and known.config == tuned.config:
-                models[name] = known  # unchanged: keep its measured cost and tokenizer
-            else:
-                models[name] = ModelEntry(name, path, tuned.config, backends,
-                                          defaults=dict(tuned.config.get("recommended", {})))
-        with self._lock:
-            for name, reason in skipped.items():
-                if self.skipped.get(name) != reason:
-                    log.warning("model %s skipped: %s", name, reason)
-            for name in set(self.models) - set(models) - set(skipped):
-                log.info("model %s removed from the repository", name)
-            self.models, self.skipped = models, skipped
-            self._scanned = time.monotonic()
+                names = sorted(p.name for p in self.repo.iterdir() if not p.name.startswith("."))
+            except OSError as e:
+                log.error("model repository %s cannot be listed (%s): serving no models", self.repo, e.strerror)
+                names = []
+            models: dict[str, ModelEntry] = {}
+            skipped: dict[str, str] = {}
+            listed = {}
+            for name in names:
+                path = self.repo / name
+                if not path.is_dir():
+                    continue
+                if not MODEL_ID.fullmatch(name):
+                    skipped[name] = f"not a model id ({MODEL_ID.pattern})"
+                    continue
+                signature = _listing_signature(path)
+                known = self._listed.get(name)
+                if known is not None and known[0] == signature:
+                    found = known[1]
+                else:
+                    try:
+                        found = read_entry(path, self.backend)
+                    except ArtefactError as e:
+                        found = str(e)
+                listed[name] = (signature, found)
+                if isinstance(found, str):
+                    skipped[name] = found
+                    continue
+                failed = self._failed.get(name)
+                if failed is not None and failed[0] == _files_signature(path):
+                    skipped[name] = failed[1]  # its engines failed to load and nothing changed since
+                    continue
+                current = self.models.get(name)
+                models[name] = current if current is not None and current.identity == found.identity else found
+            with self._lock:
+                for name, reason in skipped.items():
+                    if self.skipped.get(name) != reason:
+                        log.warning("model %s skipped: %s", name, reason)
+                for name in self.models.keys() - models.keys() - skipped.keys():
+                    log.info("model %s removed from the repository", name)
+                for name, (identity, _) in list(self._ready.items()):
+                    if name not in models or models[name].identity != identity:
+                        self._unload(name, "its files changed" if name in models else "it is gone")
+                self.models, self.skipped = models, skipped
+                self._listed = listed
+                self._failed = {name: failed for name, failed in self._failed.items() if name in listed}
+                self._scanned = time.monotonic()
 
     def rescan(self, min_interval: float = 1.0) -> None:
         """`scan` again unless the last scan is more recent than `min_interval` seconds."""
         if time.monotonic() - self._scanned >= min_interval:
             self.scan()
 
-    def _skip(self, name: str, reason: str, exc_info: bool = False) -> None:
+    def _skip(self, name: str, path: Path, reason: str) -> None:
         """Take a model whose engines failed to load out of service until its files change."""
-        log.warning("model %s skipped: %s", name, reason, exc_info=exc_info)
         with self._lock:
-            entry = self.models.pop(name, None)
+            self.models.pop(name, None)
             self.skipped[name] = reason
-            if entry is not None:
-                self._failed[name] = (_signature(entry.path), reason)
+            self._failed[name] = (_files_signature(path), reason)
 
     def entry(self, model_id: str) -> ModelEntry:
-        """The servable model `model_id`, or ModelUnavailable saying why not (after a fresh look at the
-        repository for an id it does not know)."""
-        if model_id not in self.models:
-            self.rescan()
+        """The servable model `model_id`, or ModelUnavailable saying why not."""
         with self._lock:
             if model_id in self.models:
                 return self.models[model_id]
@@ -217,10 +274,15 @@ class ModelRegistry:
         with self._lock:
             return list(self.models.values())
 
+    def skipped_models(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self.skipped)
+
     def ready(self, model_id: str) -> LoadedModel | None:
         """The loaded model if its engines are in the cache (a read-only peek: no loading, no reordering)."""
-        generator = self._ready.get(model_id)
-        return generator.model if generator else None
+        with self._lock:
+            ready = self._ready.get(model_id)
+        return ready[1].model if ready else None
 
     def estimate(self, model_id: str, options: GenerationOptions) -> float | None:
         """Seconds a generation would run, or None before the model has been measured."""
@@ -244,37 +306,46 @@ class ModelRegistry:
             except ModelUnavailable:
                 continue
             if sum(self._bytes.values()) > self.max_bytes:
-                self._unload(entry.id)
+                with self._lock:
+                    self._unload(entry.id, "the engine cache is full")
                 log.info("engine cache full: %s and later models load on first use", entry.id)
                 return
 
     def load(self, model_id: str) -> Generator:
         """The model's generator, loading and warming its engines first if needed (least recently used out)."""
         entry = self.entry(model_id)
-        if model_id in self._ready:
-            self._ready.move_to_end(model_id)
-            return self._ready[model_id]
+        with self._lock:
+            ready = self._ready.get(model_id)
+            if ready is not None and ready[0] == entry.identity:
+                self._ready.move_to_end(model_id)
+                return ready[1]
         try:
             model = load_model(entry.path, self.backend, self.device, model_id)
             generator = Generator(model, self.cache)
             entry.cost = self._warm_up(generator, entry)
+            size = model_bytes(model, entry.path)
         except Exception as e:  # missing, broken or mismatched engines: skip this model, keep serving the others
-            self._skip(model_id, f"engines failed to load: {type(e).__name__}: {e}", exc_info=True)
-            raise ModelUnavailable(f"model {model_id!r} is not available: {self.skipped[model_id]}") from e
+            reason = client_reason(e)
+            log.warning("model %s skipped: %s", model_id, reason, exc_info=not isinstance(e, ArtefactError))
+            self._skip(model_id, entry.path, reason)
+            raise ModelUnavailable(f"model {model_id!r} is not available: {reason}") from e
         if entry.tokenizer is None:
             entry.tokenizer = copy.deepcopy(model.tokenizer)
         entry.defaults = dict(model.defaults)
-        self._bytes[model_id] = model_bytes(model, entry.path)
-        self._ready[model_id] = generator
-        while len(self._ready) > 1 and sum(self._bytes.values()) > self.max_bytes:
-            self._unload(next(iter(self._ready)))
-        log.info("model %s ready (%s, %.1f MB)", model_id, self.backend, self._bytes[model_id] / 1e6)
+        with self._lock:
+            if self.models.get(model_id) is entry:  # not replaced or removed while it loaded
+                self._ready[model_id] = (entry.identity, generator)
+                self._bytes[model_id] = size
+                while len(self._ready) > 1 and sum(self._bytes.values()) > self.max_bytes:
+                    self._unload(next(iter(self._ready)), "the engine cache is full")
+        log.info("model %s ready (%s, %.1f MB)", model_id, self.backend, size / 1e6)
         return generator
 
-    def _unload(self, model_id: str) -> None:
+    def _unload(self, model_id: str, why: str) -> None:
+        """Drop a model's engines from the cache (under the lock); a request holding them finishes."""
         self._ready.pop(model_id)
         self._bytes.pop(model_id)
-        log.info("model %s unloaded from the engine cache", model_id)
+        log.info("model %s unloaded from the engine cache: %s", model_id, why)
 
     @staticmethod
     def _warm_up(generator: Generator, entry: ModelEntry) -> Cost:

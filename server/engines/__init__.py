@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from server.engines.base import Engines, LoadedModel
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def check_backend(backend: str, device: str | None = None) -> None:
+    """Raise ValueError saying why `backend` cannot run on this machine (checked once, at server start)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible")
+    if backend == "tensorrt":
+        from tuner.tensorrt_support import require_tensorrt
+
+        require_tensorrt(ValueError)
 
 
 def load_model(path: str | Path, backend: str = "torch", device: str | None = None, name: str | None = None
@@ -27,4 +41,4 @@ def load_model(path: str | Path, backend: str = "torch", device: str | None = No
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
-__all__ = ["BACKENDS", "Engines", "LoadedModel", "load_model"]
+__all__ = ["BACKENDS", "Engines", "LoadedModel", "check_backend", "load_model"]

@@ -8,6 +8,7 @@ tensors on the GPU between calls.
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 SESSION_GRAPHS = {"text_encoder": "text_encoder", "vae_encoder": "vae_encoder", "vae_decoder": "vae_decoder",
                   "unet": "unet_adapter_inputs"}
 # One session per (graph file, providers, threads), shared by every model of the same base: a tuned model costs
-# only its adapter tensors.
-_SESSIONS: dict[tuple, object] = {}
+# only its adapter tensors. Held weakly: the engines of the models that use a session keep it alive.
+_SESSIONS: weakref.WeakValueDictionary[tuple, object] = weakref.WeakValueDictionary()
 
 
 def _ort():
@@ -56,7 +57,8 @@ class OnnxEngines(Engines):
 
     def _session(self, path: Path):
         key = (str(path), tuple(self.providers), self._threads)
-        if key not in _SESSIONS:
+        session = _SESSIONS.get(key)
+        if session is None:
             ort = _ort()
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -64,8 +66,8 @@ class OnnxEngines(Engines):
             # Idle workers sleep instead of spinning: on CPUs shared with other work a spinning pool burns the time
             # slices it then waits for (measured on 2 shared cores: UNet calls 1.5-2x slower with spinning).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            _SESSIONS[key] = ort.InferenceSession(str(path), options, providers=self.providers)
-        return _SESSIONS[key]
+            session = _SESSIONS[key] = ort.InferenceSession(str(path), options, providers=self.providers)
+        return session
 
     def _run(self, name: str, inputs: dict[str, torch.Tensor], out_shape: tuple[int, ...]) -> torch.Tensor:
         session = self.sessions[name]

@@ -2,12 +2,14 @@
 
 fp32 on CPU; fp16 on CUDA. The reference every other backend is checked against. Models of one base share one
 set of modules (`SharedBase`); each model holds only its adapter tensors, copied into the shared UNet in place
-when a request for it starts and another model's were active.
+when a request for it starts and another model's were active. The engines hold their base; the process-wide
+index of bases holds them weakly, so a base is freed once no loaded model uses it.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -24,19 +26,19 @@ class SharedBase:
 
     def __init__(self, components: Components) -> None:
         self.components = components
-        self.active: object | None = None  # the owner of the adapter now in the UNet
+        self.active = lambda: None  # a weak reference to the owner of the adapter now in the UNet
         self.last_switch_seconds = 0.0
 
     def activate(self, owner: object, adapter: dict[str, torch.Tensor]) -> None:
-        if self.active is not owner:
+        if self.active() is not owner:
             started = time.perf_counter()
             apply_adapter(self.components.unet, adapter)
-            self.active = owner
+            self.active = weakref.ref(owner)
             self.last_switch_seconds = time.perf_counter() - started
 
 
-# (base path, base hash, attention mode, device, dtype) -> SharedBase
-_BASES: dict[tuple, SharedBase] = {}
+# (base path, base hash, attention mode, group norm, device, dtype) -> SharedBase, while some engines use it
+_BASES: weakref.WeakValueDictionary[tuple, SharedBase] = weakref.WeakValueDictionary()
 
 
 class TorchEngines(Engines):
@@ -79,11 +81,12 @@ class TorchEngines(Engines):
 def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype) -> SharedBase:
     base = model.config["base"]
     key = (base["path"], base["sha256"], *model.architecture, str(device), dtype)
-    if key not in _BASES:
+    shared = _BASES.get(key)
+    if shared is None:
         components = load_components(base["path"], device, dtype)
         inflate(components.unet, *model.architecture)
-        _BASES[key] = SharedBase(components)
-    return _BASES[key]
+        shared = _BASES[key] = SharedBase(components)
+    return shared
 
 
 def load_torch_model(run: str | Path, device: str | None = None, name: str | None = None) -> LoadedModel:
