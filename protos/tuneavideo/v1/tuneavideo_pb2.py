@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etuneavideo/v1/tuneavideo.proto\x12\rtuneavideo.v1\"\xaa\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x13\n\x06\x66rames\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x15\n\x08guidance\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x13\n\x06invert\x18\x08 \x01(\x08H\x04\x88\x01\x01\x12\x14\n\x0csource_video\x18\t \x01(\x0c\x12+\n\x06\x66ormat\x18\n \x01(\x0e\x32\x1b.tuneavideo.v1.OutputFormatB\t\n\x07_framesB\x08\n\x06_stepsB\x0b\n\t_guidanceB\x07\n\x05_seedB\t\n\x07_invert\"\xc9\x01\n\x10GenerateResponse\x12+\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x17.tuneavideo.v1.AcceptedH\x00\x12+\n\x08progress\x18\x02 \x01(\x0b\x32\x17.tuneavideo.v1.ProgressH\x00\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x19.tuneavideo.v1.ResultInfoH\x00\x12%\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x14.tuneavideo.v1.ChunkH\x00\x42\x07\n\x05\x65vent\"P\n\x08\x41\x63\x63\x65pted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\x12\x18\n\x10prompt_truncated\x18\x03 \x01(\x08\"L\n\x08Progress\x12#\n\x05phase\x18\x01 \x01(\x0e\x32\x14.tuneavideo.v1.Phase\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"\x96\x02\n\nResultInfo\x12\x11\n\tmime_type\x18\x01 \x01(\t\x12\r\n\x05\x66iles\x18\x02 \x01(\r\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x66rames\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\r\n\x05steps\x18\t \x01(\r\x12\x10\n\x08guidance\x18\n \x01(\x01\x12\x37\n\x07timings\x18\x0b \x03(\x0b\x32&.tuneavideo.v1.ResultInfo.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"A\n\x05\x43hunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"l\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.tuneavideo.v1.ModelInfo\x12,\n\x07skipped\x18\x02 \x03(\x0b\x32\x1b.tuneavideo.v1.SkippedModel\"*\n\x0cSkippedModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1d\n\x0fGetModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"U\n\x07Profile\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\r\x12\x0e\n\x06\x66rames\x18\x02 \x01(\r\x12\x15\n\rlatent_height\x18\x03 \x01(\r\x12\x14\n\x0clatent_width\x18\x04 \x01(\r\"\xbb\x02\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0e\n\x06\x66rames\x18\x05 \x01(\r\x12\x15\n\rsource_frames\x18\x06 \x01(\r\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x01\x12\x15\n\rsource_prompt\x18\x08 \x01(\t\x12\x16\n\x0e\x61ttention_mode\x18\t \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\n \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12(\n\x08profiles\x18\x0c \x03(\x0b\x32\x16.tuneavideo.v1.Profile\x12\x15\n\rdefault_steps\x18\r \x01(\r\x12\x18\n\x10\x64\x65\x66\x61ult_guidance\x18\x0e \x01(\x01\x12\x0e\n\x06loaded\x18\x0f \x01(\x08*y\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_MP4\x10\x01\x12\x15\n\x11OUTPUT_FORMAT_GIF\x10\x02\x12\x1c\n\x18OUTPUT_FORMAT_PNG_FRAMES\x10\x03*T\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x10\n\x0cPHASE_INVERT\x10\x01\x12\x10\n\x0cPHASE_SAMPLE\x10\x02\x12\x10\n\x0cPHASE_DECODE\x10\x03\x32\xf9\x01\n\x0fVideoGeneration\x12M\n\x08Generate\x12\x1e.tuneavideo.v1.GenerateRequest\x1a\x1f.tuneavideo.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .tuneavideo.v1.ListModelsRequest\x1a!.tuneavideo.v1.ListModelsResponse\x12\x44\n\x08GetModel\x12\x1e.tuneavideo.v1.GetModelRequest\x1a\x18.tuneavideo.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etuneavideo/v1/tuneavideo.proto\x12\rtuneavideo.v1\"\xaa\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x13\n\x06\x66rames\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x15\n\x08guidance\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x13\n\x06invert\x18\x08 \x01(\x08H\x04\x88\x01\x01\x12\x14\n\x0csource_video\x18\t \x01(\x0c\x12+\n\x06\x66ormat\x18\n \x01(\x0e\x32\x1b.tuneavideo.v1.OutputFormatB\t\n\x07_framesB\x08\n\x06_stepsB\x0b\n\t_guidanceB\x07\n\x05_seedB\t\n\x07_invert\"\xf4\x01\n\x10GenerateResponse\x12+\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x17.tuneavideo.v1.AcceptedH\x00\x12+\n\x08progress\x18\x02 \x01(\x0b\x32\x17.tuneavideo.v1.ProgressH\x00\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x19.tuneavideo.v1.ResultInfoH\x00\x12%\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x14.tuneavideo.v1.ChunkH\x00\x12)\n\x07started\x18\x05 \x01(\x0b\x32\x16.tuneavideo.v1.StartedH\x00\x42\x07\n\x05\x65vent\"P\n\x08\x41\x63\x63\x65pted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\x12\x18\n\x10prompt_truncated\x18\x03 \x01(\x08\" \n\x07Started\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\"L\n\x08Progress\x12#\n\x05phase\x18\x01 \x01(\x0e\x32\x14.tuneavideo.v1.Phase\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"\x96\x02\n\nResultInfo\x12\x11\n\tmime_type\x18\x01 \x01(\t\x12\r\n\x05\x66iles\x18\x02 \x01(\r\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x66rames\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\r\n\x05steps\x18\t \x01(\r\x12\x10\n\x08guidance\x18\n \x01(\x01\x12\x37\n\x07timings\x18\x0b \x03(\x0b\x32&.tuneavideo.v1.ResultInfo.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"A\n\x05\x43hunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"l\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.tuneavideo.v1.ModelInfo\x12,\n\x07skipped\x18\x02 \x03(\x0b\x32\x1b.tuneavideo.v1.SkippedModel\"*\n\x0cSkippedModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1d\n\x0fGetModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"U\n\x07Profile\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\r\x12\x0e\n\x06\x66rames\x18\x02 \x01(\r\x12\x15\n\rlatent_height\x18\x03 \x01(\r\x12\x14\n\x0clatent_width\x18\x04 \x01(\r\"\xbb\x02\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0e\n\x06\x66rames\x18\x05 \x01(\r\x12\x15\n\rsource_frames\x18\x06 \x01(\r\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x01\x12\x15\n\rsource_prompt\x18\x08 \x01(\t\x12\x16\n\x0e\x61ttention_mode\x18\t \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\n \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12(\n\x08profiles\x18\x0c \x03(\x0b\x32\x16.tuneavideo.v1.Profile\x12\x15\n\rdefault_steps\x18\r \x01(\r\x12\x18\n\x10\x64\x65\x66\x61ult_guidance\x18\x0e \x01(\x01\x12\x0e\n\x06loaded\x18\x0f \x01(\x08*y\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_MP4\x10\x01\x12\x15\n\x11OUTPUT_FORMAT_GIF\x10\x02\x12\x1c\n\x18OUTPUT_FORMAT_PNG_FRAMES\x10\x03*T\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x10\n\x0cPHASE_INVERT\x10\x01\x12\x10\n\x0cPHASE_SAMPLE\x10\x02\x12\x10\n\x0cPHASE_DECODE\x10\x03\x32\xf9\x01\n\x0fVideoGeneration\x12M\n\x08Generate\x12\x1e.tuneavideo.v1.GenerateRequest\x1a\x1f.tuneavideo.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .tuneavideo.v1.ListModelsRequest\x1a!.tuneavideo.v1.ListModelsResponse\x12\x44\n\x08GetModel\x12\x1e.tuneavideo.v1.GetModelRequest\x1a\x18.tuneavideo.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESULTINFO_TIMINGSENTRY']._loaded_options = None
   _globals['_RESULTINFO_TIMINGSENTRY']._serialized_options = b'8\001'
-  _globals['_OUTPUTFORMAT']._serialized_start=1673
-  _globals['_OUTPUTFORMAT']._serialized_end=1794
-  _globals['_PHASE']._serialized_start=1796
-  _globals['_PHASE']._serialized_end=1880
+  _globals['_OUTPUTFORMAT']._serialized_start=1750
+  _globals['_OUTPUTFORMAT']._serialized_end=1871
+  _globals['_PHASE']._serialized_start=1873
+  _globals['_PHASE']._serialized_end=1957
   _globals['_GENERATEREQUEST']._serialized_start=50
   _globals['_GENERATEREQUEST']._serialized_end=348
   _globals['_GENERATERESPONSE']._serialized_start=351
-  _globals['_GENERATERESPONSE']._serialized_end=552
-  _globals['_ACCEPTED']._serialized_start=554
-  _globals['_ACCEPTED']._serialized_end=634
-  _globals['_PROGRESS']._serialized_start=636
-  _globals['_PROGRESS']._serialized_end=712
-  _globals['_RESULTINFO']._serialized_start=715
-  _globals['_RESULTINFO']._serialized_end=993
-  _globals['_RESULTINFO_TIMINGSENTRY']._serialized_start=947
-  _globals['_RESULTINFO_TIMINGSENTRY']._serialized_end=993
-  _globals['_CHUNK']._serialized_start=995
-  _globals['_CHUNK']._serialized_end=1060
-  _globals['_LISTMODELSREQUEST']._serialized_start=1062
-  _globals['_LISTMODELSREQUEST']._serialized_end=1081
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1083
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1191
-  _globals['_SKIPPEDMODEL']._serialized_start=1193
-  _globals['_SKIPPEDMODEL']._serialized_end=1235
-  _globals['_GETMODELREQUEST']._serialized_start=1237
-  _globals['_GETMODELREQUEST']._serialized_end=1266
-  _globals['_PROFILE']._serialized_start=1268
-  _globals['_PROFILE']._serialized_end=1353
-  _globals['_MODELINFO']._serialized_start=1356
-  _globals['_MODELINFO']._serialized_end=1671
-  _globals['_VIDEOGENERATION']._serialized_start=1883
-  _globals['_VIDEOGENERATION']._serialized_end=2132
+  _globals['_GENERATERESPONSE']._serialized_end=595
+  _globals['_ACCEPTED']._serialized_start=597
+  _globals['_ACCEPTED']._serialized_end=677
+  _globals['_STARTED']._serialized_start=679
+  _globals['_STARTED']._serialized_end=711
+  _globals['_PROGRESS']._serialized_start=713
+  _globals['_PROGRESS']._serialized_end=789
+  _globals['_RESULTINFO']._serialized_start=792
+  _globals['_RESULTINFO']._serialized_end=1070
+  _globals['_RESULTINFO_TIMINGSENTRY']._serialized_start=1024
+  _globals['_RESULTINFO_TIMINGSENTRY']._serialized_end=1070
+  _globals['_CHUNK']._serialized_start=1072
+  _globals['_CHUNK']._serialized_end=1137
+  _globals['_LISTMODELSREQUEST']._serialized_start=1139
+  _globals['_LISTMODELSREQUEST']._serialized_end=1158
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1160
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1268
+  _globals['_SKIPPEDMODEL']._serialized_start=1270
+  _globals['_SKIPPEDMODEL']._serialized_end=1312
+  _globals['_GETMODELREQUEST']._serialized_start=1314
+  _globals['_GETMODELREQUEST']._serialized_end=1343
+  _globals['_PROFILE']._serialized_start=1345
+  _globals['_PROFILE']._serialized_end=1430
+  _globals['_MODELINFO']._serialized_start=1433
+  _globals['_MODELINFO']._serialized_end=1748
+  _globals['_VIDEOGENERATION']._serialized_start=1960
+  _globals['_VIDEOGENERATION']._serialized_end=2209
 # @@protoc_insertion_point(module_scope)

@@ -54,16 +54,18 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., invert: _Optional[bool] = ..., source_video: _Optional[bytes] = ..., format: _Optional[_Union[OutputFormat, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("accepted", "progress", "result", "chunk")
+    __slots__ = ("accepted", "progress", "result", "chunk", "started")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
     accepted: Accepted
     progress: Progress
     result: ResultInfo
     chunk: Chunk
-    def __init__(self, accepted: _Optional[_Union[Accepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ResultInfo, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    started: Started
+    def __init__(self, accepted: _Optional[_Union[Accepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ResultInfo, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ...) -> None: ...
 
 class Accepted(_message.Message):
     __slots__ = ("request_id", "queue_position", "prompt_truncated")
@@ -74,6 +76,12 @@ class Accepted(_message.Message):
     queue_position: int
     prompt_truncated: bool
     def __init__(self, request_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., prompt_truncated: _Optional[bool] = ...) -> None: ...
+
+class Started(_message.Message):
+    __slots__ = ("queue_seconds",)
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    queue_seconds: float
+    def __init__(self, queue_seconds: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("phase", "step", "total")

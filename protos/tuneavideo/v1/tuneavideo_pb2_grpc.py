@@ -29,9 +29,9 @@ class VideoGenerationStub:
     """Text-to-video generation with tuned Tune-A-Video models.
 
     Status codes: INVALID_ARGUMENT (the message names the request field), NOT_FOUND (unknown model),
-    RESOURCE_EXHAUSTED (queue full, or a message over the size limit), UNAVAILABLE (not ready yet or draining;
-    safe to retry when no Accepted message was received), UNAUTHENTICATED (missing or wrong bearer token when
-    auth is on), DEADLINE_EXCEEDED, CANCELLED.
+    RESOURCE_EXHAUSTED (queue full, too many calls or request bytes in flight, or a message over the size limit),
+    UNAVAILABLE (not ready yet or draining; safe to retry when no Started message was received: the request never
+    began), UNAUTHENTICATED (missing or wrong bearer token when auth is on), DEADLINE_EXCEEDED, CANCELLED.
     """
 
     def __init__(self, channel):
@@ -61,14 +61,14 @@ class VideoGenerationServicer:
     """Text-to-video generation with tuned Tune-A-Video models.
 
     Status codes: INVALID_ARGUMENT (the message names the request field), NOT_FOUND (unknown model),
-    RESOURCE_EXHAUSTED (queue full, or a message over the size limit), UNAVAILABLE (not ready yet or draining;
-    safe to retry when no Accepted message was received), UNAUTHENTICATED (missing or wrong bearer token when
-    auth is on), DEADLINE_EXCEEDED, CANCELLED.
+    RESOURCE_EXHAUSTED (queue full, too many calls or request bytes in flight, or a message over the size limit),
+    UNAVAILABLE (not ready yet or draining; safe to retry when no Started message was received: the request never
+    began), UNAUTHENTICATED (missing or wrong bearer token when auth is on), DEADLINE_EXCEEDED, CANCELLED.
     """
 
     def Generate(self, request, context):
-        """Queue a generation and stream its progress: one Accepted, then Progress messages as denoising steps
-        complete, then one ResultInfo and the encoded output in Chunk messages.
+        """Queue a generation and stream its progress: one Accepted, one Started when the work begins, then Progress
+        messages as denoising steps complete, then one ResultInfo and the encoded output in Chunk messages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,9 +118,9 @@ class VideoGeneration:
     """Text-to-video generation with tuned Tune-A-Video models.
 
     Status codes: INVALID_ARGUMENT (the message names the request field), NOT_FOUND (unknown model),
-    RESOURCE_EXHAUSTED (queue full, or a message over the size limit), UNAVAILABLE (not ready yet or draining;
-    safe to retry when no Accepted message was received), UNAUTHENTICATED (missing or wrong bearer token when
-    auth is on), DEADLINE_EXCEEDED, CANCELLED.
+    RESOURCE_EXHAUSTED (queue full, too many calls or request bytes in flight, or a message over the size limit),
+    UNAVAILABLE (not ready yet or draining; safe to retry when no Started message was received: the request never
+    began), UNAUTHENTICATED (missing or wrong bearer token when auth is on), DEADLINE_EXCEEDED, CANCELLED.
     """
 
     @staticmethod
