@@ -29,13 +29,14 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from server.engines.base import LoadedModel
 from tuner.components import frames_to_pixels, pixels_to_frames, tokenize
-from tuner.video_io import VideoError, read_video, resize_center_crop
+from tuner.video_io import MAX_DECODED_PIXELS, VideoError, probe_video, read_video
 
 MAX_FRAMES = 128
 MAX_STEPS = 200
 MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 30.0
 MAX_PROMPT_CHARS = 1000
 MAX_SOURCE_BYTES = 64 * 1024 * 1024
+MAX_SOURCE_PIXELS = MAX_DECODED_PIXELS  # frames x width x height a source clip may decode to
 MAX_SEED = 2**63 - 1
 ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 
@@ -125,29 +126,46 @@ class InversionCache:
         return len(self._entries)
 
 
-def resolve(options: GenerationOptions, model: LoadedModel) -> GenerationOptions:
-    """Check every option against its bounds (InvalidRequest names the field) and fill in the defaults."""
-    if not isinstance(options.prompt, str) or not options.prompt.strip():
-        raise InvalidRequest("prompt", "must not be empty")
+def check_options(options: GenerationOptions) -> None:
+    """The checks that need no model: sizes first, so an oversized field costs nothing before it is refused."""
     for name in ("prompt", "negative_prompt"):
-        if len(getattr(options, name)) > MAX_PROMPT_CHARS:
+        value = getattr(options, name)
+        if not isinstance(value, str):
+            raise InvalidRequest(name, "must be a string")
+        if len(value) > MAX_PROMPT_CHARS:
             raise InvalidRequest(name, f"must be at most {MAX_PROMPT_CHARS} characters")
-    steps = model.defaults.get("steps", 50) if options.steps is None else options.steps
-    guidance = model.defaults.get("guidance", 12.5) if options.guidance is None else options.guidance
-    seed = secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed
+    if not options.prompt.strip():
+        raise InvalidRequest("prompt", "must not be empty")
     if not 1 <= options.frames <= MAX_FRAMES:
         raise InvalidRequest("frames", f"must be between 1 and {MAX_FRAMES}, got {options.frames}")
-    if not 1 <= steps <= MAX_STEPS:
-        raise InvalidRequest("steps", f"must be between 1 and {MAX_STEPS}, got {steps}")
-    if not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE:
-        raise InvalidRequest("guidance", f"must be between {MIN_GUIDANCE:g} and {MAX_GUIDANCE:g}, got {guidance}")
-    if not 0 <= seed <= MAX_SEED:
+    if options.steps is not None and not 1 <= options.steps <= MAX_STEPS:
+        raise InvalidRequest("steps", f"must be between 1 and {MAX_STEPS}, got {options.steps}")
+    if options.guidance is not None and not MIN_GUIDANCE <= options.guidance <= MAX_GUIDANCE:
+        raise InvalidRequest("guidance", f"must be between {MIN_GUIDANCE:g} and {MAX_GUIDANCE:g}, got "
+                                         f"{options.guidance}")
+    if options.seed is not None and not 0 <= options.seed <= MAX_SEED:
         raise InvalidRequest("seed", f"must be between 0 and {MAX_SEED}")
     if options.source_video is not None:
         if len(options.source_video) > MAX_SOURCE_BYTES:
             raise InvalidRequest("source_video", f"must be at most {MAX_SOURCE_BYTES // 2**20} MiB")
         if not options.invert:
             raise InvalidRequest("source_video", "is only used with inversion (invert = true)")
+
+
+def check_source_video(video: bytes) -> None:
+    """Refuse a source clip that cannot be decoded within the bounds, decoding its first frame only."""
+    try:
+        probe_video(video, max_frames=MAX_FRAMES, max_pixels=MAX_SOURCE_PIXELS)
+    except VideoError as e:
+        raise InvalidRequest("source_video", str(e)) from e
+
+
+def resolve(options: GenerationOptions, model: LoadedModel) -> GenerationOptions:
+    """Check every option against its bounds (InvalidRequest names the field) and fill in the defaults."""
+    check_options(options)
+    steps = model.defaults.get("steps", 50) if options.steps is None else options.steps
+    guidance = model.defaults.get("guidance", 12.5) if options.guidance is None else options.guidance
+    seed = secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed
     engines = model.engines
     if model.source_latents.shape[0] != engines.latent_shape[0] or tuple(
         model.source_latents.shape[2:]
@@ -232,15 +250,18 @@ class Generator:
         """Scaled latents `[C, N, h, w]` of the clip to invert, and its content hash."""
         if video is None:
             return self.model.source_latents, self.model.source_hash
+        height, width = self.model.pixel_size
         try:
-            clip = read_video(video, max_frames=MAX_FRAMES)
+            frames = read_video(video, MAX_FRAMES, MAX_SOURCE_PIXELS, (width, height), self._stop_if_cancelled).frames
         except VideoError as e:
             raise InvalidRequest("source_video", str(e)) from e
-        height, width = self.model.pixel_size
-        frames = resize_center_crop(clip.frames, width, height)
         latents = [self.engines.encode_image(frames_to_pixels(frame[None])) for frame in frames]
         scaled = torch.cat(latents).float().transpose(0, 1) * self.model.scaling_factor
         return scaled.cpu(), hashlib.sha256(video).hexdigest()
+
+    def _stop_if_cancelled(self) -> None:
+        if self._cancelled():
+            raise Cancelled("cancelled while decoding the source clip")
 
     def _invert(self, source: torch.Tensor, source_hash: str, steps: int, total: int) -> torch.Tensor:
         """DDIM-invert up to `total` frames of the source (empty prompt, no guidance), through the cache."""

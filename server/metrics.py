@@ -1,12 +1,14 @@
 """Prometheus metrics of the server, in their own registry (several servers can share a process, as in tests),
 served over plain HTTP by prometheus_client's `start_http_server`.
 
-Exposed: requests by final status code and model, queue depth, running requests, per-phase latency histograms
-(queue wait, text, encode, invert, sample, decode, output encoding, total) and latency per frame.
+Exposed: calls by method, final status code and model (those refused before their handler ran too), calls
+refused for a missing or wrong token, queue depth, running requests, per-phase latency histograms (queue wait,
+text, encode, invert, sample, decode, output encoding, total) and latency per frame.
 """
 
 from __future__ import annotations
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600, 1800)
@@ -16,17 +18,22 @@ FRAME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("tav_requests", "Generate requests by final status code and model",
-                                ["code", "model"], registry=self.registry)
+        self.requests = Counter("tav_requests", "Calls by method, final status code and model ('-': none or unknown)",
+                                ["method", "code", "model"], registry=self.registry)
+        self.auth_failures = Counter("tav_auth_failures", "Calls refused for a missing or wrong bearer token",
+                                     registry=self.registry)
         self.queue_depth = Gauge("tav_queue_depth", "Requests waiting in the queue", registry=self.registry)
-        self.running = Gauge("tav_running_requests", "Requests the worker is running (0 or 1)",
-                             registry=self.registry)
+        self.running = Gauge("tav_running_requests", "Requests started and not yet answered (the worker runs one at "
+                             "a time; encoding and sending a result overlap the next)", registry=self.registry)
         self.phase_seconds = Histogram("tav_phase_seconds", "Seconds per phase of successful generations",
                                        ["model", "phase"], buckets=PHASE_BUCKETS, registry=self.registry)
         self.frame_seconds = Histogram("tav_seconds_per_frame",
                                        "Generation seconds (text encoding to output encoding) per frame",
                                        ["model"], buckets=FRAME_BUCKETS, registry=self.registry)
         self._http = None
+
+    def count(self, method: str, code: grpc.StatusCode, model: str = "-") -> None:
+        self.requests.labels(method, code.name, model).inc()
 
     def observe_result(self, model: str, timings: dict[str, float], frames: int) -> None:
         for phase, seconds in timings.items():

@@ -1,7 +1,9 @@
-"""`tav-serve`: the gRPC server. Assembles the service, the worker, health, reflection, optional bearer-token
-auth and TLS, message-size limits, keepalive and metrics, then runs until SIGTERM or SIGINT and drains
-(DESIGN.md section 6): health NOT_SERVING, no new requests, the running request and the queued ones that
-finish within the grace period complete, the rest are answered UNAVAILABLE before their work starts, exit 0.
+"""`tav-serve`: the gRPC server. Assembles the service, the worker, health, reflection, admission (optional
+bearer-token auth, calls and request bytes in flight), TLS, message-size, connection and stream limits, keepalive,
+metrics and the background rescan of the repository, then runs until SIGTERM or SIGINT and drains (DESIGN.md
+section 6): health NOT_SERVING, no new requests, the running request and the queued ones that finish within the
+grace period complete, the rest are answered UNAVAILABLE before their work starts, exit 0. If the worker itself
+fails, health says NOT_SERVING and the process exits 1, for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -23,18 +25,21 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tuneavideo.v1 import tuneavideo_pb2_grpc as pb2_grpc
 
-from server.engines import BACKENDS
+from server.engines import BACKENDS, check_backend
 from server.generate import MAX_SOURCE_BYTES
-from server.interceptors import BearerTokenInterceptor, MalformedRequestInterceptor, read_tokens
+from server.interceptors import AdmissionInterceptor, Limits, read_tokens
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.service import SERVICE_NAME, VideoGenerationService
-from server.worker import FairQueue, Worker
+from server.worker import NOT_STARTED, Failed, FairQueue, Worker
 
 log = logging.getLogger("tav-serve")
 
 MAX_RECEIVE_BYTES = MAX_SOURCE_BYTES + (1 << 20)  # the largest source clip, plus room for the other fields
 MAX_SEND_BYTES = 4 << 20  # result chunks are at most 1 MiB
+MAX_METADATA_BYTES = 16 << 10
+STOP_SECONDS = 1.0  # after the grace period, for the last answers to go out before what still runs is cancelled
+GENERATE_METHOD = f"/{SERVICE_NAME}/Generate"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -51,16 +56,54 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    metrics_host: str = "127.0.0.1"
+    reflection: bool = True
     grace: float = 30.0  # seconds to drain after SIGTERM
     max_request_seconds: float = 3600.0  # the longest a request may take from acceptance to result
     max_connection_age: float = 1800.0
     engine_cache_bytes: int = 16 * 2**30
+    max_calls: int = 64  # admitted calls in flight (health is never counted)
+    max_request_bytes: int = 512 << 20  # request bodies being received or held by calls in flight
+    receive_wait: float = 10.0  # seconds a call may wait for room in max_request_bytes
+    max_connections: int = 256
+    max_streams: int = 32  # concurrent calls on one connection
+    rescan_seconds: float = 2.0  # how stale the served view of the repository may get
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        for name, value, low in [("port", self.port, 0), ("metrics-port", self.metrics_port, 0)]:
+            if value is not None and not low <= value <= 65535:
+                raise ValueError(f"--{name} must be between {low} and 65535, got {value}")
+        if not self.grace >= 0:
+            raise ValueError(f"--grace must be 0 or more seconds, got {self.grace}")
+        for name, value in [("max-request-seconds", self.max_request_seconds),
+                            ("max-connection-age", self.max_connection_age),
+                            ("engine-cache-gb", self.engine_cache_bytes), ("rescan-seconds", self.rescan_seconds)]:
+            if not value > 0:
+                raise ValueError(f"--{name} must be positive, got {value}")
+        for name, value in [("max-queue", self.max_queue), ("max-calls", self.max_calls),
+                            ("max-connections", self.max_connections), ("max-streams", self.max_streams)]:
+            if value < 1:
+                raise ValueError(f"--{name} must be at least 1, got {value}")
+        if self.max_request_bytes < 2 * MAX_RECEIVE_BYTES:
+            raise ValueError(f"--max-request-mib must be at least {2 * MAX_RECEIVE_BYTES >> 20} (twice the largest "
+                             f"request), got {self.max_request_bytes >> 20}")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_calls, self.max_request_bytes, {GENERATE_METHOD: MAX_RECEIVE_BYTES}, self.receive_wait)
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
         ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.max_concurrent_streams", config.max_streams),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        # A second server on a taken port fails to start instead of quietly sharing its traffic.
+        ("grpc.so_reuseport", 0),
         # Connections are recycled so clients re-resolve and spread over replicas; a request in flight keeps
         # its connection for as long as the longest allowed request.
         ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
@@ -76,11 +119,10 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 class TavServer:
-    """The server's parts and life cycle: `start`, serving once warm, `drain`, `wait_closed`."""
+    """The server's parts and life cycle: `start`, serving once warm, `drain`, `wait_closed` (and `exit_code`)."""
 
     def __init__(self, config: ServerConfig) -> None:
-        if (config.tls_cert is None) != (config.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
+        check_backend(config.backend, config.device)
         self.config = config
         self.metrics = Metrics()
         self.registry = ModelRegistry(config.repo, config.backend, config.device, config.engine_cache_bytes)
@@ -91,6 +133,7 @@ class TavServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.draining = False
+        self.exit_code = 0
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> int:
@@ -99,26 +142,32 @@ class TavServer:
         loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         self._closed = asyncio.Event()
-        interceptors = [MalformedRequestInterceptor()]  # first: it also sees the token check's answer
-        interceptors += [BearerTokenInterceptor(config.tokens)] if config.tokens else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
+        admission = AdmissionInterceptor(config.tokens, config.limits, self.metrics)
+        self.server = grpc.aio.server(interceptors=[admission], options=grpc_options(config))
         pb2_grpc.add_VideoGenerationServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
-        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        if config.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+                                                self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert is not None:
-            pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
-            self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if config.tls_cert is not None:
+                pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
+                self.port = self.server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address} (is another server using the port?): {e}") from None
         await self.server.start()
         if config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
-            log.info("metrics on http://%s:%d/metrics", config.host, self.metrics_port)
-        self.worker = Worker(self.registry, self.queue, lambda: loop.call_soon_threadsafe(self._became_ready))
+            self.metrics_port = self.metrics.serve(config.metrics_port, config.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", config.metrics_host, self.metrics_port)
+        self.worker = Worker(self.registry, self.queue, lambda: loop.call_soon_threadsafe(self._became_ready),
+                             lambda reason: loop.call_soon_threadsafe(self._failed, reason))
         self.worker.start()
+        self._watcher = asyncio.ensure_future(self._watch())
         log.info("listening on %s:%d (%s, backend %s); warming %d models", config.host, self.port,
                  "TLS" if config.tls_cert else "plaintext", config.backend, len(self.registry.models))
         return self.port
@@ -140,6 +189,23 @@ class TavServer:
         self._ready.set()
         log.info("serving %s", ", ".join(sorted(self.registry.models)) or "no models")
 
+    async def _watch(self) -> None:
+        """Every `rescan_seconds`: look at the repository again (off the event loop), and check that the worker
+        is alive."""
+        while not self.draining:
+            await asyncio.sleep(self.config.rescan_seconds)
+            await asyncio.to_thread(self.registry.scan)
+            if not self.worker.is_alive() and not self.draining:
+                self._failed("the worker thread is gone")
+
+    def _failed(self, reason: str) -> None:
+        """The worker cannot serve any more: say so in health, stop, exit 1."""
+        if self.draining:
+            return
+        log.critical("%s: shutting down, exit code 1", reason)
+        self.exit_code = 1
+        self._spawn(self.drain(grace=0.0))
+
     async def wait_ready(self) -> None:
         await self._ready.wait()
 
@@ -148,14 +214,16 @@ class TavServer:
         if not self.draining:
             self._spawn(self.drain())
 
-    async def drain(self) -> None:
+    async def drain(self, grace: float | None = None) -> None:
         """Stop serving: see the module docstring."""
         if self.draining:
             await self._closed.wait()
             return
         self.draining = True
-        deadline = time.monotonic() + self.config.grace
-        log.info("draining: finishing what fits in %.0f s", self.config.grace)
+        self._watcher.cancel()
+        grace = self.config.grace if grace is None else grace
+        deadline = time.monotonic() + grace
+        log.info("draining: finishing what fits in %.0f s", grace)
         await self.health.enter_graceful_shutdown()
         self.service.accepting = False
         self.worker.drain(deadline)
@@ -163,7 +231,11 @@ class TavServer:
             await asyncio.wait_for(self.service.wait_idle(), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             log.warning("grace period over: cancelling the requests still running")
-        await self.server.stop(None)  # cancels what is left; a cancelled generation stops within one step
+        for job in self.queue.take_all():  # never started: their clients may retry them elsewhere
+            log.info("request %s not started: the grace period is over", job.id)
+            job.emit(Failed(grpc.StatusCode.UNAVAILABLE, NOT_STARTED))
+        # a second for those answers to go out, then what still runs is cancelled (it stops within one step)
+        await self.server.stop(STOP_SECONDS)
         if not await asyncio.to_thread(self.worker.join, 60):
             log.warning("the worker did not stop within 60 s")
         self.metrics.close()
@@ -174,14 +246,15 @@ class TavServer:
         await self._closed.wait()
 
 
-async def run(config: ServerConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then drain."""
+async def run(config: ServerConfig) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; the process's exit code."""
     server = TavServer(config)
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_drain)
     await server.wait_closed()
+    return server.exit_code
 
 
 class BackgroundServer:
@@ -215,37 +288,54 @@ class BackgroundServer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    d = ServerConfig(repo=Path("."))
     p = argparse.ArgumentParser(prog="tav-serve", description="Serve tuned Tune-A-Video models over gRPC.")
     p.add_argument("--repo", required=True, type=Path, help="model repository: one tuned model directory per id")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
-    p.add_argument("--port", type=int, default=50051, help="0: any free port (logged)")
-    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=d.port, help="0: any free port (logged)")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; past it RESOURCE_EXHAUSTED")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests that may wait; past it "
+                   "RESOURCE_EXHAUSTED")
     p.add_argument("--auth-token-file", type=Path, help="require 'authorization: Bearer <token>', a token a line")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to drain after SIGTERM")
-    p.add_argument("--max-request-seconds", type=float, default=3600.0,
+    p.add_argument("--metrics-host", default=d.metrics_host, help="address of the metrics endpoint (0.0.0.0: all "
+                   "interfaces; it has no auth)")
+    p.add_argument("--no-reflection", action="store_true", help="do not serve gRPC reflection")
+    p.add_argument("--grace", type=float, default=d.grace, help="seconds to drain after SIGTERM")
+    p.add_argument("--max-request-seconds", type=float, default=d.max_request_seconds,
                    help="longest a request may take from acceptance to result (also the connection-age grace)")
-    p.add_argument("--max-connection-age", type=float, default=1800.0, help="seconds before a connection recycles")
-    p.add_argument("--engine-cache-gb", type=float, default=16.0,
+    p.add_argument("--max-connection-age", type=float, default=d.max_connection_age,
+                   help="seconds before a connection recycles")
+    p.add_argument("--engine-cache-gb", type=float, default=d.engine_cache_bytes / 2**30,
                    help="memory for the loaded models' own tensors (adapters, source latents)")
+    p.add_argument("--max-calls", type=int, default=d.max_calls, help="calls in flight (health not counted)")
+    p.add_argument("--max-request-mib", type=int, default=d.max_request_bytes >> 20,
+                   help="request bytes being received or held by calls in flight")
+    p.add_argument("--max-connections", type=int, default=d.max_connections)
+    p.add_argument("--max-streams", type=int, default=d.max_streams, help="concurrent calls on one connection")
+    p.add_argument("--rescan-seconds", type=float, default=d.rescan_seconds,
+                   help="how often the repository is looked at again (the served view is at most this stale)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ServerConfig(
             repo=args.repo, host=args.host, port=args.port, backend=args.backend, device=args.device,
             max_queue=args.max_queue, tokens=read_tokens(args.auth_token_file) if args.auth_token_file else [],
-            tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, grace=args.grace,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host, reflection=not args.no_reflection, grace=args.grace,
             max_request_seconds=args.max_request_seconds, max_connection_age=args.max_connection_age,
-            engine_cache_bytes=int(args.engine_cache_gb * 2**30),
+            engine_cache_bytes=int(args.engine_cache_gb * 2**30), max_calls=args.max_calls,
+            max_request_bytes=args.max_request_mib << 20, max_connections=args.max_connections,
+            max_streams=args.max_streams, rescan_seconds=args.rescan_seconds,
         )
-        asyncio.run(run(config))
-    except (OSError, ValueError, RuntimeError) as e:
+        code = asyncio.run(run(config))
+    except (OSError, ValueError) as e:
         print(f"tav-serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

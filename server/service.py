@@ -1,11 +1,12 @@
 """The `tuneavideo.v1.VideoGeneration` gRPC service: checks each request, queues it for the worker, streams
 its progress, then sends the encoded result in chunks of at most 1 MiB.
 
-Validation lives in one place: the numeric bounds and defaults are `server.generate.resolve`'s (checked here,
-before the request is accepted, whenever the model's engines are loaded; otherwise by the worker, with the
-same status codes); this module adds what only the protocol has: the model id, the output format and the
-request's presence rules. The request's field names are the core's option names, so `InvalidRequest.field`
-is the proto field the message names.
+Validation lives in one place: the bounds and defaults are `server.generate`'s (`check_options` before any
+work, on the event loop; the source clip's header, the model and `resolve` in a thread, before the request is
+accepted whenever the model's engines are loaded; otherwise by the worker, with the same status codes); this
+module adds what only the protocol has: the model id, the output format and the request's presence rules. The
+request's field names are the core's option names, so `InvalidRequest.field` is the proto field the message
+names. Nothing that reads files or tokenizes runs on the event loop, so health checks answer while it works.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +25,14 @@ import numpy as np
 from tuneavideo.v1 import tuneavideo_pb2 as pb2
 from tuneavideo.v1 import tuneavideo_pb2_grpc as pb2_grpc
 
-from server.generate import GenerationOptions, GenerationResult, InvalidRequest, resolve
+from server.generate import (
+    GenerationOptions,
+    GenerationResult,
+    InvalidRequest,
+    check_options,
+    check_source_video,
+    resolve,
+)
 from server.metrics import Metrics
 from server.registry import ModelEntry, ModelRegistry, ModelUnavailable, check_model_id
 from server.worker import Done, Failed, FairQueue, Job, Progress, QueueClosed, QueueFull, Started
@@ -94,6 +103,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._tokenizing = threading.Lock()
 
     async def wait_idle(self) -> None:
         """Return once no Generate call is in progress."""
@@ -119,7 +129,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
             raise
         finally:
-            self.metrics.requests.labels(code.name, label).inc()
+            self.metrics.count("Generate", code, label)
             self._active -= 1
             if not self._active:
                 self._idle.set()
@@ -128,7 +138,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
                         ) -> AsyncIterator[pb2.GenerateResponse]:
         if not self.accepting:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, NOT_ACCEPTING)
-        options, fmt, truncated = self._check(request)
+        options, fmt, truncated = await asyncio.to_thread(self._check, request)
         remaining = context.time_remaining()
         limit = self.max_request_seconds if remaining is None else min(remaining, self.max_request_seconds)
         job = Job(uuid.uuid4().hex, request.model, options, asyncio.get_running_loop(), time.monotonic() + limit)
@@ -140,6 +150,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
         except QueueClosed:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, NOT_ACCEPTING) from None
         log.info("request %s accepted for model %s at queue position %d", job.id, job.model, position)
+        started = False
         try:
             accepted = pb2.Accepted(request_id=job.id, queue_position=position, prompt_truncated=truncated)
             yield pb2.GenerateResponse(accepted=accepted)
@@ -148,24 +159,34 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
                 if isinstance(event, Failed):
                     raise RequestFailed(event.code, event.message)
                 if isinstance(event, Started):
-                    queued = event.queued
+                    started, queued = True, event.queued
+                    self.metrics.running.inc()
+                    yield pb2.GenerateResponse(started=pb2.Started(queue_seconds=queued))
                 elif isinstance(event, Progress):
                     progress = pb2.Progress(phase=PHASES[event.phase], step=event.step, total=event.total)
                     yield pb2.GenerateResponse(progress=progress)
-            async for response in self._result(job.model, event.result, fmt, queued):
+            async for response in self._result(job.model, event.result, fmt=fmt, queued=queued):
                 yield response
         finally:
+            if started:
+                self.metrics.running.dec()
             job.stop.set()  # a no-op once done; else the worker stops within one step
             self.queue.remove(job)
 
     def _check(self, request: pb2.GenerateRequest) -> tuple[GenerationOptions, str, bool]:
-        """The request's options (resolved when the model is loaded), output format and prompt truncation."""
+        """(In a thread: it may read files and tokenize.) The request's options (resolved when the model is
+        loaded), output format and whether a prompt will be truncated. Sizes are checked before any work."""
         try:
-            check_model_id(request.model)
-            entry = self.registry.entry(request.model)
             if request.format not in FORMATS:
                 raise InvalidRequest("format", f"unknown output format {request.format}")
+            check_model_id(request.model)
             options = options_from_request(request)
+            check_options(options)
+            if request.model not in self.registry.models:
+                self.registry.rescan()  # a model added since the last background scan
+            entry = self.registry.entry(request.model)
+            if options.source_video is not None:
+                check_source_video(options.source_video)
             model = self.registry.ready(entry.id)
             if model is not None:
                 options = resolve(options, model)
@@ -173,12 +194,13 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except ModelUnavailable as e:
             raise RequestFailed(grpc.StatusCode.NOT_FOUND, str(e)) from None
-        truncated = entry.tokenizer is not None and any(
-            tokenize(entry.tokenizer, prompt)[1] for prompt in (options.prompt, options.negative_prompt)
-        )
+        with self._tokenizing:  # a fast (Rust) tokenizer must not be used by two threads at once
+            truncated = entry.tokenizer is not None and any(
+                tokenize(entry.tokenizer, prompt)[1] for prompt in (options.prompt, options.negative_prompt)
+            )
         return options, FORMATS[request.format], truncated
 
-    async def _result(self, model: str, result: GenerationResult, fmt: str, queued: float
+    async def _result(self, model: str, result: GenerationResult, *, fmt: str, queued: float
                       ) -> AsyncIterator[pb2.GenerateResponse]:
         clock = time.perf_counter()
         files = await asyncio.to_thread(encode_output, result.frames, result.fps, fmt)
@@ -196,18 +218,26 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
 
     async def ListModels(self, request: pb2.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb2.ListModelsResponse:
-        self.registry.scan()  # a fresh look: models added to or removed from the repository since
-        skipped = [pb2.SkippedModel(id=name, reason=reason) for name, reason in sorted(self.registry.skipped.items())]
+        """The registry's view, which the background scan keeps at most a few seconds old."""
+        skipped = [pb2.SkippedModel(id=name, reason=reason)
+                   for name, reason in sorted(self.registry.skipped_models().items())]
+        self.metrics.count("ListModels", grpc.StatusCode.OK)
         return pb2.ListModelsResponse(models=[self._info(e) for e in self.registry.entries()], skipped=skipped)
 
     async def GetModel(self, request: pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> pb2.ModelInfo:
         try:
             check_model_id(request.id, "id")
-            return self._info(self.registry.entry(request.id))
+            if request.id not in self.registry.models:
+                await asyncio.to_thread(self.registry.rescan)
+            info = self._info(self.registry.entry(request.id))
         except InvalidRequest as e:
+            self.metrics.count("GetModel", grpc.StatusCode.INVALID_ARGUMENT)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ModelUnavailable as e:
+            self.metrics.count("GetModel", grpc.StatusCode.NOT_FOUND)
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        self.metrics.count("GetModel", grpc.StatusCode.OK, request.id)
+        return info
 
     def _info(self, entry: ModelEntry) -> pb2.ModelInfo:
         config = entry.config

@@ -8,7 +8,13 @@ sets the job's threading event, which the core checks before every UNet call, so
 expired deadline frees the worker within one denoising step.
 
 While the server drains, the worker starts a queued job only if its measured cost says it finishes before the
-grace period ends; the others are answered UNAVAILABLE before their work starts.
+grace period ends; the others are answered UNAVAILABLE before their work starts (no `Started` event: the
+client may retry them elsewhere).
+
+A failure of one request or one model is that request's or model's error. A failure of the worker itself (an
+exception outside a job, or an error that poisons the CUDA context) ends the thread: every waiting job is answered
+UNAVAILABLE, not started, and `on_fatal` tells the server, which reports NOT_SERVING and exits non-zero so its
+supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 
 from server.generate import Cancelled, GenerationOptions, GenerationResult, InvalidRequest
 from server.registry import ModelRegistry, ModelUnavailable
@@ -149,6 +156,14 @@ class FairQueue:
                 del self._queues[job.model]
             return True
 
+    def take_all(self) -> list[Job]:
+        """Take every waiting job out, in turn order."""
+        with self._changed:
+            jobs = list(self._order())
+            self._queues.clear()
+            self._size = 0
+            return jobs
+
     def close(self) -> None:
         """Take no new jobs; `get` returns the waiting ones, then None."""
         with self._changed:
@@ -162,13 +177,29 @@ class FairQueue:
             yield from (jobs[depth] for jobs in queues if depth < len(jobs))
 
 
+class WorkerFailed(Exception):
+    """The worker cannot go on (the device is unusable); the server must restart."""
+
+
+def poisons_the_device(error: BaseException) -> bool:
+    """Whether an error leaves the device unusable for every later request: CUDA errors are sticky (an illegal
+    memory access or a device-side assert fails every later call in the process)."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(error, accelerator_error) or (isinstance(error, RuntimeError) and "CUDA error" in str(error))
+
+
+NOT_STARTED = "the server is shutting down and did not start this request; retry on another replica"
+
+
 class Worker:
     """The thread that owns the engines: warms the registry's models, then runs jobs until the queue closes."""
 
-    def __init__(self, registry: ModelRegistry, queue: FairQueue, on_ready: Callable[[], None]) -> None:
+    def __init__(self, registry: ModelRegistry, queue: FairQueue, on_ready: Callable[[], None],
+                 on_fatal: Callable[[str], None]) -> None:
         self.registry = registry
         self.queue = queue
         self.on_ready = on_ready
+        self.on_fatal = on_fatal
         self.drain_deadline: float | None = None  # time.monotonic(); set when the server starts draining
         self._thread = threading.Thread(target=self._run, name="tav-worker", daemon=True)
 
@@ -185,11 +216,21 @@ class Worker:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
-        self.registry.warm()
-        self.on_ready()
-        while (job := self.queue.get()) is not None:
-            job.emit(self._run_job(job))
+        try:
+            self.registry.warm()
+            self.on_ready()
+            while (job := self.queue.get()) is not None:
+                job.emit(self._run_job(job))
+        except BaseException as e:  # the worker itself failed: nothing more can run in this process
+            log.critical("the worker failed: %s", e, exc_info=not isinstance(e, WorkerFailed))
+            self.queue.close()
+            for job in self.queue.take_all():
+                job.emit(Failed(grpc.StatusCode.UNAVAILABLE, NOT_STARTED))
+            self.on_fatal(f"the worker failed: {e}")
 
     def _run_job(self, job: Job) -> Event:
         if job.cancelled():
@@ -198,8 +239,7 @@ class Worker:
             estimate = self.registry.estimate(job.model, job.options)
             if estimate is None or time.monotonic() + estimate > self.drain_deadline:
                 log.info("request %s not started: it would not finish within the grace period", job.id)
-                return Failed(grpc.StatusCode.UNAVAILABLE, "the server is shutting down and did not start this "
-                                                           "request; retry on another replica")
+                return Failed(grpc.StatusCode.UNAVAILABLE, NOT_STARTED)
         job.emit(Started(time.monotonic() - job.enqueued))
         log.info("request %s started on model %s", job.id, job.model)
         try:
@@ -216,7 +256,11 @@ class Worker:
             return self._stopped(job)
         except Exception as e:  # a bug or a runtime failure: report it on this request, keep serving
             log.exception("request %s failed", job.id)
-            return Failed(grpc.StatusCode.INTERNAL, f"generation failed: {type(e).__name__}: {e}")
+            failed = Failed(grpc.StatusCode.INTERNAL, "generation failed (details in the server log)")
+            if poisons_the_device(e):
+                job.emit(failed)
+                raise WorkerFailed(f"the device is unusable after request {job.id}: {e}") from e
+            return failed
         self.registry.observe(job.model, result)
         log.info("request %s done in %.2fs", job.id, result.timings["total"])
         return Done(result)
