@@ -1,9 +1,11 @@
 """A small typed Python client for the Tune-A-Video gRPC server, sync (`Client`) and asyncio (`AsyncClient`).
 
 Calls take a deadline (`timeout`, seconds, over all attempts) and `generate` a progress callback. Retries
-happen only where gRPC says they are safe: on UNAVAILABLE before the server accepted the request (no
-"accepted" message yet: it was never queued, so it cannot run twice), and on UNAVAILABLE for the read-only
-model calls; at most `retries` times, with exponential backoff, never past the deadline.
+happen only where they are safe: `generate` on UNAVAILABLE before the server started the request (no "started"
+message yet: it never ran, so it cannot run twice; a request accepted but never started was answered by a
+replica shutting down, so the retry goes out on a new connection, which a load balancer sends elsewhere), and
+the read-only model calls on UNAVAILABLE; at most `retries` times, with exponential backoff, never past the
+deadline.
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ class _Collector:
     def __init__(self, progress: ProgressFn | None) -> None:
         self.progress = progress
         self.accepted: pb2.Accepted | None = None
+        self.started = False
         self.info: pb2.ResultInfo | None = None
         self.files: list[bytearray] = []
         self.complete = False
@@ -147,6 +150,8 @@ class _Collector:
         kind = response.WhichOneof("event")
         if kind == "accepted":
             self.accepted = response.accepted
+        elif kind == "started":
+            self.started = True
         elif kind == "progress" and self.progress is not None:
             p = response.progress
             self.progress(PHASES.get(p.phase, "unknown"), p.step, p.total)
@@ -209,12 +214,19 @@ class Client(_Base):
     def __init__(self, target: str, *, token: str | None = None, root_certificates: bytes | None = None,
                  tls: bool = False, retries: int = 3, backoff: float = 0.5) -> None:
         super().__init__(target, token, root_certificates, tls, retries, backoff)
+        self._connect()
+
+    def _connect(self) -> None:
         if self.credentials is None:
-            self.channel = grpc.insecure_channel(target, CHANNEL_OPTIONS)
+            self.channel = grpc.insecure_channel(self.target, CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.secure_channel(target, self.credentials, CHANNEL_OPTIONS)
+            self.channel = grpc.secure_channel(self.target, self.credentials, CHANNEL_OPTIONS)
         self.stub = pb2_grpc.VideoGenerationStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def _reconnect(self) -> None:
+        self.channel.close()
+        self._connect()
 
     def __enter__(self) -> Client:
         return self
@@ -239,10 +251,12 @@ class Client(_Base):
                     collector.add(response)
                 return collector.video()
             except grpc.RpcError as e:
-                delay = None if collector.accepted else self._retry_delay(e, attempt, deadline)
+                delay = None if collector.started else self._retry_delay(e, attempt, deadline)
                 if delay is None:
                     raise ServerError(e.code(), e.details()) from None
             time.sleep(delay)
+            if collector.accepted:  # that replica is shutting down
+                self._reconnect()
             attempt += 1
 
     def _unary(self, method, request, timeout: float | None):
@@ -280,12 +294,19 @@ class AsyncClient(_Base):
     def __init__(self, target: str, *, token: str | None = None, root_certificates: bytes | None = None,
                  tls: bool = False, retries: int = 3, backoff: float = 0.5) -> None:
         super().__init__(target, token, root_certificates, tls, retries, backoff)
+        self._connect()
+
+    def _connect(self) -> None:
         if self.credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, CHANNEL_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(self.target, CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.aio.secure_channel(target, self.credentials, CHANNEL_OPTIONS)
+            self.channel = grpc.aio.secure_channel(self.target, self.credentials, CHANNEL_OPTIONS)
         self.stub = pb2_grpc.VideoGenerationStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    async def _reconnect(self) -> None:
+        await self.channel.close()
+        self._connect()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -309,10 +330,12 @@ class AsyncClient(_Base):
                     collector.add(response)
                 return collector.video()
             except grpc.RpcError as e:
-                delay = None if collector.accepted else self._retry_delay(e, attempt, deadline)
+                delay = None if collector.started else self._retry_delay(e, attempt, deadline)
                 if delay is None:
                     raise ServerError(e.code(), e.details()) from None
             await asyncio.sleep(delay)
+            if collector.accepted:  # that replica is shutting down
+                await self._reconnect()
             attempt += 1
 
     async def _unary(self, method, request, timeout: float | None):
