@@ -16,6 +16,7 @@ from exporter.cli import STORE_DIR, export
 from exporter.onnx_export import ExportError, has_sdpa_pattern
 from server.engines import load_model
 from server.generate import GenerationOptions, Generator
+from server.registry import ModelRegistry, read_entry
 from tuner.artefacts import ArtefactError, EngineDir
 from tuner.tune import TuneSettings, tune
 
@@ -174,6 +175,25 @@ def test_size_mismatch_is_refused(repo, tmp_path):
     config = json.loads((copy / "tav_config.json").read_text())
     config["latent_height"] = 12  # no longer what the source latents hold
     (copy / "tav_config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="size"):
+    with pytest.raises(ExportError, match="latents' must be \\[C, N, 12, 16\\]"):
         export(copy, progress=quiet)
     assert not (copy / "engines").exists()
+
+
+def test_registry_lists_the_backends_a_manifest_names(repo, tmp_path):
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    shutil.rmtree(copy / "square-b" / "engines")
+    assert read_entry(copy / "square-a", "onnxruntime").backends == ["torch", "onnxruntime"]
+    assert read_entry(copy / "square-b", "torch").backends == ["torch"]
+    registry = ModelRegistry(copy, backend="onnxruntime")
+    assert list(registry.models) == ["square-a"] and "no onnxruntime engines" in registry.skipped["square-b"]
+
+    manifest = copy / "square-a" / "engines" / "manifest.json"
+    listed = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**listed, "backends": ["onnxruntime", "tensorrt"]}))
+    assert read_entry(copy / "square-a", "tensorrt").backends == ["torch", "onnxruntime", "tensorrt"]
+    manifest.write_text(json.dumps({**listed, "backends": "onnxruntime"}))  # broken: the torch backend reads none
+    assert read_entry(copy / "square-a", "torch").backends == ["torch"]
+    with pytest.raises(ArtefactError, match="^engines/manifest.json: backends: 'onnxruntime' is not of type 'array'"):
+        read_entry(copy / "square-a", "onnxruntime")

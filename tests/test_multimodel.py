@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -104,6 +105,14 @@ def read_video_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def listed_within_a_rescan(client: Client, names: list[str], seconds: float = 10.0) -> None:
+    """The server lists exactly `names` within a few rescans (every 2 s by default)."""
+    deadline = time.monotonic() + seconds
+    while (listed := [m.id for m in client.list_models().models]) != names:
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.2)
+
+
 def test_models_added_and_removed_while_serving(repo, tmp_path):
     names = sorted(p.name for p in repo.iterdir())[:2]
     server, subset = serve(repo, names[:1], tmp_path)
@@ -111,7 +120,7 @@ def test_models_added_and_removed_while_serving(repo, tmp_path):
         with Client(f"127.0.0.1:{server.port}") as client:
             assert [m.id for m in client.list_models().models] == names[:1]
             (subset / names[1]).symlink_to(repo / names[1], target_is_directory=True)
-            assert [m.id for m in client.list_models().models] == names
+            listed_within_a_rescan(client, names)
             assert not client.get_model(names[1]).loaded
             client.generate(names[1], "a green circle", format="gif", **OPTIONS)
             assert client.get_model(names[1]).loaded
@@ -127,7 +136,7 @@ def test_models_added_and_removed_while_serving(repo, tmp_path):
             thread.start()
             assert started.wait(300)
             (subset / names[0]).unlink()
-            assert [m.id for m in client.list_models().models] == names[1:]
+            listed_within_a_rescan(client, names[1:])
             thread.join(600)
             assert outcome["video"].frames == 8
             with pytest.raises(ServerError) as error:

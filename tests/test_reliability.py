@@ -398,7 +398,7 @@ def test_draining_a_replica_during_traffic_loses_no_accepted_request(replicas):
         traffic = stack.enter_context(Traffic(senders))
         direct = stack.enter_context(grpc.insecure_channel(a1.target))
         long = stub(direct).Generate(request(frames=8, steps=steps), timeout=TIMEOUT)
-        assert next(long).HasField("accepted") and next(long).HasField("progress")
+        assert [next(long).WhichOneof("event") for _ in range(3)] == ["accepted", "started", "progress"]
 
         a1.proc.send_signal(signal.SIGTERM)
         seen_not_serving = envoy_took_it_out = False
@@ -427,6 +427,45 @@ def test_draining_a_replica_during_traffic_loses_no_accepted_request(replicas):
         assert codes <= allowed, (name, results)
         lost = {request_id for _, request_id in results if request_id} - done_ids(a1) - done_ids(b)
         assert not lost, (name, lost)
+
+
+@needs_nginx
+def test_requests_queued_on_a_draining_replica_are_retried_elsewhere(repo, replicas):
+    """A replica `c` with a 1 s grace period is drained while it runs a long request and holds queued ones from
+    clients behind nginx. The queued requests never start: `c` answers them UNAVAILABLE without a Started
+    message, the client library retries them on a new connection, and `b` serves them; none fails."""
+    b = replicas["b"]
+    c = Replica(repo, "--max-queue", "8", "--grace", "1").wait_serving()
+    try:
+        steps = steps_lasting(c, 6.0)
+        results: dict[str, tuple[str, str]] = {}
+
+        def run(name: str) -> None:
+            with Client(nginx.target) as client:
+                try:
+                    results[name] = "OK", client.generate(MODEL, PROMPT, timeout=TIMEOUT, **SHORT).request_id
+                except ServerError as e:
+                    results[name] = e.code.name, e.details
+
+        with Nginx([c.target, b.target]) as nginx, grpc.insecure_channel(c.target) as direct:
+            long = stub(direct).Generate(request(frames=8, steps=steps), timeout=TIMEOUT)
+            assert [next(long).WhichOneof("event") for _ in range(2)] == ["accepted", "started"]
+            threads = [threading.Thread(target=run, args=(f"short-{i}",)) for i in range(6)]
+            for thread in threads:
+                thread.start()
+            c.wait_for(r"request \w+ accepted for model .* at queue position [1-9]", TIMEOUT)
+            c.proc.send_signal(signal.SIGTERM)
+            for thread in threads:
+                thread.join(TIMEOUT)
+            with pytest.raises(grpc.RpcError):
+                list(long)  # cut off after the grace period
+            assert c.proc.wait(120) == 0
+        not_started = set(re.findall(r"request (\w+) not started", c.log))
+        assert not_started, c.log
+        assert all(code == "OK" for code, _ in results.values()), results
+        assert all(request_id in b.log for _, request_id in results.values()), "every retry landed on b"
+    finally:
+        c.stop()
 
 
 @needs_nginx
