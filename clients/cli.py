@@ -1,8 +1,11 @@
-"""`tav-client`: generate a video on a server (with progress bars), list its models, or probe its health.
+"""`tav-client`: generate a video on a server (with progress bars), list its models, probe its health; tune a
+clip into a new model (`tune`, with `--wait` a progress bar until it is ready), list (`jobs`) and `cancel` tune
+jobs, `delete-model`.
 
 PNG frames are written as a directory of frame_00000.png, frame_00001.png, ... (`--out` names the directory).
-Exit codes: 0 on success (for `health`, only when the server is SERVING), 1 when the server answers with an
-error or is not serving, 2 on bad usage.
+Exit codes: 0 on success (for `health`, only when the server is SERVING; for `tune --wait`, only when the model
+is ready), 1 when the server answers with an error, is not serving, or the job failed or was cancelled, 2 on bad
+usage.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from clients.client import FORMATS, Client, ServerError
+from clients.client import FORMATS, Client, ServerError, TuneJob
 
 SUFFIX_FORMATS = {".mp4": "mp4", ".gif": "gif", "": "png"}
 
@@ -78,6 +81,60 @@ def _health(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _tune(args: argparse.Namespace) -> None:
+    video = args.video.read_bytes()
+    settings = {name: getattr(args, name) for name in ("steps", "frames", "width", "height", "seed", "attention_mode",
+                                                        "group_norm", "start", "stride")}
+    with _client(args) as client:
+        job = client.create_tune_job(args.model, video, args.prompt, base=args.base or "", learning_rate=args.lr,
+                                     **settings)
+        print(f"tune job {job.id}: model {job.model_id}, {job.state}"
+              + (f" (position {job.queue_position} in the queue)" if job.state == "queued" else ""))
+        if not args.wait:
+            return
+        bar = tqdm(total=job.total_steps, desc="tuning", dynamic_ncols=True)
+
+        def show(update: TuneJob) -> None:
+            bar.set_description(update.state if update.state != "queued" else
+                                f"queued, position {update.queue_position}")
+            bar.update(update.step - bar.n)
+            if update.loss:
+                bar.set_postfix(loss=f"{update.loss:.4f}")
+
+        try:
+            job = client.wait_tune_job(job.id, show, timeout=args.timeout)
+        finally:
+            bar.close()
+    if job.state != "ready":
+        print(f"tav-client: tune job {job.id} {job.state}" + (f": {job.failure_reason}" if job.failure_reason
+                                                                 else ""), file=sys.stderr)
+        raise SystemExit(1)
+    print(f"model {job.model_id} is ready (tuned in {job.tuning_seconds:.0f} s, exported in "
+          f"{job.export_seconds:.0f} s)")
+
+
+def _jobs(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        jobs = client.list_tune_jobs(timeout=args.timeout)
+    for job in jobs:
+        detail = {"queued": f"position {job.queue_position}", "tuning": f"step {job.step}/{job.total_steps}",
+                  "failed": job.failure_reason}.get(job.state, "")
+        print(f"{job.id}\t{job.model_id}\t{job.state}\t{detail}")
+
+
+def _cancel(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        job = client.cancel_tune_job(args.job, timeout=args.timeout)
+    print(f"tune job {job.id}: {job.state}" + (" (cancel requested: it stops at its next check point)"
+                                               if not job.ended else ""))
+
+
+def _delete_model(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        client.delete_model(args.id, timeout=args.timeout)
+    print(f"model {args.id} deleted")
+
+
 def main(argv: list[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
@@ -102,15 +159,30 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--out", required=True, type=Path, help="output file, or directory for png frames")
     commands.add_parser("models", parents=[common], help="list the server's models")
     commands.add_parser("health", parents=[common], help="exit 0 only if the server is SERVING")
+    t = commands.add_parser("tune", parents=[common], help="tune a clip into a new model (needs the admin token)")
+    t.add_argument("--video", required=True, type=Path, help="the clip (MP4, WebM, GIF, ...; <= 64 MiB)")
+    t.add_argument("--prompt", required=True, help='its caption, e.g. "a man is skiing"')
+    t.add_argument("--model", required=True, help="the new model's id")
+    t.add_argument("--base", help="base model id on the server's allow-list (default: shapes-sd)")
+    for name, kind in [("steps", int), ("frames", int), ("width", int), ("height", int), ("lr", float),
+                       ("seed", int), ("start", int), ("stride", int), ("attention-mode", str), ("group-norm", str)]:
+        t.add_argument(f"--{name}", type=kind, help="default: the tuner's for the base")
+    t.add_argument("--wait", action="store_true", help="show progress until the model is ready (exit 1 if not)")
+    commands.add_parser("jobs", parents=[common], help="list the tune jobs")
+    c = commands.add_parser("cancel", parents=[common], help="cancel a tune job")
+    c.add_argument("job", help="the job id")
+    d = commands.add_parser("delete-model", parents=[common], help="delete a model from the repository")
+    d.add_argument("id", help="the model id")
     args = p.parse_args(argv)
 
     if args.command == "generate" and args.format is None:
         args.format = SUFFIX_FORMATS.get(args.out.suffix.lower())
         if args.format is None:
             p.error("--out must end in .mp4 or .gif, or have no suffix (png frames), unless --format is given")
-    if args.command != "generate" and args.timeout is None:
+    if args.command not in ("generate", "tune") and args.timeout is None:
         args.timeout = 30.0
-    run = {"generate": _generate, "models": _models, "health": _health}[args.command]
+    run = {"generate": _generate, "models": _models, "health": _health, "tune": _tune, "jobs": _jobs,
+           "cancel": _cancel, "delete-model": _delete_model}[args.command]
     try:
         run(args)
     except OSError as e:

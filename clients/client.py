@@ -1,11 +1,13 @@
-"""A small typed Python client for the Tune-A-Video gRPC server, sync (`Client`) and asyncio (`AsyncClient`).
+"""A small typed Python client for the Tune-A-Video gRPC server, sync (`Client`) and asyncio (`AsyncClient`):
+generation, models, and the tuning service (tune jobs, model deletion; these need the admin token).
 
 Calls take a deadline (`timeout`, seconds, over all attempts) and `generate` a progress callback. Retries
 happen only where they are safe: `generate` on UNAVAILABLE before the server started the request (no "started"
 message yet: it never ran, so it cannot run twice; a request accepted but never started was answered by a
 replica shutting down, so the retry goes out on a new connection, which a load balancer sends elsewhere), and
 the read-only model calls on UNAVAILABLE; at most `retries` times, with exponential backoff, never past the
-deadline.
+deadline. Creating a tune job is never retried (a lost answer could otherwise queue the job twice; the model id
+reservation would refuse the second with ALREADY_EXISTS anyway).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tuneavideo.v1 import tuneavideo_pb2 as pb2
 from tuneavideo.v1 import tuneavideo_pb2_grpc as pb2_grpc
+from tuneavideo.v1 import tuning_pb2, tuning_pb2_grpc
 
 FORMATS = {"mp4": pb2.OUTPUT_FORMAT_MP4, "gif": pb2.OUTPUT_FORMAT_GIF, "png": pb2.OUTPUT_FORMAT_PNG_FRAMES}
 PHASES = {pb2.PHASE_INVERT: "invert", pb2.PHASE_SAMPLE: "sample", pb2.PHASE_DECODE: "decode"}
@@ -109,6 +112,58 @@ class Model:
 class ModelList:
     models: list[Model]
     skipped: dict[str, str]  # repository entries the server does not serve, with the reason
+
+
+JOB_STATES = {value: name.removeprefix("STATE_").lower() for name, value in tuning_pb2.TuneJob.State.items()}
+ENDED = ("ready", "failed", "cancelled")
+TUNE_SETTINGS = ("steps", "frames", "width", "height", "learning_rate", "seed", "attention_mode", "group_norm",
+                 "start", "stride")
+JobProgressFn = Callable[["TuneJob"], None]
+
+
+@dataclass(frozen=True)
+class TuneJob:
+    """A tune job as the server reports it (see TuneJob in tuning.proto); `state` is queued, tuning, exporting,
+    ready, failed or cancelled."""
+
+    id: str
+    model_id: str
+    base: str
+    caption: str
+    state: str
+    queue_position: int
+    step: int
+    total_steps: int
+    loss: float
+    settings: dict
+    failure_reason: str
+    cancel_requested: bool
+    attempt: int
+    worker: str
+    tuning_seconds: float
+    export_seconds: float
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    @classmethod
+    def from_proto(cls, job: tuning_pb2.TuneJob) -> TuneJob:
+        settings = {name: getattr(job.settings, name) for name in TUNE_SETTINGS if job.settings.HasField(name)}
+        return cls(job.id, job.model_id, job.base, job.caption, JOB_STATES.get(job.state, "unknown"),
+                   job.queue_position, job.step, job.total_steps, job.loss, settings, job.failure_reason,
+                   job.cancel_requested, job.attempt, job.worker, job.tuning_seconds, job.export_seconds)
+
+
+def make_tune_request(model_id: str, video: bytes, caption: str, base: str = "", **settings
+                      ) -> tuning_pb2.CreateTuneJobRequest:
+    """A CreateTuneJobRequest; `settings` are TuneSettings fields (None leaves one to the server's default)."""
+    unknown = set(settings) - set(TUNE_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown tune settings: {', '.join(sorted(unknown))}")
+    chosen = tuning_pb2.TuneSettings(**{k: v for k, v in settings.items() if v is not None})
+    return tuning_pb2.CreateTuneJobRequest(model_id=model_id, base=base, caption=caption, video=video,
+                                           settings=chosen)
 
 
 def make_request(
@@ -222,6 +277,7 @@ class Client(_Base):
         else:
             self.channel = grpc.secure_channel(self.target, self.credentials, CHANNEL_OPTIONS)
         self.stub = pb2_grpc.VideoGenerationStub(self.channel)
+        self.tuning = tuning_pb2_grpc.TuningStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def _reconnect(self) -> None:
@@ -259,14 +315,14 @@ class Client(_Base):
                 self._reconnect()
             attempt += 1
 
-    def _unary(self, method, request, timeout: float | None):
+    def _unary(self, method, request, timeout: float | None, retry: bool = True):
         deadline = _deadline(timeout)
         attempt = 0
         while True:
             try:
                 return method(request, timeout=_remaining(deadline), metadata=self.metadata)
             except grpc.RpcError as e:
-                delay = self._retry_delay(e, attempt, deadline)
+                delay = self._retry_delay(e, attempt, deadline) if retry else None
                 if delay is None:
                     raise ServerError(e.code(), e.details()) from None
             time.sleep(delay)
@@ -287,6 +343,53 @@ class Client(_Base):
         except grpc.RpcError as e:
             raise ServerError(e.code(), e.details()) from None
 
+    def create_tune_job(self, model_id: str, video: bytes, caption: str, *, base: str = "",
+                        timeout: float | None = 120, **settings) -> TuneJob:
+        """Queue a tune job (never retried: see the module docstring)."""
+        request = make_tune_request(model_id, video, caption, base, **settings)
+        return TuneJob.from_proto(self._unary(self.tuning.CreateTuneJob, request, timeout, retry=False))
+
+    def get_tune_job(self, job_id: str, timeout: float | None = 30) -> TuneJob:
+        return TuneJob.from_proto(self._unary(self.tuning.GetTuneJob, tuning_pb2.GetTuneJobRequest(id=job_id), timeout))
+
+    def list_tune_jobs(self, timeout: float | None = 30) -> list[TuneJob]:
+        """Every job the server keeps, newest first."""
+        jobs, token = [], ""
+        while True:
+            page = self._unary(self.tuning.ListTuneJobs, tuning_pb2.ListTuneJobsRequest(page_token=token), timeout)
+            jobs += [TuneJob.from_proto(job) for job in page.tune_jobs]
+            if not (token := page.next_page_token):
+                return jobs
+
+    def cancel_tune_job(self, job_id: str, timeout: float | None = 30) -> TuneJob:
+        request = tuning_pb2.CancelTuneJobRequest(id=job_id)
+        return TuneJob.from_proto(self._unary(self.tuning.CancelTuneJob, request, timeout))
+
+    def delete_tune_job(self, job_id: str, timeout: float | None = 30) -> None:
+        self._unary(self.tuning.DeleteTuneJob, tuning_pb2.DeleteTuneJobRequest(id=job_id), timeout)
+
+    def delete_model(self, model_id: str, timeout: float | None = 60) -> None:
+        self._unary(self.tuning.DeleteModel, tuning_pb2.DeleteModelRequest(id=model_id), timeout, retry=False)
+
+    def wait_tune_job(self, job_id: str, progress: JobProgressFn | None = None, timeout: float | None = None
+                      ) -> TuneJob:
+        """Watch a job until it ends (each change to `progress`); the ended job."""
+        try:
+            for update in self.tuning.WatchTuneJob(tuning_pb2.WatchTuneJobRequest(id=job_id), timeout=timeout,
+                                                   metadata=self.metadata):
+                job = TuneJob.from_proto(update)
+                if progress is not None:
+                    progress(job)
+        except grpc.RpcError as e:
+            raise ServerError(e.code(), e.details()) from None
+        return job
+
+    def tune(self, model_id: str, video: bytes, caption: str, *, base: str = "", wait: bool = True,
+             progress: JobProgressFn | None = None, timeout: float | None = None, **settings) -> TuneJob:
+        """Create a tune job and, with `wait`, watch it until it ends; the job (check `.state`)."""
+        job = self.create_tune_job(model_id, video, caption, base=base, **settings)
+        return self.wait_tune_job(job.id, progress, timeout) if wait else job
+
 
 class AsyncClient(_Base):
     """The asyncio twin of `Client` (same arguments, same methods, awaited)."""
@@ -302,6 +405,7 @@ class AsyncClient(_Base):
         else:
             self.channel = grpc.aio.secure_channel(self.target, self.credentials, CHANNEL_OPTIONS)
         self.stub = pb2_grpc.VideoGenerationStub(self.channel)
+        self.tuning = tuning_pb2_grpc.TuningStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     async def _reconnect(self) -> None:
@@ -338,14 +442,14 @@ class AsyncClient(_Base):
                 await self._reconnect()
             attempt += 1
 
-    async def _unary(self, method, request, timeout: float | None):
+    async def _unary(self, method, request, timeout: float | None, retry: bool = True):
         deadline = _deadline(timeout)
         attempt = 0
         while True:
             try:
                 return await method(request, timeout=_remaining(deadline), metadata=self.metadata)
             except grpc.RpcError as e:
-                delay = self._retry_delay(e, attempt, deadline)
+                delay = self._retry_delay(e, attempt, deadline) if retry else None
                 if delay is None:
                     raise ServerError(e.code(), e.details()) from None
             await asyncio.sleep(delay)
@@ -364,3 +468,49 @@ class AsyncClient(_Base):
                                                                timeout=timeout))
         except grpc.RpcError as e:
             raise ServerError(e.code(), e.details()) from None
+
+    async def create_tune_job(self, model_id: str, video: bytes, caption: str, *, base: str = "",
+                              timeout: float | None = 120, **settings) -> TuneJob:
+        request = make_tune_request(model_id, video, caption, base, **settings)
+        return TuneJob.from_proto(await self._unary(self.tuning.CreateTuneJob, request, timeout, retry=False))
+
+    async def get_tune_job(self, job_id: str, timeout: float | None = 30) -> TuneJob:
+        request = tuning_pb2.GetTuneJobRequest(id=job_id)
+        return TuneJob.from_proto(await self._unary(self.tuning.GetTuneJob, request, timeout))
+
+    async def list_tune_jobs(self, timeout: float | None = 30) -> list[TuneJob]:
+        jobs, token = [], ""
+        while True:
+            page = await self._unary(self.tuning.ListTuneJobs, tuning_pb2.ListTuneJobsRequest(page_token=token),
+                                     timeout)
+            jobs += [TuneJob.from_proto(job) for job in page.tune_jobs]
+            if not (token := page.next_page_token):
+                return jobs
+
+    async def cancel_tune_job(self, job_id: str, timeout: float | None = 30) -> TuneJob:
+        request = tuning_pb2.CancelTuneJobRequest(id=job_id)
+        return TuneJob.from_proto(await self._unary(self.tuning.CancelTuneJob, request, timeout))
+
+    async def delete_tune_job(self, job_id: str, timeout: float | None = 30) -> None:
+        await self._unary(self.tuning.DeleteTuneJob, tuning_pb2.DeleteTuneJobRequest(id=job_id), timeout)
+
+    async def delete_model(self, model_id: str, timeout: float | None = 60) -> None:
+        await self._unary(self.tuning.DeleteModel, tuning_pb2.DeleteModelRequest(id=model_id), timeout,
+                          retry=False)
+
+    async def wait_tune_job(self, job_id: str, progress: JobProgressFn | None = None,
+                            timeout: float | None = None) -> TuneJob:
+        try:
+            async for update in self.tuning.WatchTuneJob(tuning_pb2.WatchTuneJobRequest(id=job_id), timeout=timeout,
+                                                         metadata=self.metadata):
+                job = TuneJob.from_proto(update)
+                if progress is not None:
+                    progress(job)
+        except grpc.RpcError as e:
+            raise ServerError(e.code(), e.details()) from None
+        return job
+
+    async def tune(self, model_id: str, video: bytes, caption: str, *, base: str = "", wait: bool = True,
+                   progress: JobProgressFn | None = None, timeout: float | None = None, **settings) -> TuneJob:
+        job = await self.create_tune_job(model_id, video, caption, base=base, **settings)
+        return await self.wait_tune_job(job.id, progress, timeout) if wait else job

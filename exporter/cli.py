@@ -41,7 +41,7 @@ from tuner import artefacts
 from tuner.artefacts import ArtefactError, TunedModel, apply_adapter
 from tuner.components import BaseModelError, base_model_hash, load_components
 from tuner.inflate import inflate, is_trainable
-from tuner.io_utils import atomic_directory, sha256_files
+from tuner.io_utils import atomic_directory, file_lock, sha256_files
 from tuner.versions import versions
 
 STORE_DIR = ".engines"
@@ -72,7 +72,7 @@ def adapter_arrays(adapter: dict[str, torch.Tensor], dtype: torch.dtype = torch.
 def build_store_entry(model: TunedModel, entry: Path, precision: str, progress) -> dict:
     """Export and check the base graphs into `entry` (atomically); return its index."""
     dtype = PRECISIONS[precision]
-    components = load_components(model.config["base"]["path"], "cpu", dtype)
+    components = load_components(model.base_path, "cpu", dtype)
     # The text encoder stays fp32 at every precision: it runs once per prompt, and CLIP traced in fp16 mixes
     # fp16 and fp32 inputs in its LayerNorm, which ONNX Runtime refuses.
     components.text_encoder.float()
@@ -168,7 +168,7 @@ def export(
         raise ExportError(f"{run}: {e}") from e
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}")
-    base = Path(model.config["base"]["path"])
+    base = model.base_path
     try:
         if base_model_hash(base) != model.config["base"]["sha256"]:
             raise ExportError(f"the base model {base} changed since {run} was tuned (content hash differs)")
@@ -185,12 +185,13 @@ def export(
 
     key = store_key(model, precision)
     entry = store_root / key
-    index = load_store_entry(entry)
-    if index is None:
-        progress(f"building shared base graphs in {entry}")
-        index = build_store_entry(model, entry, precision, progress)
-    else:
-        progress(f"reusing shared base graphs in {entry}")
+    with file_lock(store_root / f".{key}.lock"):  # tuning workers sharing the store build an entry once
+        index = load_store_entry(entry)
+        if index is None:
+            progress(f"building shared base graphs in {entry}")
+            index = build_store_entry(model, entry, precision, progress)
+        else:
+            progress(f"reusing shared base graphs in {entry}")
 
     adapter = model.adapter()
     unet_path = entry / index["graphs"]["unet_adapter_inputs"]["file"]
@@ -213,8 +214,8 @@ def export(
         dtype = PRECISIONS[precision]
         save_file({k: v.to(dtype).contiguous() for k, v in adapter.items()}, tmp / artefacts.ENGINE_ADAPTER_FILE)
         save_file({"latents": latents.contiguous()}, tmp / artefacts.ENGINE_SOURCE_FILE)
-        shutil.copytree(Path(model.config["base"]["path"]) / "tokenizer", tmp / "tokenizer")
-        shutil.copy(Path(model.config["base"]["path"]) / "scheduler" / "scheduler_config.json",
+        shutil.copytree(model.base_path / "tokenizer", tmp / "tokenizer")
+        shutil.copy(model.base_path / "scheduler" / "scheduler_config.json",
                     tmp / artefacts.SCHEDULER_FILE)
         manifest = build_manifest(model, index, key, os.path.relpath(entry, out), precision, weight_map, tuned_check)
         manifest["adapter_sha256"] = sha256_files([tmp / artefacts.ENGINE_ADAPTER_FILE], tmp)
@@ -231,7 +232,7 @@ def export(
 
 def check_tuned_unet(model: TunedModel, unet_path: Path, adapter: dict[str, torch.Tensor]) -> dict:
     """The base UNet graph with the adapter as initializer overrides must match the tuned PyTorch UNet."""
-    components = load_components(model.config["base"]["path"])
+    components = load_components(model.base_path)
     unet = inflate(components.unet, *model.architecture)
     apply_adapter(unet, adapter)
     spec = next(s for s in graph_specs(components, unet, model.latent_size, torch.float32) if s.name == "unet")
@@ -257,21 +258,21 @@ def build_manifest(model: TunedModel, index: dict, key: str, store_path: str, pr
         "sdpa_pattern": index["sdpa_pattern"],
         "checks": {"base": index["checks"], "tuned_unet": tuned_check},
         "weight_map": weight_map,
-        "model": {"model_hash": model.model_hash, "base_path": c["base"]["path"], "base_sha256": c["base"]["sha256"],
+        "model": {"model_hash": model.model_hash, "base_path": model.base_id, "base_sha256": c["base"]["sha256"],
                   "prompt": c["prompt"], "attention_mode": c["attention_mode"],
                   "group_norm": model.architecture[1], "frames": c["frames"]},
         "latent_channels": sample[1],
         "latent_size": [c["latent_height"], c["latent_width"]],
         "pixel_size": [c["height"], c["width"]],
         "text_shape": text[1:],
-        "scaling_factor": _scaling_factor(c["base"]["path"]),
+        "scaling_factor": _scaling_factor(model.base_path),
         "fps": c["fps"],
         "defaults": c.get("recommended", {"guidance": 12.5, "steps": 50}),
         "producer": versions(),
     }
 
 
-def _scaling_factor(base: str) -> float:
+def _scaling_factor(base: Path) -> float:
     return float(json.loads((Path(base) / "vae" / "config.json").read_text()).get("scaling_factor", 0.18215))
 
 

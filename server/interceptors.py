@@ -3,10 +3,12 @@
 Every call but the health service's passes `AdmissionInterceptor`, which answers, in this order:
 
 1. **Token** (when auth is on): a call without a valid `authorization: Bearer <token>` is refused
-   UNAUTHENTICATED *before its request body is read*. grpc.aio reads a unary request before it calls the handler,
-   so the interceptor hands back a request-streaming handler that aborts without reading: the body never leaves
-   HTTP/2 flow control, so a caller without a token costs a few kilobytes, whatever it sends (measured: 16 clients
-   sending 64 MiB requests kept the server under 80 MB). Refusals are counted and logged at most every 10 s.
+   UNAUTHENTICATED, and a generation token calling an admin method (the Tuning service: tune jobs, model
+   deletion) PERMISSION_DENIED, *before its request body is read*. grpc.aio reads a unary request before it
+   calls the handler, so the interceptor hands back a request-streaming handler that aborts without reading: the
+   body never leaves HTTP/2 flow control, so a caller without a token costs a few kilobytes, whatever it sends
+   (measured: 16 clients sending 64 MiB requests for 60 s left the server at a peak of 511 MiB, about its idle
+   size). Refusals are counted and logged at most every 10 s.
 2. **Calls in flight**: at most `max_calls` admitted calls at once; past it RESOURCE_EXHAUSTED.
 3. **Request bytes in flight**: a call reserves twice the largest request its method may carry while its body is
    received (the raw bytes and the parsed message coexist), then keeps twice its actual size until it ends (a
@@ -39,6 +41,7 @@ from server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+ADMIN_PREFIXES = ("/tuneavideo.v1.Tuning/",)
 SMALL_REQUEST_BYTES = 64 << 10  # what a request without a clip may reasonably be
 AUTH_LOG_INTERVAL = 10.0  # seconds between log lines about refused tokens
 
@@ -119,33 +122,38 @@ def _request_streaming_handler(handler: grpc.RpcMethodHandler, behaviour: Callab
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """See the module docstring."""
 
-    def __init__(self, tokens: list[str], limits: Limits, metrics: Metrics) -> None:
-        self._tokens = [token.encode() for token in tokens]
+    def __init__(self, tokens: list[str], admin_tokens: list[str], limits: Limits, metrics: Metrics) -> None:
+        self._tokens = {"admin": [t.encode() for t in admin_tokens], "user": [t.encode() for t in tokens]}
+        self._auth = bool(tokens or admin_tokens)
         self.limits = limits
         self.metrics = metrics
         self.calls = 0
         self.budget: ByteBudget | None = None  # made on the server's event loop, at the first call
         self.refusals = RefusalLog()
 
-    def _authorized(self, metadata: tuple | None) -> bool:
-        if not self._tokens:
-            return True
+    def _role(self, metadata: tuple | None) -> str | None:
+        """"admin", "user" or None (no valid token) for a call's metadata; "admin" for everyone when auth is off."""
+        if not self._auth:
+            return "admin"
         for key, value in metadata or ():
             if key == "authorization":
                 scheme, _, token = str(value).partition(" ")
                 given = token.strip().encode()
                 # compare with every token (no early exit) so the time taken says nothing about them
-                matches = [hmac.compare_digest(given, known) for known in self._tokens]
-                return scheme.lower() == "bearer" and any(matches)
-        return False
+                found = [role for role, known in self._tokens.items() for t in known if hmac.compare_digest(given, t)]
+                return found[0] if scheme.lower() == "bearer" and found else None
+        return None
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
         rpc = _rpc_name(details.method)
-        if not self._authorized(details.invocation_metadata):
+        role = self._role(details.invocation_metadata)
+        if role is None:
             return _request_streaming_handler(handler, self._refuse_token(rpc))
+        if role != "admin" and details.method.startswith(ADMIN_PREFIXES):
+            return _request_streaming_handler(handler, self._refuse_role(rpc))
         if handler.request_streaming:  # reflection: its requests are small and read one by one
             return handler
         if self.budget is None:
@@ -159,6 +167,13 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             self.refusals.refused(rpc, context.peer())
             await self._fail(context, rpc, grpc.StatusCode.UNAUTHENTICATED,
                              "missing or wrong bearer token (send metadata 'authorization: Bearer <token>')")
+
+        return refuse
+
+    def _refuse_role(self, rpc: str) -> Callable:
+        async def refuse(request_iterator, context: grpc.aio.ServicerContext) -> None:
+            await self._fail(context, rpc, grpc.StatusCode.PERMISSION_DENIED,
+                             f"{rpc} needs the admin token (a generation token cannot tune or delete)")
 
         return refuse
 

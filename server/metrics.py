@@ -3,7 +3,8 @@ served over plain HTTP by prometheus_client's `start_http_server`.
 
 Exposed: calls by method, final status code and model (those refused before their handler ran too), calls
 refused for a missing or wrong token, queue depth, running requests, per-phase latency histograms (queue wait,
-text, encode, invert, sample, decode, output encoding, total) and latency per frame.
+text, encode, invert, sample, decode, output encoding, total) and latency per frame; and for the tuning service,
+tune jobs by state (the queue length is the `queued` count) and the tuning and export seconds of finished jobs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600, 1800)
+TUNE_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 FRAME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -30,6 +32,11 @@ class Metrics:
         self.frame_seconds = Histogram("tav_seconds_per_frame",
                                        "Generation seconds (text encoding to output encoding) per frame",
                                        ["model"], buckets=FRAME_BUCKETS, registry=self.registry)
+        self.tune_jobs = Gauge("tav_tune_jobs", "Tune jobs in the registry by state (every replica reads the same "
+                               "registry: aggregate with max, not sum)", ["state"], registry=self.registry)
+        self.tune_seconds = Histogram("tav_tune_seconds", "Seconds of the tuning and export stages of jobs that "
+                                      "published a model (each job observed once, by one replica)", ["stage"],
+                                      buckets=TUNE_BUCKETS, registry=self.registry)
         self._http = None
 
     def count(self, method: str, code: grpc.StatusCode, model: str = "-") -> None:

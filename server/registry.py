@@ -109,6 +109,7 @@ class ModelEntry:
     config: dict
     backends: list[str]
     identity: str  # the content of its tav_config.json and engines/manifest.json, hashed
+    base: str  # the base model's name
     tokenizer: CLIPTokenizer | None = None
     cost: Cost | None = None
     defaults: dict = field(default_factory=dict)
@@ -136,7 +137,7 @@ def read_entry(path: Path, backend: str) -> ModelEntry:
     if backend not in backends:
         raise ArtefactError(f"no {backend} engines (run tav-export)")
     identity = hashlib.sha256(json.dumps([tuned.config, manifest], sort_keys=True).encode()).hexdigest()
-    return ModelEntry(path.name, path, tuned.config, backends, identity,
+    return ModelEntry(path.name, path, tuned.config, backends, identity, tuned.base_id,
                       defaults=dict(tuned.config.get("recommended", {})))
 
 

@@ -1,9 +1,11 @@
-"""`tav-serve`: the gRPC server. Assembles the service, the worker, health, reflection, admission (optional
-bearer-token auth, calls and request bytes in flight), TLS, message-size, connection and stream limits, keepalive,
-metrics and the background rescan of the repository, then runs until SIGTERM or SIGINT and drains (DESIGN.md
-section 6): health NOT_SERVING, no new requests, the running request and the queued ones that finish within the
-grace period complete, the rest are answered UNAVAILABLE before their work starts, exit 0. If the worker itself
-fails, health says NOT_SERVING and the process exits 1, for its supervisor to restart it.
+"""`tav-serve`: the gRPC server. Assembles the generation service, the tuning service (over Redis and Celery
+with `--broker`, else with a local worker process of its own), the worker, health, reflection, admission
+(optional bearer-token auth with generation and admin tokens, calls and request bytes in flight), TLS,
+message-size, connection and stream limits, keepalive, metrics and the background rescan of the repository, then
+runs until SIGTERM or SIGINT and drains (DESIGN.md section 6): health NOT_SERVING, no new requests, the running
+request and the queued ones that finish within the grace period complete, the rest are answered UNAVAILABLE
+before their work starts, exit 0. If the worker itself fails, health says NOT_SERVING and the process exits 1,
+for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,18 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tuneavideo.v1 import tuneavideo_pb2_grpc as pb2_grpc
+from tuneavideo.v1 import tuning_pb2_grpc
 
+from jobs.bases import load_bases, parse_base
+from jobs.store import JobStore
 from server.engines import BACKENDS, check_backend
 from server.generate import MAX_SOURCE_BYTES
 from server.interceptors import AdmissionInterceptor, Limits, read_tokens
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.service import SERVICE_NAME, VideoGenerationService
+from server.tuning import SERVICE_NAME as TUNING_SERVICE_NAME
+from server.tuning import TuningService
 from server.worker import NOT_STARTED, Failed, FairQueue, Worker
 
 log = logging.getLogger("tav-serve")
@@ -39,7 +46,8 @@ MAX_RECEIVE_BYTES = MAX_SOURCE_BYTES + (1 << 20)  # the largest source clip, plu
 MAX_SEND_BYTES = 4 << 20  # result chunks are at most 1 MiB
 MAX_METADATA_BYTES = 16 << 10
 STOP_SECONDS = 1.0  # after the grace period, for the last answers to go out before what still runs is cancelled
-GENERATE_METHOD = f"/{SERVICE_NAME}/Generate"
+LARGE_REQUESTS = {method: MAX_RECEIVE_BYTES  # the methods that carry a clip
+                  for method in (f"/{SERVICE_NAME}/Generate", f"/{TUNING_SERVICE_NAME}/CreateTuneJob")}
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -68,6 +76,14 @@ class ServerConfig:
     max_connections: int = 256
     max_streams: int = 32  # concurrent calls on one connection
     rescan_seconds: float = 2.0  # how stale the served view of the repository may get
+    admin_tokens: list[str] = field(default_factory=list)  # tokens that may tune and delete
+    broker: str | None = None  # redis://... for Celery workers; None: a local worker process
+    bases: dict[str, str] = field(default_factory=dict)  # allowed bases for tuning, besides shapes-sd
+    max_queued_jobs: int = 16
+    max_job_seconds: float = 7200.0
+    max_job_attempts: int = 3  # runs of a job whose worker keeps dying
+    job_retention_hours: float = 168.0
+    dead_after: float = 20.0  # seconds without a heartbeat before a tuning worker counts as dead
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -79,11 +95,14 @@ class ServerConfig:
             raise ValueError(f"--grace must be 0 or more seconds, got {self.grace}")
         for name, value in [("max-request-seconds", self.max_request_seconds),
                             ("max-connection-age", self.max_connection_age),
-                            ("engine-cache-gb", self.engine_cache_bytes), ("rescan-seconds", self.rescan_seconds)]:
+                            ("engine-cache-gb", self.engine_cache_bytes), ("rescan-seconds", self.rescan_seconds),
+                            ("max-job-seconds", self.max_job_seconds),
+                            ("job-retention-hours", self.job_retention_hours), ("dead-after", self.dead_after)]:
             if not value > 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
         for name, value in [("max-queue", self.max_queue), ("max-calls", self.max_calls),
-                            ("max-connections", self.max_connections), ("max-streams", self.max_streams)]:
+                            ("max-connections", self.max_connections), ("max-streams", self.max_streams),
+                            ("max-queued-jobs", self.max_queued_jobs), ("max-job-attempts", self.max_job_attempts)]:
             if value < 1:
                 raise ValueError(f"--{name} must be at least 1, got {value}")
         if self.max_request_bytes < 2 * MAX_RECEIVE_BYTES:
@@ -92,7 +111,7 @@ class ServerConfig:
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_calls, self.max_request_bytes, {GENERATE_METHOD: MAX_RECEIVE_BYTES}, self.receive_wait)
+        return Limits(self.max_calls, self.max_request_bytes, LARGE_REQUESTS, self.receive_wait)
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -129,6 +148,7 @@ class TavServer:
         self.queue = FairQueue(config.max_queue)
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
         self.service = VideoGenerationService(self.registry, self.queue, self.metrics, config.max_request_seconds)
+        self.bases = load_bases(config.bases)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -142,15 +162,18 @@ class TavServer:
         loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         self._closed = asyncio.Event()
-        admission = AdmissionInterceptor(config.tokens, config.limits, self.metrics)
+        admission = AdmissionInterceptor(config.tokens, config.admin_tokens, config.limits, self.metrics)
         self.server = grpc.aio.server(interceptors=[admission], options=grpc_options(config))
+        self.store = self._job_store()
+        self.tuning = TuningService(self.store, self.registry, self.bases, self.metrics, config.max_queued_jobs)
         pb2_grpc.add_VideoGenerationServicer_to_server(self.service, self.server)
+        tuning_pb2_grpc.add_TuningServicer_to_server(self.tuning, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, TUNING_SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
         if config.reflection:
-            reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
-                                                self.server)
+            reflection.enable_server_reflection((SERVICE_NAME, TUNING_SERVICE_NAME, HEALTH_SERVICE_NAME,
+                                                 reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
         try:
             if config.tls_cert is not None:
@@ -172,6 +195,17 @@ class TavServer:
                  "TLS" if config.tls_cert else "plaintext", config.backend, len(self.registry.models))
         return self.port
 
+    def _job_store(self) -> JobStore:
+        """The tuning service's registry: Redis (shared with the Celery workers) or the local worker's."""
+        config = self.config
+        if config.broker is not None:
+            from jobs.redis_store import RedisJobStore
+
+            return RedisJobStore(config.broker, config.max_job_seconds)
+        from jobs.local import LocalJobStore
+
+        return LocalJobStore(config.repo, config.device, config.max_job_seconds, config.max_job_attempts)
+
     def _spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
@@ -190,10 +224,18 @@ class TavServer:
         log.info("serving %s", ", ".join(sorted(self.registry.models)) or "no models")
 
     async def _watch(self) -> None:
-        """Every `rescan_seconds`: look at the repository again (off the event loop), and check that the worker
-        is alive."""
+        """Every `rescan_seconds`: look at the repository again (off the event loop), check that the worker is
+        alive, and keep the tune jobs' registry (housekeeping, metrics, the Tuning health entry)."""
+        config, tuning_status = self.config, None
         while not self.draining:
-            await asyncio.sleep(self.config.rescan_seconds)
+            reachable = await self.tuning.sweep(config.dead_after, config.max_job_attempts,
+                                                config.job_retention_hours * 3600)
+            if (SERVING if reachable else NOT_SERVING) != tuning_status:
+                tuning_status = SERVING if reachable else NOT_SERVING
+                await self.health.set(TUNING_SERVICE_NAME, tuning_status)
+                log.log(logging.INFO if reachable else logging.ERROR, "tuning service %s",
+                        "serving" if reachable else "not serving: its job store is unreachable")
+            await asyncio.sleep(config.rescan_seconds)
             await asyncio.to_thread(self.registry.scan)
             if not self.worker.is_alive() and not self.draining:
                 self._failed("the worker thread is gone")
@@ -238,6 +280,7 @@ class TavServer:
         await self.server.stop(STOP_SECONDS)
         if not await asyncio.to_thread(self.worker.join, 60):
             log.warning("the worker did not stop within 60 s")
+        await self.store.close()
         self.metrics.close()
         log.info("stopped")
         self._closed.set()
@@ -318,6 +361,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-streams", type=int, default=d.max_streams, help="concurrent calls on one connection")
     p.add_argument("--rescan-seconds", type=float, default=d.rescan_seconds,
                    help="how often the repository is looked at again (the served view is at most this stale)")
+    tuning = p.add_argument_group("tuning service")
+    tuning.add_argument("--broker", help="redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS): the job registry "
+                        "and Celery broker shared with tav-tune-worker; default: a local worker process")
+    tuning.add_argument("--broker-file", type=Path, help="read the broker URL from this file (keeps a password "
+                        "out of the process list)")
+    tuning.add_argument("--admin-token-file", type=Path, help="tokens (one a line) that may tune and delete models")
+    tuning.add_argument("--base", action="append", default=[], metavar="ID=DIR_OR_HUB_ID",
+                        help="a base model jobs may tune from (repeatable; shapes-sd is always allowed)")
+    tuning.add_argument("--max-queued-jobs", type=int, default=d.max_queued_jobs)
+    tuning.add_argument("--max-job-seconds", type=float, default=d.max_job_seconds)
+    tuning.add_argument("--max-job-attempts", type=int, default=d.max_job_attempts,
+                        help="runs of a job whose worker keeps dying before it fails")
+    tuning.add_argument("--job-retention-hours", type=float, default=d.job_retention_hours,
+                        help="how long ended jobs are kept")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -330,6 +387,11 @@ def main(argv: list[str] | None = None) -> None:
             engine_cache_bytes=int(args.engine_cache_gb * 2**30), max_calls=args.max_calls,
             max_request_bytes=args.max_request_mib << 20, max_connections=args.max_connections,
             max_streams=args.max_streams, rescan_seconds=args.rescan_seconds,
+            admin_tokens=read_tokens(args.admin_token_file) if args.admin_token_file else [],
+            broker=args.broker_file.read_text().strip() if args.broker_file else args.broker,
+            bases=dict(parse_base(arg) for arg in args.base), max_queued_jobs=args.max_queued_jobs,
+            max_job_seconds=args.max_job_seconds, max_job_attempts=args.max_job_attempts,
+            job_retention_hours=args.job_retention_hours,
         )
         code = asyncio.run(run(config))
     except (OSError, ValueError) as e:

@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -243,7 +242,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
         config = entry.config
         profiles = [pb2.Profile(batch=b, frames=f, latent_height=h, latent_width=w) for b, f, h, w in entry.profiles]
         return pb2.ModelInfo(
-            id=entry.id, base_model=Path(config["base"]["path"]).name, width=config["width"],
+            id=entry.id, base_model=entry.base, width=config["width"],
             height=config["height"], frames=config["frames"], source_frames=config.get("source_frames", 0),
             fps=config["fps"], source_prompt=config["prompt"], attention_mode=config["attention_mode"],
             backends=entry.backends, backend=self.registry.backend, profiles=profiles,

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import inspect
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +20,12 @@ grpc_tools = pytest.importorskip("grpc_tools", reason="grpcio-tools (the dev ext
 from grpc_tools import protoc  # noqa: E402
 
 PROTOS = Path(__file__).resolve().parents[1] / "protos"
-PROTO = "tuneavideo/v1/tuneavideo.proto"
-STUBS = ("tuneavideo_pb2.py", "tuneavideo_pb2.pyi", "tuneavideo_pb2_grpc.py")
+PROTO_FILES = ("tuneavideo/v1/tuneavideo.proto", "tuneavideo/v1/tuning.proto")
+STUB_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+DOCUMENTED = ("GenerateRequest", "GetModelRequest", "CreateTuneJobRequest", "TuneSettings", "GetTuneJobRequest",
+              "ListTuneJobsRequest", "CancelTuneJobRequest", "DeleteTuneJobRequest", "WatchTuneJobRequest",
+              "DeleteModelRequest")
+BUF = shutil.which("buf") or next((str(p) for p in [Path(sys.executable).parent / "buf"] if p.exists()), None)
 # Lines that only stamp the generator's version: a newer grpcio-tools may change them, nothing else.
 VERSION_STAMPS = [
     re.compile(r"^# Protobuf Python Version: .*$", re.M),
@@ -29,7 +36,7 @@ VERSION_STAMPS = [
 
 def run_protoc(*args: str) -> None:
     include = str(Path(protoc.__file__).parent / "_proto")
-    assert protoc.main(["protoc", f"-I{PROTOS}", f"-I{include}", *args, str(PROTOS / PROTO)]) == 0
+    assert protoc.main(["protoc", f"-I{PROTOS}", f"-I{include}", *args, *(str(PROTOS / f) for f in PROTO_FILES)]) == 0
 
 
 def without_version_stamps(text: str) -> str:
@@ -40,23 +47,35 @@ def without_version_stamps(text: str) -> str:
 
 def test_committed_stubs_match_the_proto(tmp_path):
     run_protoc(f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}")
-    for name in STUBS:
-        fresh = (tmp_path / "tuneavideo" / "v1" / name).read_text()
-        committed = (PROTOS / "tuneavideo" / "v1" / name).read_text()
-        assert without_version_stamps(fresh) == without_version_stamps(committed), (
-            f"{name} is out of date: regenerate the stubs (protos/README.md)")
+    for proto in PROTO_FILES:
+        for suffix in STUB_SUFFIXES:
+            name = proto.removesuffix(".proto") + suffix
+            fresh, committed = (tmp_path / name).read_text(), (PROTOS / name).read_text()
+            assert without_version_stamps(fresh) == without_version_stamps(committed), (
+                f"{name} is out of date: regenerate the stubs (make protos)")
 
 
 def test_every_request_and_model_field_is_documented(tmp_path):
     run_protoc(f"--descriptor_set_out={tmp_path / 'set.pb'}", "--include_source_info")
     files = descriptor_pb2.FileDescriptorSet.FromString((tmp_path / "set.pb").read_bytes())
-    proto = files.file[0]
-    comments = {tuple(loc.path): loc.leading_comments for loc in proto.source_code_info.location}
-    for index, message in enumerate(proto.message_type):
-        if message.name not in ("GenerateRequest", "GetModelRequest"):
-            continue
-        for number, field in enumerate(message.field):
-            assert comments.get((4, index, 2, number), "").strip(), f"{message.name}.{field.name} has no comment"
+    checked = set()
+    for proto in files.file:
+        comments = {tuple(loc.path): loc.leading_comments for loc in proto.source_code_info.location}
+        for index, message in enumerate(proto.message_type):
+            if message.name not in DOCUMENTED:
+                continue
+            checked.add(message.name)
+            for number, field in enumerate(message.field):
+                if field.type_name.endswith(".TuneSettings"):
+                    continue  # a message documented field by field
+                assert comments.get((4, index, 2, number), "").strip(), f"{message.name}.{field.name} has no comment"
+    assert checked == set(DOCUMENTED)
+
+
+@pytest.mark.skipif(BUF is None, reason="needs the buf CLI (.ci/run installs it: npm install @bufbuild/buf)")
+def test_buf_lint_passes_with_the_rules_protos_buf_yaml_names():
+    result = subprocess.run([BUF, "lint"], cwd=PROTOS, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_core_option_names_are_request_field_names():

@@ -16,6 +16,7 @@ file is read through `read_json`, bounded in size and checked against its schema
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,8 @@ CONFIG_SCHEMA = {
     "properties": {
         "format": {"const": "tav-tuned-model"},
         "format_version": {"type": "integer"},
-        "base": {"type": "object", "required": ["path", "sha256"], "properties": {"path": _STRING, "sha256": _STRING}},
+        "base": {"type": "object", "required": ["path", "sha256"],
+                 "properties": {"path": _STRING, "sha256": _STRING, "id": _STRING}},
         "attention_mode": {"enum": ["sparse_causal", "per_frame", "full"]},
         "group_norm": {"enum": ["per_frame", "per_clip"]},
         "prompt": {"type": "string", "minLength": 1},
@@ -135,6 +137,17 @@ class TunedModel:
         return cls(path, config)
 
     @property
+    def base_path(self) -> Path:
+        """The base model's directory: recorded relative to this directory when it lies in the same repository
+        (the base store a tuning worker fills), so it is found wherever the repository is mounted."""
+        return self.path / self.config["base"]["path"]
+
+    @property
+    def base_id(self) -> str:
+        """The base's name: its id in the tuning service's allow-list, else its directory's name."""
+        return self.config["base"].get("id") or Path(self.config["base"]["path"]).name
+
+    @property
     def model_hash(self) -> str:
         """Identifies the tuned weights: base model hash and adapter hash together."""
         return f"{self.config['base']['sha256'][:16]}-{self.config['adapter_sha256'][:16]}"
@@ -163,6 +176,12 @@ class TunedModel:
             raise ArtefactError(f"{SOURCE_FILE}: 'latents' must be [C, N, {self.latent_size[0]}, "
                                 f"{self.latent_size[1]}] ({CONFIG_FILE}'s latent size)")
         return frames.numpy(), latents
+
+
+def base_reference(base: Path, model_dir: Path) -> str:
+    """How a tuned model directory records its base: relative when both lie in one repository, else absolute."""
+    base, model_dir = base.resolve(), model_dir.resolve()
+    return os.path.relpath(base, model_dir) if base.is_relative_to(model_dir.parent) else str(base)
 
 
 def adapter_state(unet: VideoUNet) -> dict[str, torch.Tensor]:
@@ -205,7 +224,7 @@ def load_tuned(
 ) -> tuple[TunedModel, Components]:
     """Load a tuned model directory into ready components whose `unet` is the tuned video UNet."""
     model = TunedModel.open(run)
-    components = load_components(model.config["base"]["path"], device, dtype)
+    components = load_components(model.base_path, device, dtype)
     inflate(components.unet, *model.architecture)
     apply_adapter(components.unet, model.adapter())
     return model, components

@@ -1,7 +1,9 @@
-"""Small filesystem helpers shared by every writer of artefacts: atomic directories and content hashes."""
+"""Small filesystem helpers shared by every writer of artefacts: atomic directories, locks between the processes
+that write one repository, and content hashes."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -23,6 +25,7 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{out} already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's is private; readers (serving replicas) may run as another user
     try:
         yield tmp
         if out.exists():
@@ -35,6 +38,19 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) against every other process that takes it: a POSIX
+    record lock, which NFS (a ReadWriteMany volume shared by tuning workers) carries between machines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def sha256_files(paths: list[Path], root: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,25 +87,30 @@ def is_tuned(out: str | Path, base: str | Path, prompt: str, settings: TuneSetti
     """Whether `out` already holds a finished model tuned from this very base (path and content) on `prompt`
     with `settings`, so that a script may reuse it instead of tuning again."""
     try:
-        config = artefacts.TunedModel.open(out).config
+        model = artefacts.TunedModel.open(out)
     except artefacts.ArtefactError:
         return False
-    base = Path(base).resolve()
-    return (config["base"] == {"path": str(base), "sha256": base_model_hash(base)} and config["prompt"] == prompt
-            and config["settings"] == asdict(settings))
+    config = model.config
+    return (model.base_path.resolve() == Path(base).resolve() and config["base"]["sha256"] == base_model_hash(base)
+            and config["prompt"] == prompt and config["settings"] == asdict(settings))
 
 
 def tune(
     base: str | Path,
-    video: str | Path,
+    video: str | Path | bytes,
     prompt: str,
     out: str | Path,
     settings: TuneSettings | None = None,
     overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
+    on_step: Callable[[int, int, float], None] | None = None,
+    base_id: str | None = None,
 ) -> Path:
-    """Tune `base` on `video` captioned `prompt` and write the tuned model directory `out`."""
+    """Tune `base` on `video` (a file, a folder of frames, or encoded bytes) captioned `prompt` and write the tuned
+    model directory `out`. `on_step(step, total,
+    loss)` is called after every step (raise from it to stop: nothing is written); `base_id` names the base in
+    the tuned model's config (default: its directory's name)."""
     s = settings or TuneSettings()
     out = Path(out)
     if s.attention_mode not in ATTENTION_MODES:
@@ -118,6 +124,7 @@ def tune(
     if not prompt.strip():
         raise TuneError("--prompt is empty")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    source_name = f"an uploaded clip of {len(video)} bytes" if isinstance(video, bytes) else str(video)
     if s.mixed_precision != "no" and device.type != "cuda":
         raise TuneError("--mixed-precision needs a CUDA device")
 
@@ -128,7 +135,7 @@ def tune(
     except (BaseModelError, VideoError) as e:
         raise TuneError(str(e)) from e
     if len(clip) < s.frames:
-        raise TuneError(f"{video} gives only {len(clip)} frames from index {s.start} at stride {s.stride}; "
+        raise TuneError(f"{source_name} gives only {len(clip)} frames from index {s.start} at stride {s.stride}; "
                         f"--frames asks for {s.frames}")
     try:
         base_hash = base_model_hash(base)
@@ -161,7 +168,7 @@ def tune(
     started = time.perf_counter()
     loss_value = float("nan")
     bar = tqdm(range(s.steps), desc="tuning", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
+    for step in bar:
         latent_noise = torch.randn(clean_mean.shape, generator=generator).to(device)
         latents = clean_mean + clean_std * latent_noise  # a sample of the VAE posterior, as the reference trains
         noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -176,15 +183,18 @@ def tune(
         grad_scaler.update()
         loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.4f}")
+        if on_step is not None:
+            on_step(step + 1, s.steps, loss_value)
     seconds = time.perf_counter() - started
     unet.eval()
 
     config = {
-        "base": {"path": str(Path(base).resolve()), "sha256": base_hash},
+        "base": {"path": artefacts.base_reference(Path(base), out), "sha256": base_hash,
+                 "id": base_id or Path(base).resolve().name},
         "attention_mode": s.attention_mode,
         "group_norm": s.group_norm,
         "prompt": prompt,
-        "video": str(video),
+        "video": source_name,
         "frames": s.frames,
         "width": width,
         "height": height,

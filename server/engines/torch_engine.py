@@ -79,11 +79,10 @@ class TorchEngines(Engines):
 
 
 def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype) -> SharedBase:
-    base = model.config["base"]
-    key = (base["path"], base["sha256"], *model.architecture, str(device), dtype)
+    key = (str(model.base_path.resolve()), model.config["base"]["sha256"], *model.architecture, str(device), dtype)
     shared = _BASES.get(key)
     if shared is None:
-        components = load_components(base["path"], device, dtype)
+        components = load_components(model.base_path, device, dtype)
         inflate(components.unet, *model.architecture)
         shared = _BASES[key] = SharedBase(components)
     return shared
@@ -111,6 +110,6 @@ def load_torch_model(run: str | Path, device: str | None = None, name: str | Non
         model_hash=model.model_hash,
         pixel_size=(config["height"], config["width"]),
         defaults=dict(config.get("recommended", {"guidance": 12.5, "steps": 50})),
-        info={"base_model": config["base"]["path"], "prompt": config["prompt"], "frames": config["frames"],
+        info={"base_model": model.base_id, "prompt": config["prompt"], "frames": config["frames"],
               "attention_mode": config["attention_mode"]},
     )

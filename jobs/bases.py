@@ -1,0 +1,100 @@
+"""The base models the tuning service tunes from.
+
+The server accepts only the bases on the allow-list it is started with (`tav-serve --base ID=DIR_OR_HUB_ID`,
+repeatable; the shipped shapes model is allowed as `shapes-sd`). A source is a local diffusers directory or a hub
+id, which `huggingface_hub` resolves through its cache (offline mode honoured): only the Stable Diffusion 1.x
+folders' configs, tokenizer files and safetensors weights are fetched, never a pickled `.bin` or `.ckpt`.
+
+A worker copies the base into the repository's content-addressed base store, `REPO/.bases/<sha256>/`, before it
+tunes; the tuned model refers to it by a path relative to its own directory, so every replica that mounts the
+repository loads what a worker tuned, wherever the repository is mounted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuner.components import BaseModelError, base_model_hash, check_base_dir
+from tuner.io_utils import atomic_directory, file_lock
+from tuner.shapes import SHAPES_MODEL
+
+DEFAULT_BASES = {"shapes-sd": str(SHAPES_MODEL)}
+BASE_STORE = ".bases"
+HUB_PATTERNS = [  # what a Stable Diffusion 1.x base needs, and nothing pickled
+    "model_index.json", "scheduler/*.json", "tokenizer/*.json", "tokenizer/*.txt",
+    *(f"{part}/*.{kind}" for part in ("unet", "vae", "text_encoder") for kind in ("json", "safetensors")),
+]
+
+
+@dataclass(frozen=True)
+class Base:
+    """An allowed base, resolved to a local directory."""
+
+    id: str
+    source: str  # as the allow-list gives it: a directory or a hub id
+    path: Path
+    size_multiple: int  # width and height must be multiples of this
+    default_size: int  # the base's native size in pixels
+
+
+def parse_base(arg: str) -> tuple[str, str]:
+    """`ID=DIR_OR_HUB_ID` -> (id, source)."""
+    base_id, sep, source = arg.partition("=")
+    if not sep or not base_id or not source:
+        raise ValueError(f"--base {arg!r}: expected ID=DIR_OR_HUB_ID")
+    return base_id, source
+
+
+def resolve(source: str) -> Path:
+    """A local diffusers directory for a source: the directory itself, or a hub id's snapshot (through the
+    cache; nothing but `HUB_PATTERNS`)."""
+    if Path(source).is_dir():
+        return check_base_dir(source)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return check_base_dir(snapshot_download(source, allow_patterns=HUB_PATTERNS))
+    except (HFValidationError, LocalEntryNotFoundError, OSError) as e:
+        raise BaseModelError(f"base {source!r} is neither a directory nor a hub id in reach ({e})") from e
+
+
+def load_base(base_id: str, source: str) -> Base:
+    """Resolve an allowed base and read its size rules (from its configs: no weights are loaded)."""
+    path = resolve(source)
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    size_multiple = vae_factor * 2 ** (len(unet["block_out_channels"]) - 1)
+    return Base(base_id, source, path, size_multiple, int(unet["sample_size"]) * vae_factor)
+
+
+def load_bases(specs: dict[str, str]) -> dict[str, Base]:
+    """The allow-list: id -> source (`DEFAULT_BASES` unless overridden), each resolved; a base that cannot be
+    resolved is a BaseModelError naming it."""
+    bases = {}
+    for base_id, source in {**DEFAULT_BASES, **specs}.items():
+        try:
+            bases[base_id] = load_base(base_id, source)
+        except (BaseModelError, OSError, KeyError, ValueError) as e:
+            raise BaseModelError(f"--base {base_id}={source}: {e}") from e
+    return bases
+
+
+def materialise(source: Path, repo: Path) -> Path:
+    """The base's copy in the repository's base store, named by its content hash: made once, atomically, under a
+    lock shared by every worker of the repository."""
+    store = repo / BASE_STORE
+    target = store / base_model_hash(source)
+    with file_lock(store / ".lock"):
+        if not target.is_dir():
+            with atomic_directory(target) as tmp:
+                for item in source.iterdir():
+                    if item.is_dir():
+                        shutil.copytree(item, tmp / item.name)
+                    elif not item.name.startswith("."):
+                        shutil.copy2(item, tmp / item.name)
+    return target

@@ -1,0 +1,173 @@
+"""`tav-tune-worker --broker redis://... --repo DIR`: a tuning worker. One Celery worker with the solo pool runs one
+tune job at a time on this machine's GPU (or CPU), in its own process (never forked after CUDA is initialised;
+see `jobs.celery_app` for the queue settings). Beside it, a control thread takes model deletions for the
+repository, and the janitor removes what killed workers left behind (at start and after every job).
+
+A job's progress, heartbeat and end go to the job registry in Redis (`jobs.redis_store`); the server's sweep
+runs a job again under a new attempt when its heartbeat stops, which turns the stale message of the dead attempt
+into a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from jobs import work
+from jobs.celery_app import QUEUE, TUNE_TASK, make_app
+from jobs.redis_store import RedisWorkerStore
+from jobs.spec import CANCELLED, FAILED, READY, Job
+
+log = logging.getLogger("tav-tune-worker")
+
+HEARTBEAT_SECONDS = 2.0
+DEAD_AFTER = 20.0  # seconds without a heartbeat before a job counts as orphaned (the server's default too)
+FINISH_RETRY_SECONDS = 600.0  # how long a worker keeps trying to record a job's end while Redis is away
+
+
+@dataclass
+class Worker:
+    store: RedisWorkerStore
+    repo: Path
+    name: str
+    device: str | None
+    max_job_seconds: float
+
+    def clean_leftovers(self) -> None:
+        removed = work.clean_leftovers(self.repo, lambda job_id, attempt: self.store.running(job_id, attempt,
+                                                                                               DEAD_AFTER))
+        if removed:
+            log.info("removed what killed workers left: %s", ", ".join(removed))
+
+    def run(self, job_id: str, attempt: int) -> None:
+        """The `tav.tune` task: claim the job's attempt (a stale message claims nothing), run it, record its end."""
+        claimed = self.store.claim(job_id, attempt, self.name)
+        if claimed is None:
+            log.info("job %s attempt %d: nothing to do (cancelled, done, or run again under a later attempt)",
+                     job_id, attempt)
+            return
+        job, clip = claimed
+        log.info("job %s (attempt %d): tuning model %s", job.id, job.attempt, job.model_id)
+        hooks = RedisHooks(self.store, job, time.monotonic() + self.max_job_seconds)
+        try:
+            outcome = work.run(job, clip, self.repo, hooks, self.device)
+            self._finish(job, READY, tuning_seconds=outcome.tuning_seconds, export_seconds=outcome.export_seconds)
+            log.info("job %s: model %s published", job.id, job.model_id)
+        except work.Stopped as e:
+            if not hooks.superseded:
+                self._finish(job, CANCELLED if e.cancelled else FAILED, failure_reason="" if e.cancelled else str(e))
+            log.info("job %s stopped: %s", job.id, e)
+        except Exception as e:  # noqa: BLE001 - every failure ends the job with a reason; the worker goes on
+            reason = work.failure_reason(e)
+            log.exception("job %s failed: %s", job.id, reason)
+            self._finish(job, FAILED, failure_reason=reason)
+        finally:
+            hooks.close()
+            self.clean_leftovers()
+
+    def _finish(self, job: Job, state: str, **values) -> None:
+        deadline = time.monotonic() + FINISH_RETRY_SECONDS
+        while True:
+            try:
+                self.store.finish(job, state, **values)
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("job %s: Redis is unreachable; retrying to record its end", job.id)
+                time.sleep(2.0)
+
+    def serve_control(self, stop: threading.Event) -> None:
+        """Take model deletions from the registry's control list until `stop`."""
+        while not stop.is_set():
+            try:
+                request = self.store.next_control(timeout=2)
+                if request is not None:
+                    model_id = request["delete_model"]
+                    deleted = work.delete_model(self.repo, model_id)
+                    log.info("model %s %s", model_id, "deleted" if deleted else "not found, nothing deleted")
+                    self.store.reply(request["reply"], {"deleted": deleted})
+            except redis.ConnectionError:
+                time.sleep(2.0)
+
+
+class RedisHooks:
+    """A running job's link to its record: progress, a heartbeat thread, the cancel flag and the time limit."""
+
+    def __init__(self, store: RedisWorkerStore, job: Job, deadline: float) -> None:
+        self.store, self.job, self.deadline = store, job, deadline
+        self.superseded = False  # the server ran the job again elsewhere: this attempt must end quietly
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._beating, name=f"heartbeat-{job.id}", daemon=True)
+        self._beat.start()
+
+    def _record(self, **values) -> None:
+        try:
+            if not self.store.update(self.job, **values):
+                self.superseded = True
+        except redis.ConnectionError:
+            pass  # Redis is away: the next beat tries again
+
+    def _beating(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            self._record()
+
+    def progress(self, state: str, step: int = 0, total: int = 0, loss: float = 0.0) -> None:
+        self._record(**work.progress_fields(state, step, total, loss))
+
+    def stop_reason(self) -> work.Stopped | None:
+        if self.superseded:
+            return work.Stopped("this attempt was superseded: the job runs again elsewhere", cancelled=False)
+        try:
+            if self.store.cancel_requested(self.job):
+                return work.Stopped("cancelled", cancelled=True)
+        except redis.ConnectionError:
+            pass
+        if time.monotonic() > self.deadline:
+            return work.Stopped("the job ran past the worker's maximum job time", cancelled=False)
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._beat.join(10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="tav-tune-worker", description="Run tune jobs from the queue, one at a time.")
+    p.add_argument("--broker", required=True, help="redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS)")
+    p.add_argument("--repo", required=True, type=Path, help="the model repository (read-write)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--name", default=f"{socket.gethostname()}-{os.getpid()}", help="this worker's name")
+    p.add_argument("--max-job-seconds", type=float, default=7200.0, help="a job running longer fails")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.repo.is_dir():
+        print(f"tav-tune-worker: error: {args.repo} is not a directory", file=sys.stderr)
+        raise SystemExit(2)
+    worker = Worker(RedisWorkerStore(args.broker), args.repo, args.name, args.device, args.max_job_seconds)
+    app = make_app(args.broker, args.max_job_seconds)
+    app.task(name=TUNE_TASK)(worker.run)
+    try:
+        worker.clean_leftovers()
+    except redis.ConnectionError as e:
+        log.warning("Redis is unreachable (%s); the janitor runs after the first job", e)
+    stop = threading.Event()
+    threading.Thread(target=worker.serve_control, args=(stop,), name="control", daemon=True).start()
+    try:
+        app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", QUEUE, "--hostname",
+                         f"{args.name}@%h", "--without-mingle", "--without-gossip", "--loglevel", "INFO"])
+    finally:
+        stop.set()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The embedded default, with no broker: the job registry in the server's memory, and one local worker process
+that the server starts itself when the first job or deletion comes (spawned: a fresh interpreter that imports the
+tuner and the exporter; the server process never does). Jobs live as long as the server process. The same
+semantics as the Redis registry: ids reserved at create, a bounded FIFO queue with positions, progress, cancel
+within one tuning step, a job whose worker died run again up to the bound on attempts (the dead process is seen
+at once and a new one started), ended jobs kept for the retention period.
+
+Server and worker talk over one `multiprocessing` pipe: the server sends `run`, `cancel` and `delete_model`; the
+worker sends `progress`, `finished` and `deleted`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from jobs import work
+from jobs.spec import CANCELLED, ENDED, FAILED, QUEUED, READY, RUNNING, TUNING, Job
+from jobs.store import (
+    DeleteRefused,
+    IdTaken,
+    JobNotFound,
+    JobStore,
+    ModelNotFound,
+    QueueFull,
+    StoreUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+class LocalJobStore(JobStore):
+    def __init__(self, repo: Path, device: str | None, max_job_seconds: float, max_attempts: int = 3) -> None:
+        self.repo, self.device, self.max_job_seconds, self.max_attempts = repo, device, max_job_seconds, max_attempts
+        self._jobs: dict[str, Job] = {}
+        self._clips: dict[str, bytes] = {}
+        self._models: dict[str, str] = {}  # model id -> the job holding it, or "deleting"
+        self._deletions: dict[str, concurrent.futures.Future] = {}
+        self._observed: set[str] = set()
+        self._sequence = 0
+        self._lock = threading.RLock()
+        self._running: str | None = None  # the job the worker runs
+        self._closed = False
+        self._process = None
+
+    # The worker process.
+
+    def _start_worker(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=worker_main, args=(child, str(self.repo), self.device,
+                                                                  self.max_job_seconds), name="tav-local-worker",
+                                        daemon=True)
+        self._process.start()
+        child.close()
+        self._send_lock = threading.Lock()
+        threading.Thread(target=self._read, args=(self._conn,), name="tav-local-worker-reader", daemon=True).start()
+        log.info("local tuning worker started (pid %d)", self._process.pid)
+
+    def _send(self, message: dict) -> None:
+        if self._process is None:
+            self._start_worker()
+        with self._send_lock:
+            self._conn.send(message)
+
+    def _read(self, conn) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                self._apply(message)
+        self._worker_died()
+
+    def _apply(self, message: dict) -> None:
+        if "deleted" in message:
+            future = self._deletions.pop(message["reply"], None)
+            if future is not None:
+                future.set_result(message["deleted"])
+            return
+        job = self._jobs.get(message["job"])
+        if job is None or job.attempt != message["attempt"] or job.state not in RUNNING:
+            return
+        job.updated = job.heartbeat = time.time()
+        if "progress" in message:
+            for name, value in message["progress"].items():
+                setattr(job, name, value)
+            return
+        job.state, job.ended = message["state"], time.time()
+        for name, value in message["values"].items():
+            setattr(job, name, value)
+        self._clips.pop(job.id, None)
+        if job.state != READY and self._models.get(job.model_id) == job.id:
+            del self._models[job.model_id]
+        self._running = None
+        self._dispatch()
+
+    def _worker_died(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            log.error("the local tuning worker died (exit code %s); starting another", self._process.exitcode)
+            job = self._jobs.get(self._running) if self._running else None
+            self._running = None
+            if job is not None:
+                self._revive(job)
+            self._start_worker()
+            self._dispatch()
+
+    def _revive(self, job: Job) -> None:
+        """Queue a job whose worker died again under its next attempt, or fail it past the bound."""
+        if job.attempt >= self.max_attempts:
+            self._end(job, FAILED, f"its tuning worker died {job.attempt} times; the clip or the settings may crash "
+                                   f"the tuner (try fewer frames or a smaller size)")
+            return
+        job.attempt += 1
+        job.state, job.worker, job.step, job.loss, job.updated = QUEUED, "", 0, 0.0, time.time()
+
+    def _end(self, job: Job, state: str, reason: str = "") -> None:
+        job.state, job.failure_reason, job.ended = state, reason, time.time()
+        job.updated = job.ended
+        self._clips.pop(job.id, None)
+        if self._models.get(job.model_id) == job.id:
+            del self._models[job.model_id]
+
+    def _dispatch(self) -> None:
+        """Hand the next queued job to the worker when it is idle (under the lock)."""
+        if self._running is not None or self._closed:
+            return
+        queued = sorted((j for j in self._jobs.values() if j.state == QUEUED), key=lambda j: j.sequence)
+        if not queued:
+            return
+        job = queued[0]
+        self._send({"run": {**job.to_fields(), "state": TUNING}, "clip": self._clips.get(job.id, b"")})
+        job.state, job.worker, job.started = TUNING, f"local-{self._process.pid}", time.time()
+        job.updated = job.heartbeat = job.started
+        self._running = job.id
+
+    # The JobStore interface.
+
+    async def ping(self) -> bool:
+        return True  # the registry is in this process
+
+    async def create(self, job: Job, clip: bytes, max_queued: int) -> Job:
+        with self._lock:
+            if sum(j.state == QUEUED for j in self._jobs.values()) >= max_queued:
+                raise QueueFull(max_queued)
+            if job.model_id in self._models:
+                raise IdTaken(job.model_id, self._models[job.model_id])
+            self._sequence += 1
+            job.sequence, job.sent = self._sequence, True
+            self._models[job.model_id] = job.id
+            self._jobs[job.id] = job
+            self._clips[job.id] = clip
+            self._dispatch()
+            return Job.from_fields(job.to_fields())
+
+    async def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            return Job.from_fields(job.to_fields())  # a copy: the reader thread changes the original
+
+    async def position(self, job: Job) -> int:
+        with self._lock:
+            return sum(j.state == QUEUED and j.sequence < job.sequence for j in self._jobs.values())
+
+    async def list(self, page_size: int, page_token: str) -> tuple[list[Job], str]:
+        with self._lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: (j.created, j.sequence), reverse=True)
+            start = int(page_token or 0)
+            page = [Job.from_fields(j.to_fields()) for j in jobs[start : start + page_size]]
+            return page, str(start + page_size) if start + page_size < len(jobs) else ""
+
+    async def cancel(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.state == QUEUED:
+                job.cancel_requested = True
+                self._end(job, CANCELLED)
+            elif job.state in RUNNING:
+                job.cancel_requested, job.updated = True, time.time()
+                self._send({"cancel": job.id})
+        return await self.get(job_id)
+
+    async def delete(self, job_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.state not in ENDED:
+                raise DeleteRefused(f"job {job_id} is {job.state}: cancel it first, or wait for it to end")
+            self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        del self._jobs[job.id]
+        self._clips.pop(job.id, None)
+        if self._models.get(job.model_id) == job.id:
+            del self._models[job.model_id]
+
+    async def delete_model(self, model_id: str, timeout: float) -> None:
+        with self._lock:
+            holder = self._models.get(model_id)
+            if holder == "deleting":
+                raise DeleteRefused(f"model {model_id!r} is being deleted already")
+            if holder is not None and self._jobs.get(holder) and self._jobs[holder].state not in ENDED:
+                raise DeleteRefused(f"tune job {holder} is making model {model_id!r}; cancel it first")
+            self._models[model_id] = "deleting"
+            reply = uuid.uuid4().hex
+            future = self._deletions[reply] = concurrent.futures.Future()
+            self._send({"delete_model": model_id, "reply": reply})
+        try:
+            if not await asyncio.wait_for(asyncio.wrap_future(future), timeout):
+                raise ModelNotFound(model_id)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"the local tuning worker did not delete {model_id!r} within {timeout:.0f} s") \
+                from None
+        finally:
+            with self._lock:
+                self._deletions.pop(reply, None)
+                if self._models.get(model_id) == "deleting":
+                    del self._models[model_id]
+
+    async def sweep(self, dead_after: float, max_attempts: int, retention: float) -> list[Job]:
+        now, ended = time.time(), []
+        with self._lock:
+            for job in list(self._jobs.values()):
+                if job.state not in ENDED:
+                    continue
+                if job.ended < now - retention:
+                    self._forget(job)
+                elif job.id not in self._observed:
+                    self._observed.add(job.id)
+                    ended.append(Job.from_fields(job.to_fields()))
+            self._observed &= set(self._jobs)
+        return ended
+
+    async def counts(self) -> dict[str, int]:
+        with self._lock:
+            counts: dict[str, int] = {}
+            for job in self._jobs.values():
+                counts[job.state] = counts.get(job.state, 0) + 1
+            return counts
+
+    async def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        if self._process is not None:
+            self._process.terminate()
+            await asyncio.to_thread(self._process.join, 30)
+            self._conn.close()
+
+
+class PipeHooks:
+    """The local worker's link to the server: progress over the pipe, the cancel flag set by its reader thread,
+    the time limit."""
+
+    def __init__(self, send, job: Job, cancelled: threading.Event, deadline: float) -> None:
+        self.send, self.job, self.cancelled, self.deadline = send, job, cancelled, deadline
+
+    def progress(self, state: str, step: int = 0, total: int = 0, loss: float = 0.0) -> None:
+        self.send({"job": self.job.id, "attempt": self.job.attempt,
+                   "progress": work.progress_fields(state, step, total, loss)})
+
+    def stop_reason(self) -> work.Stopped | None:
+        if self.cancelled.is_set():
+            return work.Stopped("cancelled", cancelled=True)
+        if time.monotonic() > self.deadline:
+            return work.Stopped("the job ran past the worker's maximum job time", cancelled=False)
+        return None
+
+
+def worker_main(conn, repo: str, device: str | None, max_job_seconds: float) -> None:
+    """The local worker process: run the jobs the server sends, one at a time; delete models when asked."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s tav-local-worker: %(message)s")
+    repo_path = Path(repo)
+    removed = work.clean_leftovers(repo_path, lambda job_id, attempt: False)  # the only worker: nothing runs yet
+    if removed:
+        log.info("removed what a killed worker left: %s", ", ".join(removed))
+    send_lock = threading.Lock()
+
+    def send(message: dict) -> None:
+        with send_lock:
+            conn.send(message)
+
+    jobs: queue.Queue = queue.Queue()
+    cancelled: dict[str, threading.Event] = {}
+
+    def read() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                jobs.put(None)
+                return
+            if "run" in message:
+                job = Job.from_fields(message["run"])
+                cancelled[job.id] = threading.Event()
+                jobs.put((job, message["clip"]))
+            elif "cancel" in message:
+                cancelled.get(message["cancel"], threading.Event()).set()
+            elif "delete_model" in message:
+                send({"deleted": work.delete_model(repo_path, message["delete_model"]), "reply": message["reply"]})
+
+    threading.Thread(target=read, name="reader", daemon=True).start()
+    while (item := jobs.get()) is not None:
+        job, clip = item
+        hooks = PipeHooks(send, job, cancelled[job.id], time.monotonic() + max_job_seconds)
+        values: dict = {}
+        try:
+            outcome = work.run(job, clip, repo_path, hooks, device)
+            state, values = READY, {"tuning_seconds": outcome.tuning_seconds, "export_seconds": outcome.export_seconds}
+        except work.Stopped as e:
+            state = CANCELLED if e.cancelled else FAILED
+            values = {"failure_reason": "" if e.cancelled else str(e)}
+        except Exception as e:  # noqa: BLE001 - every failure ends the job with a reason; the worker goes on
+            log.exception("job %s failed", job.id)
+            state, values = FAILED, {"failure_reason": work.failure_reason(e)}
+        send({"job": job.id, "attempt": job.attempt, "state": state, "values": values})
+        cancelled.pop(job.id, None)

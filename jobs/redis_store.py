@@ -1,0 +1,356 @@
+"""The job registry in Redis, which Celery alone does not give: every job's state, progress and place in the
+queue, cancel flags and model-id reservations. Each change that must not be half-made is one Lua script (Redis
+runs a script atomically), so two servers or workers never see a job half-changed.
+
+Keys (prefix `tav:`):
+
+  job:<id>        hash: the job's record (`jobs.spec.Job.to_fields`), plus `sent` and `observed` flags
+  clip:<id>       the clip's bytes, until the job ends
+  jobs            sorted set of every job id, by creation time (listing, retention)
+  queue           sorted set of queued job ids, by queue order (a job's position is its rank)
+  running         set of job ids a worker runs
+  model:<id>      who holds a model id: a job id, or "deleting"; set when a job is created, so two jobs can never
+                  claim one id and a deletion cannot race a publish
+  seq             the queue order counter
+  control         list of requests for any worker (model deletions); `reply:<uuid>` carries the answer back
+
+Redis runs with append-only persistence (`appendfsync always`, deploy/redis): a job is acknowledged when
+CreateTuneJob returns, and from then on survives a worker crash and a Redis restart.
+
+`RedisJobStore` is the server's side (redis.asyncio, never blocking the event loop); `RedisWorkerStore` the
+worker's (claim a job, report progress, heartbeat, finish, take control requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+
+import redis
+import redis.asyncio
+
+from jobs.celery_app import TUNE_TASK, make_app, task_id
+from jobs.spec import ENDED, RUNNING, Job
+from jobs.store import (
+    DeleteRefused,
+    IdTaken,
+    JobNotFound,
+    JobStore,
+    ModelNotFound,
+    QueueFull,
+    StoreUnavailable,
+)
+
+PREFIX = "tav:"
+CONTROL = PREFIX + "control"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def clip_key(job_id: str) -> str:
+    return f"{PREFIX}clip:{job_id}"
+
+
+def model_key(model_id: str) -> str:
+    return f"{PREFIX}model:{model_id}"
+
+
+JOBS, QUEUE, RUNNING_SET, SEQ = PREFIX + "jobs", PREFIX + "queue", PREFIX + "running", PREFIX + "seq"
+
+# KEYS: job, clip, jobs, queue, model, seq. ARGV: id, created, max queued, clip, then field/value pairs.
+CREATE = """
+if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then return {'full', ''} end
+local holder = redis.call('GET', KEYS[5])
+if holder then return {'taken', holder} end
+redis.call('SET', KEYS[5], ARGV[1])
+local seq = redis.call('INCR', KEYS[6])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'sequence', seq, 'sent', 'false')
+redis.call('SET', KEYS[2], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
+return {'ok', tostring(seq)}
+"""
+# KEYS: job, queue, running. ARGV: id, attempt, worker, now.
+CLAIM = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then
+  return 0
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'tuning', 'worker', ARGV[3], 'started', ARGV[4], 'heartbeat', ARGV[4],
+           'updated', ARGV[4], 'step', '0', 'loss', '0.0')
+return 1
+"""
+# KEYS: job. ARGV: attempt, then field/value pairs. Returns 0 when the attempt is no longer the job's.
+UPDATE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] or (state ~= 'tuning' and state ~= 'exporting') then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+# KEYS: job, running, clip, model. ARGV: id, attempt, state, now, then field/value pairs.
+FINISH = """
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'tuning' and state ~= 'exporting' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'ended', ARGV[4], 'updated', ARGV[4], unpack(ARGV, 5))
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+if ARGV[3] ~= 'ready' and redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+return 1
+"""
+# KEYS: job, queue, clip, model. ARGV: id, now. Returns the job's state after the call.
+CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return '' end
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel_requested', 'true', 'ended', ARGV[2], 'updated', ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[3])
+  if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+  return 'cancelled'
+end
+if state == 'tuning' or state == 'exporting' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', 'true', 'updated', ARGV[2])
+end
+return state
+"""
+# KEYS: job, queue, running, clip, model. ARGV: id, attempt, max attempts, now, stale before, reason.
+# A running job whose heartbeat is older than `stale before`: queued again under the next attempt, or failed.
+REVIVE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if (state ~= 'tuning' and state ~= 'exporting') or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2]
+   or tonumber(redis.call('HGET', KEYS[1], 'heartbeat')) >= tonumber(ARGV[5]) then
+  return 'alive'
+end
+redis.call('SREM', KEYS[3], ARGV[1])
+if tonumber(ARGV[2]) >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'ended', ARGV[4], 'updated', ARGV[4], 'failure_reason', ARGV[6])
+  redis.call('DEL', KEYS[4])
+  if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+  return 'failed'
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', tostring(tonumber(ARGV[2]) + 1), 'worker', '',
+           'step', '0', 'loss', '0.0', 'heartbeat', '0', 'sent', 'false', 'updated', ARGV[4])
+redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'sequence'), ARGV[1])
+return 'queued'
+"""
+# KEYS: job, jobs, clip, model. ARGV: id. An ended job only.
+DELETE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if state ~= 'ready' and state ~= 'failed' and state ~= 'cancelled' then return state end
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+return 'deleted'
+"""
+# KEYS: model. ARGV: key prefix of jobs. Reserve a model id for its deletion unless a live job holds it.
+RESERVE_DELETE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == 'deleting' then return 'deleting' end
+if holder then
+  local state = redis.call('HGET', ARGV[1] .. holder, 'state')
+  if state == 'queued' or state == 'tuning' or state == 'exporting' then return 'busy:' .. holder end
+end
+redis.call('SET', KEYS[1], 'deleting')
+return 'ok'
+"""
+
+
+def _fields(values: dict) -> list[str]:
+    return [str(item) for pair in values.items() for item in pair]
+
+
+class RedisJobStore(JobStore):
+    """The server's side of the registry (asyncio). Celery's `send_task` is blocking I/O, so it runs in a thread."""
+
+    def __init__(self, url: str, max_job_seconds: float, transport_options: dict | None = None) -> None:
+        self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
+                                                  health_check_interval=5)
+        self.celery = make_app(url, max_job_seconds, transport_options)
+        self._scripts = {name: self.redis.register_script(source) for name, source in (
+            ("create", CREATE), ("cancel", CANCEL), ("revive", REVIVE), ("delete", DELETE),
+            ("reserve_delete", RESERVE_DELETE))}
+
+    async def _call(self, coroutine):
+        """Run a Redis call; an unreachable Redis is StoreUnavailable."""
+        try:
+            return await coroutine
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            raise StoreUnavailable(f"the job store (Redis) is unreachable: {e}") from None
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return False
+
+    async def create(self, job: Job, clip: bytes, max_queued: int) -> Job:
+        script = self._scripts["create"]
+        keys = [job_key(job.id), clip_key(job.id), JOBS, QUEUE, model_key(job.model_id), SEQ]
+        verdict, detail = await self._call(script(keys, [job.id, job.created, max_queued, clip,
+                                                         *_fields(job.to_fields())]))
+        if verdict == b"full":
+            raise QueueFull(max_queued)
+        if verdict == b"taken":
+            raise IdTaken(job.model_id, detail.decode())
+        job.sequence = int(detail)
+        await self._send(job)
+        return job
+
+    async def _send(self, job: Job) -> None:
+        await asyncio.to_thread(self.celery.send_task, TUNE_TASK, args=[job.id, job.attempt],
+                                task_id=task_id(job.id, job.attempt))
+        await self._call(self.redis.hset(job_key(job.id), "sent", "true"))
+
+    async def get(self, job_id: str) -> Job:
+        data = await self._call(self.redis.hgetall(job_key(job_id)))
+        if not data:
+            raise JobNotFound(job_id)
+        return Job.from_fields(data)
+
+    async def position(self, job: Job) -> int:
+        rank = await self._call(self.redis.zrank(QUEUE, job.id))
+        return int(rank or 0)
+
+    async def list(self, page_size: int, page_token: str) -> tuple[list[Job], str]:
+        below = float(base64.urlsafe_b64decode(page_token).decode()) if page_token else None
+        top = f"({below!r}" if below is not None else "+inf"
+        ids = await self._call(self.redis.zrevrangebyscore(JOBS, top, "-inf", start=0, num=page_size + 1,
+                                                           withscores=True))
+        page = ids[:page_size]
+        jobs = await self._jobs([job_id for job_id, _ in page])
+        token = base64.urlsafe_b64encode(repr(page[-1][1]).encode()).decode() if len(ids) > page_size else ""
+        return jobs, token
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.get(job_id)
+        keys = [job_key(job_id), QUEUE, clip_key(job_id), model_key(job.model_id)]
+        state = (await self._call(self._scripts["cancel"](keys, [job_id, time.time()]))).decode()
+        if state == "cancelled":  # was queued: its message, if a worker has not taken it yet, is dropped
+            await asyncio.to_thread(self.celery.control.revoke, task_id(job_id, job.attempt))
+        return await self.get(job_id)
+
+    async def delete(self, job_id: str) -> None:
+        job = await self.get(job_id)
+        verdict = await self._delete(job)
+        if verdict == "missing":
+            raise JobNotFound(job_id)
+        if verdict != "deleted":
+            raise DeleteRefused(f"job {job_id} is {verdict}: cancel it first, or wait for it to end")
+
+    async def _delete(self, job: Job) -> str:
+        keys = [job_key(job.id), JOBS, clip_key(job.id), model_key(job.model_id)]
+        return (await self._call(self._scripts["delete"](keys, [job.id]))).decode()
+
+    async def delete_model(self, model_id: str, timeout: float) -> None:
+        verdict = (await self._call(self._scripts["reserve_delete"]([model_key(model_id)], [PREFIX + "job:"])
+                                    )).decode()
+        if verdict == "deleting":
+            raise DeleteRefused(f"model {model_id!r} is being deleted already")
+        if verdict.startswith("busy:"):
+            raise DeleteRefused(f"tune job {verdict[5:]} is making model {model_id!r}; cancel it first")
+        reply = f"{PREFIX}reply:{uuid.uuid4().hex}"
+        try:
+            await self._call(self.redis.rpush(CONTROL, json.dumps({"delete_model": model_id, "reply": reply})))
+            answer = await self._call(self.redis.blpop([reply], timeout=timeout))
+        finally:
+            await self._call(self.redis.delete(model_key(model_id)))
+        if answer is None:
+            raise StoreUnavailable(f"no tuning worker answered within {timeout:.0f} s to delete {model_id!r}; "
+                                   f"is one running?")
+        if not json.loads(answer[1])["deleted"]:
+            raise ModelNotFound(model_id)
+
+    async def sweep(self, dead_after: float, max_attempts: int, retention: float) -> list[Job]:
+        now = time.time()
+        for job in await self._jobs(await self._call(self.redis.smembers(RUNNING_SET))):
+            reason = (f"its tuning worker ({job.worker}) stopped answering {max_attempts} times; the clip or the "
+                      f"settings may crash the tuner (try fewer frames or a smaller size)")
+            verdict = (await self._call(self._scripts["revive"](
+                [job_key(job.id), QUEUE, RUNNING_SET, clip_key(job.id), model_key(job.model_id)],
+                [job.id, job.attempt, max_attempts, now, now - dead_after, reason]))).decode()
+            if verdict == "queued":
+                await self._send(await self.get(job.id))
+        for job in await self._jobs(await self._call(self.redis.zrange(QUEUE, 0, -1))):
+            if job.state == "queued" and not job.sent and job.created < now - 10:  # its server stopped first
+                await self._send(job)
+        ended = []
+        for job in await self._jobs(await self._call(self.redis.zrange(JOBS, 0, -1))):
+            if job.state not in ENDED:
+                continue
+            if job.ended < now - retention:
+                await self._delete(job)
+            elif await self._call(self.redis.hsetnx(job_key(job.id), "observed", "1")):
+                ended.append(job)
+        return ended
+
+    async def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for job in await self._jobs(await self._call(self.redis.zrange(JOBS, 0, -1))):
+            counts[job.state] = counts.get(job.state, 0) + 1
+        return counts
+
+    async def _jobs(self, ids) -> list[Job]:
+        """The records of `ids` (bytes), read in one round trip; ids deleted meanwhile are left out."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for raw in ids:
+                pipe.hgetall(job_key(raw.decode() if isinstance(raw, bytes) else raw))
+            records = await self._call(pipe.execute())
+        return [Job.from_fields(record) for record in records if record]
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class RedisWorkerStore:
+    """The worker's side of the registry (blocking calls; the worker has no event loop)."""
+
+    def __init__(self, url: str) -> None:
+        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=5)
+        self._claim = self.redis.register_script(CLAIM)
+        self._update = self.redis.register_script(UPDATE)
+        self._finish = self.redis.register_script(FINISH)
+
+    def claim(self, job_id: str, attempt: int, worker: str) -> tuple[Job, bytes] | None:
+        """Take a queued job for this attempt, with its clip; None when the message is stale (the job was
+        cancelled, ran already, or runs under a later attempt)."""
+        if not self._claim([job_key(job_id), QUEUE, RUNNING_SET], [job_id, attempt, worker, time.time()]):
+            return None
+        return Job.from_fields(self.redis.hgetall(job_key(job_id))), self.redis.get(clip_key(job_id)) or b""
+
+    def update(self, job: Job, **values) -> bool:
+        """Record progress (and the heartbeat); False when this attempt is no longer the job's."""
+        values = {**values, "heartbeat": time.time(), "updated": time.time()}
+        return bool(self._update([job_key(job.id)], [job.attempt, *_fields(values)]))
+
+    def cancel_requested(self, job: Job) -> bool:
+        return self.redis.hget(job_key(job.id), "cancel_requested") == b"true"
+
+    def finish(self, job: Job, state: str, **values) -> bool:
+        keys = [job_key(job.id), RUNNING_SET, clip_key(job.id), model_key(job.model_id)]
+        return bool(self._finish(keys, [job.id, job.attempt, state, time.time(), *_fields(values)]))
+
+    def running(self, job_id: str, attempt: int, dead_after: float) -> bool:
+        """Whether a live worker runs this attempt of the job (its heartbeat is fresh)."""
+        state, current, heartbeat = self.redis.hmget(job_key(job_id), "state", "attempt", "heartbeat")
+        return (state is not None and state.decode() in RUNNING and int(current) == attempt
+                and float(heartbeat) > time.time() - dead_after)
+
+    def next_control(self, timeout: float) -> dict | None:
+        item = self.redis.blpop([CONTROL], timeout=timeout)
+        return json.loads(item[1]) if item else None
+
+    def reply(self, key: str, answer: dict) -> None:
+        self.redis.rpush(key, json.dumps(answer))
+        self.redis.expire(key, 60)
+

@@ -1,0 +1,144 @@
+"""A tune job's work, the same on every tuning worker (Celery's and the local one): copy the base into the
+repository's base store, tune into a dot-directory beside the models, export its engines, and rename it into
+place under the model's id. Replicas ignore dot-names and the rename is atomic, so a half-written model is never
+served. The worker's hooks report progress and say when to stop: a cancel is seen within one tuning step, and
+during export at the next stage boundary.
+
+Leftovers of killed workers are dot-directories named by job id and attempt (`.job-<id>-<attempt>`);
+`clean_leftovers` removes those of jobs no live worker is running. Deleting a model renames it out of the
+repository first (every replica drops it at its next rescan), then removes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from jobs.bases import materialise, resolve
+from jobs.spec import EXPORTING, TUNING, Job
+
+log = logging.getLogger(__name__)
+
+JOB_DIR = re.compile(r"^\.+job-([0-9a-f]{32})-(\d+)")  # the job's directory and the tuner's temporary ones
+
+
+class Stopped(Exception):
+    """The job must stop at a check point; the message says why (a cancel, or its time ran out)."""
+
+    def __init__(self, reason: str, cancelled: bool) -> None:
+        super().__init__(reason)
+        self.cancelled = cancelled
+
+
+class Hooks(Protocol):
+    """What a worker tells the job's record, and asks it."""
+
+    def progress(self, state: str, step: int = 0, total: int = 0, loss: float = 0.0) -> None: ...
+
+    def stop_reason(self) -> Stopped | None:
+        """A `Stopped` when the job must stop now (cancelled, or past its time), else None."""
+
+
+@dataclass
+class Outcome:
+    tuning_seconds: float
+    export_seconds: float
+
+
+def progress_fields(state: str, step: int, total: int, loss: float) -> dict:
+    """What a progress report changes in a job's record: the state, and while tuning the step and loss."""
+    return {"state": state, "step": step, "total_steps": total, "loss": loss} if state == TUNING else {"state": state}
+
+
+def failure_reason(error: Exception) -> str:
+    """Why a job failed, as its client can act on it: the tuner's and exporter's own messages say what was
+    wrong with the input; anything else is the worker's fault (details in its log)."""
+    from exporter.onnx_export import ExportError
+    from tuner.components import BaseModelError
+    from tuner.tune import TuneError
+    from tuner.video_io import VideoError
+
+    if isinstance(error, TuneError | ExportError | BaseModelError | VideoError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+        return "the model id was taken while the job ran (a model was published under it by hand)"
+    return f"the tuning worker failed ({type(error).__name__}); its log has the details"
+
+
+def job_dir(repo: Path, job: Job) -> Path:
+    return repo / f".job-{job.id}-{job.attempt}"
+
+
+def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = None) -> Outcome:
+    """Tune, export and publish `job` into `repo`; raise `Stopped`, or the tuner's and exporter's errors."""
+    from exporter.cli import export
+    from tuner.tune import tune
+
+    def check() -> None:
+        stopped = hooks.stop_reason()
+        if stopped is not None:
+            raise stopped
+
+    hooks.progress(TUNING, 0, job.tune_settings().steps)
+    base = materialise(resolve(job.base_source), repo)
+    work = job_dir(repo, job)
+    shutil.rmtree(work, ignore_errors=True)  # a leftover of this very attempt
+    started = time.perf_counter()
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        hooks.progress(TUNING, step, total, loss)
+        check()
+
+    tune(base, clip, job.caption, work, job.tune_settings(), device=device, progress=False, on_step=on_step,
+         base_id=job.base)
+    tuned = time.perf_counter()
+    try:
+        check()
+        hooks.progress(EXPORTING)
+        export(work, progress=lambda message: log.info("job %s: %s", job.id, message))
+        check()
+        os.rename(work, repo / job.model_id)  # fails if the id was taken meanwhile (by hand): nothing is replaced
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Outcome(round(tuned - started, 3), round(time.perf_counter() - tuned, 3))
+
+
+def clean_leftovers(repo: Path, running: Callable[[str, int], bool]) -> list[str]:
+    """Remove the job directories (and the tuner's temporary ones) of attempts `running(job_id, attempt)` says
+    no live worker runs; the names removed."""
+    removed = []
+    for path in _entries(repo):
+        match = JOB_DIR.match(path.name)
+        if match and not running(match.group(1), int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+def delete_model(repo: Path, model_id: str) -> bool:
+    """Take a model out of the repository (renamed to a dot-name at once, then removed); False if it is not
+    there."""
+    gone = repo / f".deleted-{model_id}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(repo / model_id, gone)
+    except FileNotFoundError:
+        return False
+    shutil.rmtree(gone, ignore_errors=True)
+    return True
+
+
+def _entries(repo: Path) -> Iterable[Path]:
+    try:
+        return list(repo.iterdir())
+    except OSError:
+        return []
