@@ -30,7 +30,7 @@ from safetensors import safe_open
 from exporter.onnx_export import GRAPHS, ExportError
 from tuner import artefacts
 from tuner.artefacts import TunedModel
-from tuner.io_utils import atomic_directory
+from tuner.io_utils import atomic_directory, file_sha256
 from tuner.tensorrt_support import current_gpu, require_tensorrt
 
 PLANS_DIR = "tensorrt"
@@ -127,15 +127,6 @@ def _existing_plans(entry: Path, plan_dir: Path, precision: str) -> dict | None:
     except (OSError, KeyError, json.JSONDecodeError):
         return None
     return record if intact and record["precision"] == precision and set(record["plans"]) == set(GRAPHS) else None
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes (what the server checks a plan against before deserializing it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Builder:
