@@ -136,14 +136,17 @@ def load_tuned(
 
 
 # The engine directory (`RUN/engines/`, written by the exporter, read by the server):
-#   manifest.json        format version, backend(s), precision, graphs (file, I/O names, shapes, dtypes, sha256),
-#                        the UNet's profiles, opset, producer versions, store key and path, model metadata
+#   manifest.json        format version, backends, the model, shapes and the UNet's profiles, producer versions;
+#                        for ONNX: precision, graphs (file, I/O names, shapes, dtypes, sha256), opset, store key and
+#                        path (and a `tensorrt` record); for AOTInductor: an `aoti` record per device (store key and
+#                        path, precision, torch version, compile target, packages and weights with their sha256)
 #   tokenizer/           the tokenizer files
 #   scheduler_config.json
-#   adapter.safetensors  the tuned tensors under their names in the graphs
+#   adapter.safetensors  the tuned tensors (fp32) under their names in the graphs and packages
 #   source.safetensors   the source clip's scaled latents
-# The graphs themselves live once per (base model, size, precision, attention mode) in the shared store
-# `REPO/.engines/<key>/`, which the manifest points to by a path relative to the engine directory.
+# The graphs and packages themselves live once per base model (and size, precision, attention mode; device,
+# torch version and compile target for packages) in the shared store `REPO/.engines/<key>/`, which the manifest
+# points to by a path relative to the engine directory.
 ENGINE_FORMAT = "tav-engines"
 ENGINE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -186,7 +189,7 @@ class EngineDir:
 
     def verify(self, names: tuple[str, ...] | None = None) -> None:
         """Check that each graph (and the adapter) still has the content hash the manifest recorded."""
-        for name in names or tuple(self.manifest["graphs"]):
+        for name in names or tuple(self.manifest.get("graphs", {})):
             graph = self.manifest["graphs"][name]
             files = [self.store / f for f in graph["files"]]
             missing = [str(f) for f in files if not f.is_file()]
