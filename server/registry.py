@@ -54,9 +54,8 @@ def check_model_id(model_id: str, field_name: str = "model") -> None:
 
 
 def available_backends(run: Path) -> list[str]:
-    """Backends a tuned model directory has engines for: torch always (it runs the tuned weights directly),
-    onnxruntime once `tav-export` has written `RUN/engines/manifest.json`, and those the manifest lists (tensorrt
-    after `tav-export --tensorrt`)."""
+    """Backends a tuned model directory has engines for: torch always (it runs the tuned weights directly), and
+    those its engine manifest lists (`tav-export`: onnxruntime; `--tensorrt`: tensorrt; `--aoti`: aoti)."""
     manifest = run / ENGINE_MANIFEST
     if not manifest.is_file():
         return ["torch"]
@@ -64,7 +63,7 @@ def available_backends(run: Path) -> list[str]:
         listed = json.loads(manifest.read_text()).get("backends", [])
     except (OSError, ValueError, AttributeError):
         listed = []  # a broken manifest is reported when the engines load
-    return ["torch", *dict.fromkeys(["onnxruntime", *listed])]
+    return ["torch", *dict.fromkeys(b for b in listed if b != "torch")]
 
 
 def model_bytes(model: LoadedModel, run: Path) -> int:

@@ -1,4 +1,4 @@
-"""Runtime engines behind one interface (`base.Engines`): torch | onnxruntime | tensorrt."""
+"""Runtime engines behind one interface (`base.Engines`): torch | onnxruntime | tensorrt | aoti."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from server.engines.base import Engines, LoadedModel
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "aoti")
 
 
 def load_model(path: str | Path, backend: str = "torch", device: str | None = None, name: str | None = None
@@ -24,6 +24,10 @@ def load_model(path: str | Path, backend: str = "torch", device: str | None = No
         from server.engines.tensorrt_engine import load_tensorrt_model
 
         return load_tensorrt_model(path, name)
+    if backend == "aoti":
+        from server.engines.aoti_engine import load_aoti_model
+
+        return load_aoti_model(path, device, name)
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
