@@ -49,8 +49,24 @@ def check_constants(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, 
         raise ArtefactError(f"{what} does not fit its package: {'; '.join(problems[:5])}{more}")
 
 
+def check_package(model: str, path: Path, record: dict, device: torch.device) -> None:
+    """Before any of a package's code is loaded: its bytes and its weights' are those the manifest recorded, and
+    its metadata says it was built for this torch version, device and compile target."""
+    if file_sha256(path) != record["sha256"]:
+        raise ArtefactError(f"model {model!r}: package {path} does not match its recorded hash: "
+                            "re-run tav-export --aoti")
+    problems = package_problems(read_package_metadata(path), device.type, build_metadata(device.type))
+    if problems:
+        raise ArtefactError(f"model {model!r}: package {path.name} was built for {' and '.join(problems)}: "
+                            f"rebuild it here with tav-export --aoti --device {device.type}")
+    weights = path.with_name(record["weights"])
+    if file_sha256(weights) != record["weights_sha256"]:
+        raise ArtefactError(f"model {model!r}: {weights} does not match its recorded hash: re-run tav-export --aoti")
+
+
 class Package:
-    """One loaded AOTInductor package with its constants set; the tuned tensors of `active` in it (UNet)."""
+    """One loaded AOTInductor package with its constants set (checked first by `check_package`); the tuned tensors
+    of `active` in it (UNet)."""
 
     loads = 0  # packages loaded in this process: model switches must not add to it
 
@@ -59,17 +75,7 @@ class Package:
         self.inputs = record["inputs"]
         self.constants = record["constants"]
         self.device = device
-        if file_sha256(path) != record["sha256"]:
-            raise ArtefactError(f"model {model!r}: package {path} does not match its recorded hash: "
-                                "re-run tav-export --aoti")
-        problems = package_problems(read_package_metadata(path), device.type, build_metadata(device.type))
-        if problems:
-            raise ArtefactError(f"model {model!r}: package {path.name} was built for {' and '.join(problems)}: "
-                                f"rebuild it here with tav-export --aoti --device {device.type}")
         weights_path = path.with_name(record["weights"])
-        if file_sha256(weights_path) != record["weights_sha256"]:
-            raise ArtefactError(f"model {model!r}: {weights_path} does not match its recorded hash: "
-                                "re-run tav-export --aoti")
         weights = load_file(weights_path, device=str(device))
         if set(weights) != set(self.constants):
             raise ArtefactError(f"model {model!r}: {weights_path.name} does not hold the package's constants")
@@ -121,8 +127,12 @@ class Package:
 _PACKAGES: dict[tuple[str, str], Package] = {}
 
 
+def _key(path: Path, device: torch.device) -> tuple[str, str]:
+    return str(path.resolve()), str(device)
+
+
 def _package(model: str, path: Path, record: dict, device: torch.device) -> Package:
-    key = (str(path.resolve()), str(device))
+    key = _key(path, device)
     if key not in _PACKAGES:
         _PACKAGES[key] = Package(model, path, record, device)
     return _PACKAGES[key]
@@ -136,7 +146,11 @@ class AotiEngines(Engines):
         super().__init__((manifest["latent_channels"], *manifest["latent_size"]), tuple(manifest["text_shape"]))
         self.device = device
         store = (engine_dir.path / record["store"]["path"]).resolve()
-        self.packages = {name: _package(model, store / entry["file"], entry, device)
+        paths = {name: store / entry["file"] for name, entry in record["packages"].items()}
+        for name, entry in record["packages"].items():  # every package, before any is loaded
+            if _key(paths[name], device) not in _PACKAGES:
+                check_package(model, paths[name], entry, device)
+        self.packages = {name: _package(model, paths[name], entry, device)
                          for name, entry in record["packages"].items()}
         unet = self.packages["unet"]
         self.dtype = _dtype(next(i["dtype"] for i in unet.inputs if i["name"] == "sample"))
