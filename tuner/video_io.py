@@ -1,7 +1,9 @@
 """Video in and out for the whole stack: the tuner reads its training clip here and the server encodes the
 generated frames here, so every part agrees on one frame layout (uint8 RGB, [N, H, W, 3]) and one error type.
 
-Containers are decoded and encoded by PyAV (FFmpeg); images, resizing and GIFs go through Pillow.
+Containers are decoded and encoded by PyAV (FFmpeg); images, resizing and GIFs go through Pillow. PyAV is imported
+only when a container is read or written, so the rest of the stack (generation, tuning from an image folder, GIF
+and PNG output) runs on a machine without it.
 """
 
 import io
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -68,7 +69,18 @@ def read_video(source: VideoSource, max_frames: int | None = None) -> Clip:
     return _read_container(path, str(path), max_frames)
 
 
+def _av():
+    """PyAV, imported on first use."""
+    try:
+        import av
+    except ImportError as e:
+        raise VideoError("reading or writing video containers needs PyAV (pip install av); image folders, GIF output "
+                         "and PNG frames do not") from e
+    return av
+
+
 def _read_container(file: Path | io.BytesIO, name: str, max_frames: int | None) -> Clip:
+    av = _av()
     try:
         with av.open(file) as container:
             if not container.streams.video:
@@ -177,6 +189,7 @@ def encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:
 
 
 def _encode_with_av(frames: np.ndarray, fps: float, fmt: str) -> bytes:
+    av = _av()
     codec, options = _AV_ENCODERS[fmt]
     _, height, width, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
