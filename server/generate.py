@@ -199,6 +199,8 @@ class Generator:
 
         def lap(phase: str) -> None:
             nonlocal clock
+            if self.engines.device.type == "cuda":
+                torch.cuda.synchronize(self.engines.device)  # GPU work is asynchronous: charge it to its phase
             now = time.perf_counter()
             timings[phase] = timings.get(phase, 0.0) + now - clock
             clock = now
