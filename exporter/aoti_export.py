@@ -14,9 +14,10 @@ swaps a model's tuned tensors in with `load_constants`. The key adds device, pre
 target to what the graphs depend on, since a package is native code for one of each. The video UNet has one
 dynamic dimension, the batch (1 for inversion, 2 for guided sampling), at 8 frames.
 
-Each package is checked against the PyTorch module it came from, in a child process (`exporter.aoti_check`): a
-package that crashes when loaded or called fails the export with the signal and the phase, and is kept for
-diagnosis beside the entry (`<key>.failed/`).
+The networks compile in two child processes side by side (the UNet, and the other three), so a compiler crash ends
+a child and the UNet's compile time bounds the build's. Each package is then checked against the PyTorch module it
+came from, in a child process too (`exporter.aoti_check`): a package that crashes when loaded or called fails the
+export with the signal and the phase, and is kept for diagnosis beside the entry (`<key>.failed/`).
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
 UNET_BATCHES = (1, 2)
 CHECK_TIMEOUT = 1800  # seconds for the child to load and run the four packages
+COMPILE_JOB = "compile_job.json"
+COMPILE_GROUPS = (("unet",), ("text_encoder", "vae_encoder", "vae_decoder"))  # one child process each
 
 
 def check_precision(device: str, precision: str) -> None:
-    """fp32 anywhere; fp16 and bf16 on CUDA only (on these CPUs reduced precision is slower, and fp16 kernels are
-    missing on CPU for some ops)."""
+    """fp32 anywhere; fp16 and bf16 on CUDA only (on the CPUs measured here fp32 is the fast path: a bf16 matmul
+    runs at about half the fp32 rate)."""
     if precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)} with --aoti")
     if precision != "fp32" and device != "cuda":
@@ -89,61 +92,81 @@ def build_store_entry(model: TunedModel, entry: Path, device: str, precision: st
     require_aoti(device, ExportError)
     check_precision(device, precision)
     started = time.perf_counter()
-    dtype = PRECISIONS[precision]
-    components = load_components(model.config["base"]["path"], device, dtype)
-    components.text_encoder.float()  # runs once per prompt; fp32 keeps CLIP's LayerNorms exact at every precision
-    unet = inflate(components.unet, *model.architecture)
-    specs = graph_specs(components, unet, model.latent_size, dtype)
+    job = {"base": model.config["base"]["path"], "device": device, "precision": precision,
+           "latent_size": list(model.latent_size), "architecture": list(model.architecture)}
+    components, unet, specs = _networks(job)
     text_shape = [components.tokenizer.model_max_length, int(components.text_encoder.config.hidden_size)]
     index = {"format": FORMAT, "format_version": FORMAT_VERSION, "device": device, "precision": precision,
              "torch_version": torch.__version__, "compile_target": compile_target(device), "packages": {},
              "tunable": sorted(n for n in unet.state_dict() if is_trainable(n)),
              "latent_channels": int(unet.config.in_channels), "text_shape": text_shape, "producer": versions()}
-    generator = torch.Generator().manual_seed(0)
     with atomic_directory(entry, overwrite=True) as tmp:
-        plan: dict = {"device": device, "packages": {}}
-        inputs: dict[str, torch.Tensor] = {}
-        expected: dict[str, torch.Tensor] = {}
-        candidates: dict[str, dict[str, torch.Tensor]] = {}
+        progress(f"compiling the four networks with AOTInductor ({device}, {precision}) in two processes")
+        (tmp / COMPILE_JOB).write_text(json.dumps(job) + "\n")
+        _compile_in_children(tmp, COMPILE_GROUPS)
         for spec in specs:
-            progress(f"compiling {spec.name} with AOTInductor ({device}, {precision})")
-            record, candidates[spec.name] = _compile(spec, tmp, device)
-            index["packages"][spec.name] = record
-            batches = UNET_BATCHES if spec.batch_axis else (1,)
-            plan["packages"][spec.name] = {"file": record["file"], "weights": record["weights"], "batches": {}}
-            for batch in batches:
-                example = {k: v.to(device) for k, v in random_inputs(spec, batch, generator).items()}
-                keys = [f"{spec.name}/batch{batch}/{k}" for k in example]
-                inputs.update(zip(keys, example.values(), strict=True))
-                plan["packages"][spec.name]["batches"][str(batch)] = keys
-                with torch.inference_mode():
-                    expected[f"{spec.name}/batch{batch}"] = spec.module(*example.values()).float().cpu()
+            index["packages"][spec.name] = json.loads((tmp / f"{spec.name}.record.json").read_text())
         progress("checking the packages against PyTorch in a child process")
-        save_file({k: v.contiguous() for k, v in inputs.items()}, tmp / aoti_check.INPUTS_FILE)
-        (tmp / aoti_check.PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+        expected = _write_check_inputs(tmp, specs, index["packages"], device)
         checked = time.perf_counter()
         _run_check(tmp, entry)
         index["check_seconds"] = round(time.perf_counter() - checked, 2)
         constants = json.loads((tmp / aoti_check.CONSTANTS_FILE).read_text())
-        outputs = load_file(tmp / aoti_check.OUTPUTS_FILE)
-        index["checks"] = _compare(outputs, expected, precision)
+        index["checks"] = _compare(load_file(tmp / aoti_check.OUTPUTS_FILE), expected, precision)
         missing = sorted(set(index["tunable"]) - set(constants["unet"]))
         if missing:
             raise ExportError(f"tunable tensors {missing[:5]} are not constants of the UNet package (compiled into "
                               "its code), so tuned models could not be swapped in")
         for name, names in constants.items():
-            _write_weights(tmp, index["packages"][name], candidates[name], names)
-        for name in (aoti_check.INPUTS_FILE, aoti_check.OUTPUTS_FILE, aoti_check.PLAN_FILE, aoti_check.CONSTANTS_FILE):
+            _write_weights(tmp, index["packages"][name], names)
+        for name in (aoti_check.INPUTS_FILE, aoti_check.OUTPUTS_FILE, aoti_check.PLAN_FILE, aoti_check.CONSTANTS_FILE,
+                     COMPILE_JOB, *(f"{n}.record.json" for n in GRAPHS), *(f"compile-{i}.log" for i in range(2))):
             (tmp / name).unlink()
         index["build_seconds"] = round(time.perf_counter() - started, 2)
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return index
 
 
-def _compile(spec, directory: Path, device: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def _networks(job: dict):
+    """The base's components on the job's device and precision, its video UNet, and the four networks' specs."""
+    dtype = PRECISIONS[job["precision"]]
+    components = load_components(job["base"], job["device"], dtype)
+    components.text_encoder.float()  # runs once per prompt; fp32 keeps CLIP's LayerNorms exact at every precision
+    torch.manual_seed(0)  # the new temporal layers' initial values: the same in the compiling and checking processes
+    unet = inflate(components.unet, *job["architecture"])
+    return components, unet, graph_specs(components, unet, tuple(job["latent_size"]), dtype)
+
+
+def _compile_in_children(directory: Path, groups: tuple[tuple[str, ...], ...]) -> None:
+    """Compile the networks in one child process per group, side by side (`python -m exporter.aoti_export`): the
+    UNet alone takes about as long as the other three together. A compiler crash ends a child, not the export."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    children = []
+    for i, names in enumerate(groups):
+        with open(directory / f"compile-{i}.log", "w") as log:
+            command = [sys.executable, "-m", "exporter.aoti_export", str(directory), *names]
+            children.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+    for i, (names, child) in enumerate(zip(groups, children, strict=True)):
+        if child.wait() != 0:
+            tail = "\n".join((directory / f"compile-{i}.log").read_text().strip().splitlines()[-15:])
+            raise ExportError(f"compiling {', '.join(names)} with AOTInductor ended with "
+                              f"{aoti_check.describe_exit(child.returncode)}:\n{tail}")
+
+
+def compile_networks(directory: Path, names: list[str]) -> None:
+    """In a child: export and compile the named networks of the job in `directory` (see `_compile`)."""
+    job = json.loads((directory / COMPILE_JOB).read_text())
+    _, _, specs = _networks(job)
+    for spec in specs:
+        if spec.name in names:
+            record = _compile(spec, directory, job["device"])
+            (directory / f"{spec.name}.record.json").write_text(json.dumps(record) + "\n")
+
+
+def _compile(spec, directory: Path, device: str) -> dict:
     """Export one network (batch dynamic 1..2 for the UNet) and compile it to `<name>.pt2` without its weights;
-    return its index record and every tensor it might ask for as a constant."""
-    module = spec.module
+    write every tensor it might ask for as a constant to `<name>.safetensors`; return its index record."""
     example = tuple(v.to(device) for v in spec.inputs.values())
     dynamic = None
     if spec.batch_axis:
@@ -151,7 +174,7 @@ def _compile(spec, directory: Path, device: str) -> tuple[dict, dict[str, torch.
         dynamic = tuple(None if name == "timestep" else {0: batch} for name in spec.inputs)
     started = time.perf_counter()
     with torch.no_grad():
-        program = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+        program = torch.export.export(spec.module, example, dynamic_shapes=dynamic, strict=False)
     exported = time.perf_counter()
     path = directory / f"{spec.name}.pt2"
     torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={
@@ -160,14 +183,34 @@ def _compile(spec, directory: Path, device: str) -> tuple[dict, dict[str, torch.
     tensors = {name: t.detach() for name, t in {**program.state_dict, **program.constants}.items()
                if isinstance(t, torch.Tensor)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / f"{spec.name}.safetensors")
-    record = {
+    return {
         "file": path.name, "sha256": file_sha256(path), "weights": f"{spec.name}.safetensors",
         "inputs": [{"name": name, "dtype": str(v.dtype).removeprefix("torch."),
                     "shape": ["B", *v.shape[1:]] if spec.batch_axis and name != "timestep" else list(v.shape)}
                    for name, v in spec.inputs.items()],
         "export_seconds": round(exported - started, 2), "compile_seconds": round(compiled - exported, 2),
     }
-    return record, tensors
+
+
+def _write_check_inputs(directory: Path, specs, records: dict, device: str) -> dict[str, torch.Tensor]:
+    """Random inputs of each network (both batches of the UNet) and the plan for the check child; return what
+    PyTorch outputs for them."""
+    generator = torch.Generator().manual_seed(0)
+    plan: dict = {"device": device, "packages": {}}
+    inputs, expected = {}, {}
+    for spec in specs:
+        plan["packages"][spec.name] = {"file": records[spec.name]["file"], "weights": records[spec.name]["weights"],
+                                       "batches": {}}
+        for batch in UNET_BATCHES if spec.batch_axis else (1,):
+            example = {k: v.to(device) for k, v in random_inputs(spec, batch, generator).items()}
+            keys = [f"{spec.name}/batch{batch}/{k}" for k in example]
+            inputs.update(zip(keys, example.values(), strict=True))
+            plan["packages"][spec.name]["batches"][str(batch)] = keys
+            with torch.inference_mode():
+                expected[f"{spec.name}/batch{batch}"] = spec.module(*example.values()).float().cpu()
+    save_file({k: v.contiguous() for k, v in inputs.items()}, directory / aoti_check.INPUTS_FILE)
+    (directory / aoti_check.PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+    return expected
 
 
 def _run_check(directory: Path, entry: Path) -> None:
@@ -204,13 +247,19 @@ def _compare(outputs: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     return checks
 
 
-def _write_weights(directory: Path, record: dict, tensors: dict[str, torch.Tensor], names: list[str]) -> None:
+def _write_weights(directory: Path, record: dict, names: list[str]) -> None:
     """Keep exactly the constants the package asks for in its weights file; record their shapes and dtypes."""
+    path = directory / record["weights"]
+    tensors = load_file(path)
     missing = sorted(set(names) - set(tensors))
     if missing:
         raise ExportError(f"{record['file']} asks for constants the exported program does not hold: {missing[:5]}")
-    path = directory / record["weights"]
-    save_file({n: tensors[n].contiguous() for n in sorted(names)}, path)
+    save_file({n: tensors[n].contiguous() for n in sorted(names)}, path.with_name(path.name + ".tmp"))
+    os.replace(path.with_name(path.name + ".tmp"), path)
     record["weights_sha256"] = file_sha256(path)
     record["constants"] = {n: [list(tensors[n].shape), str(tensors[n].dtype).removeprefix("torch.")]
                            for n in sorted(names)}
+
+
+if __name__ == "__main__":
+    compile_networks(Path(sys.argv[1]), sys.argv[2:])

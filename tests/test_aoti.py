@@ -19,6 +19,7 @@ from grpc_helpers import ServerThread, files, kinds, request, stub
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from exporter import aoti_check, aoti_export
 from exporter.aoti_export import INDEX
 from exporter.cli import export, main
 from exporter.onnx_export import ExportError, relative_error
@@ -207,3 +208,21 @@ def test_unsupported_torch_versions_and_precisions_are_refused_clearly(aoti_repo
     with pytest.raises(SystemExit) as exit_status:
         main(["--model", str(run), "--aoti", "--device", "cpu", "--precision", "fp16"])
     assert exit_status.value.code == 2 and "needs --device cuda" in capsys.readouterr().err
+
+
+def test_a_package_that_fails_its_check_fails_the_export_and_is_kept(aoti_repo, tmp_path):
+    """The check runs in a child process: its failure (here, weights that lack the package's constants) becomes an
+    error naming the phase, and the packages stay beside the entry for a rerun of the check."""
+    record = manifest(aoti_repo[0] / "square-a")["aoti"]["cpu"]
+    store = aoti_repo[0] / ".engines" / record["store"]["key"]
+    checked = tmp_path / ".key.tmp"
+    checked.mkdir()
+    shutil.copy(store / "vae_decoder.pt2", checked / "vae_decoder.pt2")
+    save_file({"unrelated": torch.zeros(1)}, checked / "vae_decoder.safetensors")
+    save_file({"latents": torch.zeros(1, 4, 16, 16)}, checked / aoti_check.INPUTS_FILE)
+    (checked / aoti_check.PLAN_FILE).write_text(json.dumps({"device": "cpu", "packages": {"vae_decoder": {
+        "file": "vae_decoder.pt2", "weights": "vae_decoder.safetensors", "batches": {"1": ["latents"]}}}}))
+    with pytest.raises(ExportError, match=r"ended the checking process with exit code 1 while reading the \d+ "
+                                          r"constants of vae_decoder; the packages are kept in .*key\.failed"):
+        aoti_export._run_check(checked, tmp_path / "key")
+    assert (tmp_path / "key.failed" / "vae_decoder.pt2").is_file() and not checked.exists()
