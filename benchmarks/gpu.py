@@ -14,7 +14,8 @@ diffusers nor PyAV installed (benchmarks/README.md says what to bring). Nothing 
 - probe: only when the packages crashed their check in the export: the check again under CUDA_LAUNCH_BLOCKING=1
   and under `compute-sanitizer` where it is installed, to name the cause (the open question of issue 16);
 - unet: ms per video UNet call at batch 1 and 2 for each backend present and for the CUDA options of the torch
-  engine (dtype, SDPA backend, channels-last, CUDA graphs), with achieved TFLOP/s against the matmul rate;
+  engine (dtype, SDPA backend, channels-last, CUDA graphs), with achieved TFLOP/s against the matmul rate; and
+  the VAE decoding 8 frames one by one (as the loop does) against one batched call;
 - e2e: end-to-end ms per generated frame at 8 and 24 frames (50 steps), with the inversion computed and cached,
   and at 32 and 64 frames (10 steps) for flatness; per-phase times and peak memory, per backend.
 
@@ -330,7 +331,8 @@ def step_unet(setup: Setup) -> dict:
         seconds = timing["median_ms"] / 1000
         rows.setdefault(name, {})[f"batch{batch}"] = {**timing, "tflops": flops[int(batch)] / seconds / 1e12}
     return {"latent_shape": list(engines.latent_shape), "frames": engines.frames,
-            "tflop_per_call": {f"batch{b}": f / 1e12 for b, f in flops.items()}, "variants": rows, "errors": errors}
+            "tflop_per_call": {f"batch{b}": f / 1e12 for b, f in flops.items()}, "variants": rows, "errors": errors,
+            "vae_decode_8_frames": _decode_timings(setup, eager)}
 
 
 def step_e2e(setup: Setup) -> dict:
@@ -519,6 +521,29 @@ def _cuda_options(setup: Setup, eager) -> dict:
     options[f"torch {dtype}, channels-last"] = channels_last_call
     options[f"torch {dtype}, CUDA graphs"] = _GraphedUNet(unet, engines.dtype)
     return options
+
+
+def _decode_timings(setup: Setup, eager) -> dict:
+    """The torch VAE decoding 8 frames as the loop does (8 calls of one frame) against one call of all 8."""
+    from benchmarks.common import time_alternating
+
+    engines = eager.engines
+    vae = engines.components.vae
+    latents = torch.randn(8, *engines.latent_shape, device=setup.device, dtype=engines.dtype)
+
+    @torch.inference_mode()
+    def per_frame():
+        for i in range(len(latents)):
+            vae.decode(latents[i : i + 1])
+
+    @torch.inference_mode()
+    def batched():
+        vae.decode(latents)
+
+    timings = time_alternating({"8 calls of 1 frame": _synchronized(setup, per_frame, ()),
+                                "1 call of 8 frames": _synchronized(setup, batched, ())},
+                               max(2, setup.sizes["unet_repeats"] // 4), warmup=1)
+    return {name: t["median_ms"] for name, t in timings.items()}
 
 
 def _with_sdpa(call, backend):

@@ -25,6 +25,7 @@ def test_gpu_study_runs_each_step_in_a_child_and_survives_a_timeout(tmp_path, ca
     timings = result["unet"]["variants"]["torch eager fp32"]
     assert all(math.isfinite(timings[b]["median_ms"]) and timings[b]["fraction_of_matmul_rate"] > 0
                for b in ("batch1", "batch2"))
+    assert set(result["unet"]["vae_decode_8_frames"]) == {"8 calls of 1 frame", "1 call of 8 frames"}
     rows = result["e2e"]["rows"]
     assert set(rows) == {f"torch/{n}/{label}" for n in (8, 16) for label in ("inversion", "cached inversion")}
     for frames in (8, 16):  # a cached inversion costs nothing the second time
