@@ -202,6 +202,8 @@ def load_aoti_model(run: str | Path, device: str | None = None, name: str | None
     `device` (default: cuda when available): its base's packages (shared), checked, with its tuned tensors in."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     require_aoti(device.type)
+    if device.type == "cuda" and device.index is None:  # tensors say cuda:N; inputs are compared with this device
+        device = torch.device("cuda", torch.cuda.current_device())
     engine_dir, default_name = open_engine_dir(run)
     name = name or default_name
     record = engine_dir.manifest.get("aoti", {}).get(device.type)
