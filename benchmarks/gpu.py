@@ -682,12 +682,16 @@ STEP_FUNCTIONS = {"env": step_env, "base": step_base, "tune": step_tune, "export
 
 
 def main(argv: list[str] | None = None) -> None:
-    """One step, in a child process of `run`: its figures go to OUT/steps/STEP.json."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu")
-    p.add_argument("--step", required=True, choices=STEPS)
-    p.add_argument("--out", type=Path, required=True)
+    """`python -m benchmarks.gpu`: the whole study (what `tav-bench gpu` runs, without importing the other
+    studies), or with `--step` one step, in a child process of `run`, its figures in OUT/steps/STEP.json."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--step", choices=STEPS, help="run one step (what the study does in each child process)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for JSON and PNG")
     add_arguments(p)
     args = p.parse_args(argv)
+    if args.step is None:
+        print(json.dumps(run(args), indent=2))
+        return
     setup = Setup(args)
     setup.save(STEP_FUNCTIONS[args.step](setup))
 
