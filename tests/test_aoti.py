@@ -226,3 +226,30 @@ def test_a_package_that_fails_its_check_fails_the_export_and_is_kept(aoti_repo, 
                                           r"constants of vae_decoder; the packages are kept in .*key\.failed"):
         aoti_export._run_check(checked, tmp_path / "key")
     assert (tmp_path / "key.failed" / "vae_decoder.pt2").is_file() and not checked.exists()
+
+
+def test_an_exported_model_is_served_without_its_base_directory(aoti_repo, tmp_path):
+    run = _copy_model(aoti_repo[0], "square-a", tmp_path)
+    data = manifest(run)
+    data["model"]["base_path"] = str(tmp_path / "no-such-base")
+    (run / "engines" / "manifest.json").write_text(json.dumps(data))
+    copied = Generator(load_model(run, "aoti", "cpu")).generate(GenerationOptions(PROMPT, **OPTIONS)).frames
+    original = Generator(load_model(aoti_repo[0] / "square-a", "aoti", "cpu")).generate(
+        GenerationOptions(PROMPT, **OPTIONS)).frames
+    np.testing.assert_array_equal(copied, original)
+
+
+def test_exports_for_other_backends_merge_into_the_manifest(aoti_repo, tmp_path):
+    run = _copy_model(aoti_repo[0], "square-b", tmp_path)
+    aoti = manifest(run)["aoti"]
+    export(run, progress=lambda message: None, check_tuned=False)  # ONNX graphs: the aoti record stays
+    merged = manifest(run)
+    assert merged["backends"] == ["onnxruntime", "aoti"] and merged["aoti"] == aoti and "graphs" in merged
+    messages: list[str] = []
+    export(run, aoti=True, device="cpu", progress=messages.append)  # packages reused: the ONNX fields stay
+    again = manifest(run)
+    assert any(m.startswith("reusing shared AOTInductor") for m in messages)
+    assert again["backends"] == ["onnxruntime", "aoti"]
+    assert {k: again[k] for k in ("graphs", "store", "weight_map")} == {k: merged[k] for k in ("graphs", "store",
+                                                                                                 "weight_map")}
+    assert available_backends(run) == ["torch", "onnxruntime", "aoti"]
