@@ -132,16 +132,22 @@ def _networks(job: dict):
     dtype = PRECISIONS[job["precision"]]
     components = load_components(job["base"], job["device"], dtype)
     components.text_encoder.float()  # runs once per prompt; fp32 keeps CLIP's LayerNorms exact at every precision
-    torch.manual_seed(0)  # the new temporal layers' initial values: the same in the compiling and checking processes
-    unet = inflate(components.unet, *job["architecture"])
+    with torch.random.fork_rng(devices=[]):  # the new temporal layers' initial values (drawn on the CPU): the same
+        torch.manual_seed(0)  # in the compiling processes and the checking one, and the caller's RNG untouched
+        unet = inflate(components.unet, *job["architecture"])
     return components, unet, graph_specs(components, unet, tuple(job["latent_size"]), dtype)
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a child process that imports this project, however the parent found it."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
 
 def _compile_in_children(directory: Path, groups: tuple[tuple[str, ...], ...]) -> None:
     """Compile the networks in one child process per group, side by side (`python -m exporter.aoti_export`): the
     UNet alone takes about as long as the other three together. A compiler crash ends a child, not the export."""
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = _child_env()
     children = []
     for i, names in enumerate(groups):
         with open(directory / f"compile-{i}.log", "w") as log:
@@ -215,11 +221,9 @@ def _write_check_inputs(directory: Path, specs, records: dict, device: str) -> d
 
 def _run_check(directory: Path, entry: Path) -> None:
     """Run `exporter.aoti_check` on `directory` in a child; on a crash, keep the packages for diagnosis and raise."""
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "exporter.aoti_check", str(directory)]
     try:
-        child = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT, env=env)
+        child = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT, env=_child_env())
     except subprocess.TimeoutExpired as e:
         raise ExportError(f"the check of the AOTInductor packages did not finish within {CHECK_TIMEOUT} s") from e
     if child.returncode == 0:
