@@ -184,8 +184,10 @@ def step_base(setup: Setup) -> dict:
     from tuner.tiny import make_tiny
 
     reused = setup.base.is_dir()
-    if not reused:
-        make_tiny(setup.base) if setup.args.smoke else make_sd14_base(setup.base, setup.device)
+    if not reused and setup.args.smoke:
+        make_tiny(setup.base)
+    elif not reused:
+        make_sd14_base(setup.base, setup.device)
     if not setup.clip.is_dir():
         frames, _, _ = make_clip("red", "circle", "white", "right", frames=setup.sizes["clip_frames"], seed=0)
         write_frames(setup.clip, frames)
@@ -210,12 +212,12 @@ def step_tune(setup: Setup) -> dict:
     if setup.args.smoke and setup.cuda:
         variants = {"bf16": ("bf16", False)}
     rows = {}
-    for label, (precision, checkpointing) in variants.items():
+    for i, (label, (precision, checkpointing)) in enumerate(variants.items()):
         settings = TuneSettings(steps=setup.sizes["tune_steps"], mixed_precision=precision,
                                 gradient_checkpointing=checkpointing)
         _reset_peak(setup)
-        out = tune(setup.base, setup.clip, CAPTION, setup.cache / "tune" / label.replace(", ", "-").replace(" ", "-"),
-                   settings, overwrite=True, device=setup.device, progress=False)
+        out = tune(setup.base, setup.clip, CAPTION, setup.cache / "tune" / str(i), settings, overwrite=True,
+                   device=setup.device, progress=False)
         config = json.loads((out / "tav_config.json").read_text())
         step = config["step_seconds_median"]
         rows[label] = {"seconds_per_step": step, "seconds_for_500_steps": 500 * step, "peak_gib": _peak_gib(setup),
