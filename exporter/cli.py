@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=list(DEVICES), help="--aoti: device to compile for (default: cuda if present)")
     p.add_argument("--store", help="shared graph store (default: REPO/.engines beside the model)")
     args = p.parse_args(argv)
+    if args.device and not args.aoti:
+        p.error("--device goes with --aoti (ONNX graphs are not compiled for a device)")
     try:
         export(args.model, args.out, args.precision, args.tensorrt, args.store, aoti=args.aoti, device=args.device)
     except (ExportError, ArtefactError) as e:
