@@ -1,12 +1,14 @@
-"""`tav-bench backends`: which backend serves fastest on this machine, PyTorch eager or ONNX Runtime (the store's
-fused graph), measured on one tuned model: ms per UNet call at batch 1 and 2, and ms per generated frame for an
-8-frame generation (inversion on, classifier-free guidance on). The server's default backend on a machine is the
-one this study finds faster there; the result records which.
+"""`tav-bench backends`: which backend serves fastest on this machine, PyTorch eager, ONNX Runtime (the store's
+fused graph) or AOTInductor (`--backends ...,aoti`: packages compiled for this machine, compile time recorded),
+measured on one tuned model: ms per UNet call at batch 1 and 2, and ms per generated frame for an 8-frame
+generation (inversion on, classifier-free guidance on). The server's default backend on a machine is the one this
+study finds faster there; the result records which.
 
 The default model is bigger than the tiny test model so the numbers mean something: the shapes-world UNet
 (block_out_channels (64, 128, 128), cross-attention 64, 8 heads) at 16x16 latents, built like `tav-make-tiny`
-and tuned for a few steps. Backends are measured alternately and summarised by median and p90; the machine's load
-average before and after is recorded, since timings on shared machines move by 10-30% between runs.
+and tuned for a few steps at the base's native size (or `--base models/shapes-sd`, the shipped model). Backends
+are measured alternately and summarised by median and p90; the machine's load average before and after is
+recorded, since timings on shared machines move by 10-30% between runs.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ BENCH_TEXT_WIDTH = 64
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="tuned model directory, exported (default: build, tune and export)")
     p.add_argument("--base", type=Path, help="base model directory to tune and export (default: the bench base)")
-    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated")
+    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, aoti")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per generation")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3, help="generations per backend")
@@ -67,8 +69,9 @@ def make_bench_base(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def tuned_model(workdir: Path, base: Path | None) -> Path:
-    """`base` (default: the bench base) tuned for a few steps on a shapes-world clip at 32x32 pixels, exported."""
+def tuned_model(workdir: Path, base: Path | None, aoti: bool = False) -> Path:
+    """`base` (default: the bench base) tuned for a few steps on a shapes-world clip at its native size, exported
+    to ONNX (and with `aoti`, to AOTInductor packages for this CPU)."""
     from exporter.cli import export
     from tuner.shapes.world import make_clip
     from tuner.tune import TuneSettings, tune
@@ -78,9 +81,10 @@ def tuned_model(workdir: Path, base: Path | None) -> Path:
     clip = workdir / "clip.mp4"
     write_video(clip, frames, fps=8)
     base = base or make_bench_base(workdir / "base")
-    run = tune(base, clip, caption, workdir / "repo" / "circle", TuneSettings(width=32, height=32, steps=3),
-               progress=False)
+    run = tune(base, clip, caption, workdir / "repo" / "circle", TuneSettings(steps=3), progress=False)
     export(run, progress=lambda message: None)
+    if aoti:
+        export(run, aoti=True, device="cpu", progress=lambda message: None)
     return run
 
 
@@ -100,8 +104,9 @@ def run(args: argparse.Namespace) -> dict:
     backends = args.backends.split(",")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or tuned_model(Path(tmp), args.base)
+        model_dir = args.model or tuned_model(Path(tmp), args.base, aoti="aoti" in backends)
         models = {backend: load_model(model_dir, backend) for backend in backends}
+        aoti = json.loads((Path(model_dir) / "engines" / "manifest.json").read_text()).get("aoti", {}).get("cpu")
         first = next(iter(models.values()))
         unet_config = json.loads((Path(first.info["base_model"]) / "unet" / "config.json").read_text())
         unet_ms = unet_calls(models, args.unet_repeats)
@@ -111,6 +116,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "study": "backends",
         "model": str(args.model or f"{args.base or 'bench base (shapes-world UNet)'}, tuned 3 steps"),
+        "pixel_size": list(first.pixel_size),
         "unet_config": {k: v for k, v in unet_config.items() if not k.startswith("_")},
         "latent_shape": list(first.engines.latent_shape),
         "frames": 8, "steps": args.steps, "guidance": args.guidance, "invert": True,
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         "ms_per_frame": per_frame,
         "phase_median_ms": {b: generation[f"{b}/8"]["phase_median_ms"] for b in backends},
         "speedup_vs_torch": speedups(unet_ms, per_frame),
+        "aoti_compile_seconds": {name: p["compile_seconds"] for name, p in aoti["packages"].items()} if aoti else None,
         "fastest_backend": fastest,
         "load_average": {"before": load_before, "after": os.getloadavg()},
     }

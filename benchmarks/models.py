@@ -32,7 +32,7 @@ MEASURABLE_UNET = dict(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=int, default=20)
-    p.add_argument("--backends", default="torch,onnxruntime")
+    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, aoti")
     p.add_argument("--switches", type=int, default=10, help="requests alternating between two models")
 
 
@@ -42,8 +42,9 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def make_repository(root: Path, count: int, export_engines: bool) -> list[Path]:
-    """`count` tuned models of one measurable base (one tuning step each: distinct adapters), exported."""
+def make_repository(root: Path, count: int, export_engines: bool, aoti: bool = False) -> list[Path]:
+    """`count` tuned models of one measurable base (one tuning step each: distinct adapters), exported (ONNX, and
+    with `aoti` AOTInductor packages for this CPU: compiled for the first model, shared by the others)."""
     from exporter.cli import export
     from tuner.shapes.world import COLOURS, make_clip
     from tuner.tiny import make_tiny
@@ -61,6 +62,8 @@ def make_repository(root: Path, count: int, export_engines: bool) -> list[Path]:
                                                                                    seed=i), progress=False)
         if export_engines:
             export(run, progress=lambda message: None, check_tuned=False)
+        if aoti:
+            export(run, aoti=True, device="cpu", progress=lambda message: None)
         runs.append(run)
     return runs
 
@@ -91,15 +94,18 @@ def switch_times(models: list, switches: int) -> dict:
         started = time.perf_counter()
         generators[i % 2].generate(options)
         alternating.append(time.perf_counter() - started)
+    swap = getattr(generators[1].engines, "last_switch_seconds", None)  # aoti: the load_constants of a switch
     return {"same_model": summarize(same[1:]), "switching": summarize(alternating[1:]),
-            "switch_overhead_ms": summarize(alternating[1:])["median_ms"] - summarize(same[1:])["median_ms"]}
+            "switch_overhead_ms": summarize(alternating[1:])["median_ms"] - summarize(same[1:])["median_ms"],
+            "swap_ms": None if swap is None else 1000 * swap}
 
 
 def run(args: argparse.Namespace) -> dict:
     backends = args.backends.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = make_repository(Path(tmp), args.models, export_engines="onnxruntime" in backends)
+        runs = make_repository(Path(tmp), args.models, export_engines="onnxruntime" in backends,
+                               aoti="aoti" in backends)
         unet_mib = sum(p.stat().st_size for p in (Path(tmp) / "base" / "unet").glob("*.safetensors")) / 2**20
         adapter_mib = (runs[0] / "adapter.safetensors").stat().st_size / 2**20
         for backend in backends:

@@ -373,16 +373,24 @@ class Client(_Base):
 
     def wait_tune_job(self, job_id: str, progress: JobProgressFn | None = None, timeout: float | None = None
                       ) -> TuneJob:
-        """Watch a job until it ends (each change to `progress`); the ended job."""
-        try:
-            for update in self.tuning.WatchTuneJob(tuning_pb2.WatchTuneJobRequest(id=job_id), timeout=timeout,
-                                                   metadata=self.metadata):
-                job = TuneJob.from_proto(update)
-                if progress is not None:
-                    progress(job)
-        except grpc.RpcError as e:
-            raise ServerError(e.code(), e.details()) from None
-        return job
+        """Watch a job until it ends (each change to `progress`); the ended job. A watch cut by UNAVAILABLE (the
+        job store or the replica away) is resumed, as the read-only calls are retried."""
+        deadline = _deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                for update in self.tuning.WatchTuneJob(tuning_pb2.WatchTuneJobRequest(id=job_id),
+                                                       timeout=_remaining(deadline), metadata=self.metadata):
+                    job = TuneJob.from_proto(update)
+                    if progress is not None:
+                        progress(job)
+                return job
+            except grpc.RpcError as e:
+                delay = self._retry_delay(e, attempt, deadline)
+                if delay is None:
+                    raise ServerError(e.code(), e.details()) from None
+            time.sleep(delay)
+            attempt += 1
 
     def tune(self, model_id: str, video: bytes, caption: str, *, base: str = "", wait: bool = True,
              progress: JobProgressFn | None = None, timeout: float | None = None, **settings) -> TuneJob:
@@ -500,15 +508,22 @@ class AsyncClient(_Base):
 
     async def wait_tune_job(self, job_id: str, progress: JobProgressFn | None = None,
                             timeout: float | None = None) -> TuneJob:
-        try:
-            async for update in self.tuning.WatchTuneJob(tuning_pb2.WatchTuneJobRequest(id=job_id), timeout=timeout,
-                                                         metadata=self.metadata):
-                job = TuneJob.from_proto(update)
-                if progress is not None:
-                    progress(job)
-        except grpc.RpcError as e:
-            raise ServerError(e.code(), e.details()) from None
-        return job
+        deadline = _deadline(timeout)
+        attempt = 0
+        while True:
+            try:
+                async for update in self.tuning.WatchTuneJob(tuning_pb2.WatchTuneJobRequest(id=job_id),
+                                                             timeout=_remaining(deadline), metadata=self.metadata):
+                    job = TuneJob.from_proto(update)
+                    if progress is not None:
+                        progress(job)
+                return job
+            except grpc.RpcError as e:
+                delay = self._retry_delay(e, attempt, deadline)
+                if delay is None:
+                    raise ServerError(e.code(), e.details()) from None
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def tune(self, model_id: str, video: bytes, caption: str, *, base: str = "", wait: bool = True,
                    progress: JobProgressFn | None = None, timeout: float | None = None, **settings) -> TuneJob:

@@ -3,8 +3,12 @@
 The base graphs depend only on (base model, size, precision, attention mode): they are exported and checked once
 into the shared store `REPO/.engines/<key>/` and reused by every tuned model of that base. A tuned model costs
 its engine directory: manifest, tokenizer, scheduler config, source latents and its adapter tensors, which the
-runtimes apply at load (ONNX Runtime initializer overrides, TensorRT refit). Export is idempotent: a complete
-store entry is reused, a missing one is re-created, and every directory is written whole or not at all.
+runtimes apply at load (ONNX Runtime inputs, TensorRT refit, AOTInductor `load_constants`). Export is idempotent:
+a complete store entry is reused, a missing one is re-created, and every directory is written whole or not at all.
+
+`tav-export` builds the ONNX graphs (and with `--tensorrt` the plans); `--aoti` builds only the AOTInductor
+packages. Either way the manifest keeps what an earlier export of the same model built for the other backends:
+its `backends` list is merged, never rewritten.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from exporter.onnx_export import (
 )
 from exporter.optimize import REWRITE_VERSION, optimize_unet_for_ort
 from tuner import artefacts
+from tuner.aoti_support import DEVICES, require_aoti
 from tuner.artefacts import ArtefactError, TunedModel, apply_adapter
 from tuner.components import BaseModelError, base_model_hash, load_components
 from tuner.inflate import inflate, is_trainable
@@ -46,7 +51,9 @@ from tuner.versions import versions
 
 STORE_DIR = ".engines"
 STORE_INDEX = "graphs.json"
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}  # of the ONNX graphs; --aoti adds bf16 on CUDA
+# The manifest fields that describe the ONNX graphs (TensorRT's plans are built from them).
+ONNX_FIELDS = ("precision", "opset", "store", "graphs", "sdpa_pattern", "checks", "weight_map")
 
 
 def store_key(model: TunedModel, precision: str) -> str:
@@ -159,15 +166,25 @@ def export(
     store: str | Path | None = None,
     progress=print,
     check_tuned: bool = True,
+    aoti: bool = False,
+    device: str | None = None,
 ) -> Path:
     """Export a tuned model directory to an engine directory; return its path. The base graphs are always
-    checked when they are built; `check_tuned` also checks this model's UNet with its adapter (fp32 only)."""
+    checked when they are built; `check_tuned` also checks this model's UNet with its adapter (fp32 only).
+    `aoti` builds AOTInductor packages for `device` (default: cuda when available) instead of ONNX graphs."""
     try:
         model = TunedModel.open(run)
     except ArtefactError as e:
         raise ExportError(f"{run}: {e}") from e
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    onnx_graphs = tensorrt or not aoti
+    if onnx_graphs and precision not in PRECISIONS:
+        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)} for ONNX graphs (bf16 is --aoti only)")
+    if aoti:
+        from exporter import aoti_export
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        require_aoti(device, ExportError)
+        aoti_export.check_precision(device, precision)
     base = model.base_path
     try:
         if base_model_hash(base) != model.config["base"]["sha256"]:
@@ -183,6 +200,51 @@ def export(
     for directory in (out.parent, store_root):
         _check_writable(directory)
 
+    adapter = model.adapter()
+    built: dict = {}
+    if onnx_graphs:
+        built, index = export_onnx(model, adapter, store_root, out, precision, check_tuned, progress)
+        if tensorrt:
+            from exporter.tensorrt_build import build_plans
+
+            built["tensorrt"] = build_plans(store_root / built["store"]["key"], index, model, precision, progress)
+    if aoti:
+        key = aoti_export.store_key(model, device, precision)
+        entry = store_root / key
+        with file_lock(store_root / f".{key}.lock"):  # tuning workers sharing the store build an entry once
+            index = aoti_export.load_store_entry(entry)
+            if index is None:
+                progress(f"building shared AOTInductor packages in {entry}")
+                index = aoti_export.build_store_entry(model, entry, device, precision, progress)
+            else:
+                progress(f"reusing shared AOTInductor packages in {entry}")
+        if set(adapter) != set(index["tunable"]):
+            raise ExportError(f"{run}: the adapter's tensors are not the UNet package's tunable tensors "
+                              f"({len(adapter)} vs {len(index['tunable'])})")
+        built["aoti"] = {device: {**index, "store": {"key": key, "path": os.path.relpath(entry, out)}}}
+        built.setdefault("latent_channels", index["latent_channels"])
+        built.setdefault("text_shape", index["text_shape"])
+
+    with atomic_directory(out, overwrite=True) as tmp:
+        # fp32, the tuned values exactly: each runtime casts them to the precision it runs at
+        save_file({k: v.float().contiguous() for k, v in adapter.items()}, tmp / artefacts.ENGINE_ADAPTER_FILE)
+        save_file({"latents": latents.contiguous()}, tmp / artefacts.ENGINE_SOURCE_FILE)
+        shutil.copytree(model.base_path / "tokenizer", tmp / "tokenizer")
+        shutil.copy(model.base_path / "scheduler" / "scheduler_config.json",
+                    tmp / artefacts.SCHEDULER_FILE)
+        manifest = {**model_manifest(model, built.pop("latent_channels"), built.pop("text_shape")), **built}
+        manifest["adapter_sha256"] = sha256_files([tmp / artefacts.ENGINE_ADAPTER_FILE], tmp)
+        manifest["source_sha256"] = sha256_files([model.path / artefacts.SOURCE_FILE], model.path)
+        manifest = merge_manifest(_previous_manifest(out, model), manifest)
+        (tmp / artefacts.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    progress(f"engines: {out}")
+    return out
+
+
+def export_onnx(model: TunedModel, adapter: dict[str, torch.Tensor], store_root: Path, out: Path, precision: str,
+                check_tuned: bool, progress) -> tuple[dict, dict]:
+    """Build (or reuse) the ONNX store entry and check the tuned UNet; return the manifest's ONNX fields (with the
+    shapes every backend reads) and the store entry's index."""
     key = store_key(model, precision)
     entry = store_root / key
     with file_lock(store_root / f".{key}.lock"):  # tuning workers sharing the store build an entry once
@@ -193,7 +255,6 @@ def export(
         else:
             progress(f"reusing shared base graphs in {entry}")
 
-    adapter = model.adapter()
     unet_path = entry / index["graphs"]["unet_adapter_inputs"]["file"]
     graph = onnx.load(str(entry / index["graphs"]["unet"]["file"]), load_external_data=False).graph
     initializers = {t.name: tuple(t.dims) for t in graph.initializer}
@@ -209,25 +270,48 @@ def export(
         tuned_check = check_tuned_unet(model, unet_path, adapter)
     else:
         tuned_check = {"skipped": "fp16 numeric checks run where a GPU is present"}
+    unet_io = index["graphs"]["unet"]
+    sample = next(i for i in unet_io["inputs"] if i["name"] == "sample")["shape"]
+    text = next(i for i in unet_io["inputs"] if i["name"] == "encoder_hidden_states")["shape"]
+    return {
+        "precision": precision,
+        "opset": index["opset"],
+        "store": {"key": key, "path": os.path.relpath(entry, out)},
+        "graphs": index["graphs"],
+        "sdpa_pattern": index["sdpa_pattern"],
+        "checks": {"base": index["checks"], "tuned_unet": tuned_check},
+        "weight_map": weight_map,
+        "latent_channels": sample[1],
+        "text_shape": text[1:],
+    }, index
 
-    with atomic_directory(out, overwrite=True) as tmp:
-        dtype = PRECISIONS[precision]
-        save_file({k: v.to(dtype).contiguous() for k, v in adapter.items()}, tmp / artefacts.ENGINE_ADAPTER_FILE)
-        save_file({"latents": latents.contiguous()}, tmp / artefacts.ENGINE_SOURCE_FILE)
-        shutil.copytree(model.base_path / "tokenizer", tmp / "tokenizer")
-        shutil.copy(model.base_path / "scheduler" / "scheduler_config.json",
-                    tmp / artefacts.SCHEDULER_FILE)
-        manifest = build_manifest(model, index, key, os.path.relpath(entry, out), precision, weight_map, tuned_check)
-        manifest["adapter_sha256"] = sha256_files([tmp / artefacts.ENGINE_ADAPTER_FILE], tmp)
-        manifest["source_sha256"] = sha256_files([model.path / artefacts.SOURCE_FILE], model.path)
-        if tensorrt:
-            from exporter.tensorrt_build import build_plans
 
-            manifest["tensorrt"] = build_plans(entry, index, model, precision, progress)
-            manifest["backends"].append("tensorrt")
-        (tmp / artefacts.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    progress(f"engines: {out}")
-    return out
+def merge_manifest(old: dict | None, new: dict) -> dict:
+    """`new` plus what `old` (the same model's previous manifest, or None) recorded for backends not built now:
+    the ONNX graphs (with their TensorRT plans), TensorRT plans of the same graphs, AOTInductor packages of other
+    devices. `backends` lists what the result holds."""
+    merged = dict(new)
+    if old is not None:
+        if "graphs" not in new and "graphs" in old:
+            merged.update({k: old[k] for k in (*ONNX_FIELDS, "tensorrt") if k in old})
+        elif "tensorrt" not in new and "tensorrt" in old and old.get("store", {}).get("key") == new["store"]["key"]:
+            merged["tensorrt"] = old["tensorrt"]
+        if old.get("aoti") or new.get("aoti"):
+            merged["aoti"] = {**old.get("aoti", {}), **new.get("aoti", {})}
+    present = {"onnxruntime": "graphs" in merged, "tensorrt": "tensorrt" in merged, "aoti": bool(merged.get("aoti"))}
+    merged["backends"] = [backend for backend, there in present.items() if there]
+    return merged
+
+
+def _previous_manifest(out: Path, model: TunedModel) -> dict | None:
+    """The manifest an earlier export of this same model wrote to `out`, if any."""
+    try:
+        old = json.loads((out / artefacts.MANIFEST_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = (old.get("format"), old.get("format_version"), old.get("model", {}).get("model_hash")) == (
+        artefacts.ENGINE_FORMAT, artefacts.ENGINE_FORMAT_VERSION, model.model_hash)
+    return old if same else None
 
 
 def check_tuned_unet(model: TunedModel, unet_path: Path, adapter: dict[str, torch.Tensor]) -> dict:
@@ -239,32 +323,22 @@ def check_tuned_unet(model: TunedModel, unet_path: Path, adapter: dict[str, torc
     return check_graph(spec, ort_session(unet_path), "fp32", seed=1, weights=adapter_arrays(adapter))
 
 
-def build_manifest(model: TunedModel, index: dict, key: str, store_path: str, precision: str, weight_map: dict,
-                   tuned_check: dict) -> dict:
+def model_manifest(model: TunedModel, latent_channels: int, text_shape: list[int]) -> dict:
+    """The manifest fields every backend reads: the model, its shapes and the UNet's profiles."""
     c = model.config
-    unet_io = index["graphs"]["unet"]
-    sample = next(i for i in unet_io["inputs"] if i["name"] == "sample")["shape"]
-    text = next(i for i in unet_io["inputs"] if i["name"] == "encoder_hidden_states")["shape"]
+    h, w = c["latent_height"], c["latent_width"]
     return {
         "format": artefacts.ENGINE_FORMAT,
         "format_version": artefacts.ENGINE_FORMAT_VERSION,
-        "backends": ["onnxruntime"],
-        "precision": precision,
-        "opset": index["opset"],
-        "store": {"key": key, "path": store_path},
-        "graphs": index["graphs"],
-        "unet_profiles": [{"batch": b, "sample": [b, *sample[1:]], "encoder_hidden_states": [b, *text[1:]],
-                           "timestep": [1]} for b in (1, 2)],
-        "sdpa_pattern": index["sdpa_pattern"],
-        "checks": {"base": index["checks"], "tuned_unet": tuned_check},
-        "weight_map": weight_map,
+        "unet_profiles": [{"batch": b, "sample": [b, latent_channels, 8, h, w],
+                           "encoder_hidden_states": [b, *text_shape], "timestep": [1]} for b in (1, 2)],
         "model": {"model_hash": model.model_hash, "base_path": model.base_id, "base_sha256": c["base"]["sha256"],
                   "prompt": c["prompt"], "attention_mode": c["attention_mode"],
                   "group_norm": model.architecture[1], "frames": c["frames"]},
-        "latent_channels": sample[1],
-        "latent_size": [c["latent_height"], c["latent_width"]],
+        "latent_channels": latent_channels,
+        "latent_size": [h, w],
         "pixel_size": [c["height"], c["width"]],
-        "text_shape": text[1:],
+        "text_shape": list(text_shape),
         "scaling_factor": _scaling_factor(model.base_path),
         "fps": c["fps"],
         "defaults": c.get("recommended", {"guidance": 12.5, "steps": 50}),
@@ -292,12 +366,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tav-export", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="tuned model directory (RUN)")
     p.add_argument("--out", help="engine directory (default RUN/engines)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="fp32 | fp16 (ONNX, or --aoti on cuda) | bf16 (--aoti on cuda)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (needs a GPU and tensorrt)")
+    p.add_argument("--aoti", action="store_true",
+                   help="build AOTInductor packages (backend aoti) instead of ONNX graphs; the manifest keeps both")
+    p.add_argument("--device", choices=list(DEVICES), help="--aoti: device to compile for (default: cuda if present)")
     p.add_argument("--store", help="shared graph store (default: REPO/.engines beside the model)")
     args = p.parse_args(argv)
+    if args.device and not args.aoti:
+        p.error("--device goes with --aoti (ONNX graphs are not compiled for a device)")
     try:
-        export(args.model, args.out, args.precision, args.tensorrt, args.store)
+        export(args.model, args.out, args.precision, args.tensorrt, args.store, aoti=args.aoti, device=args.device)
     except (ExportError, ArtefactError) as e:
         print(f"tav-export: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from exporter.onnx_export import GRAPHS, ExportError
 from tuner import artefacts
 from tuner.artefacts import TunedModel
-from tuner.io_utils import atomic_directory
+from tuner.io_utils import atomic_directory, file_sha256
 from tuner.tensorrt_support import current_gpu, require_tensorrt
 
 PLANS_DIR = "tensorrt"
@@ -112,7 +112,7 @@ def build_plans(entry: Path, index: dict, model: TunedModel, precision: str, pro
             record["plans"][graph] = {"file": f"{record['dir']}/{graph}.plan", "build_seconds": round(seconds, 2),
                                       "sha256": hashlib.sha256(plan).hexdigest()}
             if unet:
-                record["refit_weights"] = _refit_weights(trt, plan, onnx_path, refittable)
+                record["refit_weights"] = _refit_weights(trt, plan, onnx_path, refittable, len(profiles["unet"]))
         record["build_seconds"] = round(time.perf_counter() - started, 2)
         (tmp / PLANS_INDEX).write_text(json.dumps(record, indent=2) + "\n")
     builder.save_timing_cache()
@@ -127,15 +127,6 @@ def _existing_plans(entry: Path, plan_dir: Path, precision: str) -> dict | None:
     except (OSError, KeyError, json.JSONDecodeError):
         return None
     return record if intact and record["precision"] == precision and set(record["plans"]) == set(GRAPHS) else None
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes (what the server checks a plan against before deserializing it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Builder:
@@ -163,7 +154,9 @@ class _Builder:
             raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
 
         config = self.builder.create_builder_config()
-        config.set_timing_cache(self.timing_cache, ignore_mismatch=False)
+        if not config.set_timing_cache(self.timing_cache, ignore_mismatch=False):
+            raise ExportError(f"TensorRT refuses the timing cache {self.timing_cache_path} (made by another TensorRT "
+                              "or GPU?): delete it and build again")
         if self.precision == "fp32":
             config.clear_flag(trt.BuilderFlag.TF32)
         dynamic = [network.get_input(i) for i in range(network.num_inputs) if -1 in tuple(network.get_input(i).shape)]
@@ -172,7 +165,8 @@ class _Builder:
             for tensor in dynamic:
                 shape = shapes[tensor.name]
                 profile.set_shape(tensor.name, shape, shape, shape)
-            config.add_optimization_profile(profile)
+            if config.add_optimization_profile(profile) < 0:
+                raise ExportError(f"TensorRT refuses the optimization profile {shapes} of {onnx_path.name}")
         if refittable:
             config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
             unmarked = [name for name in refittable if not network.mark_weights_refittable(name)]
@@ -191,11 +185,24 @@ class _Builder:
         os.replace(tmp, self.timing_cache_path)
 
 
-def _refit_weights(trt, plan: bytes, onnx_path: Path, tunable: list[str]) -> dict[str, list[int]]:
+def check_profile_count(built: int, asked: int, name: str) -> None:
+    """A plan must have every optimization profile it was built with. TensorRT's headers say a refittable engine
+    takes one profile, and the refittable UNet is built with two (batch 1 and 2): fail the build clearly if the
+    plan lost one, rather than at the first request of the missing batch."""
+    if built != asked:
+        raise ExportError(f"the {name} plan has {built} optimization profile(s), {asked} were asked for (one per UNet "
+                          "batch); this TensorRT does not keep them in a refittable plan")
+
+
+def _refit_weights(trt, plan: bytes, onnx_path: Path, tunable: list[str], profiles: int) -> dict[str, list[int]]:
     """The refittable weights of a built UNet plan and their shapes in the graph; every tunable tensor must be one,
-    and every one must be an initializer of the graph (the server refits the others from it unchanged)."""
+    and every one must be an initializer of the graph (the server refits the others from it unchanged). The plan
+    must have its `profiles` optimization profiles."""
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise ExportError(f"TensorRT cannot deserialize the plan it just built from {onnx_path.name}")
+    check_profile_count(engine.num_optimization_profiles, profiles, onnx_path.stem)
     names = set(trt.Refitter(engine, logger).get_all_weights())
     shapes = initializer_shapes(onnx_path)
     missing = sorted(set(tunable) - names)

@@ -13,6 +13,7 @@ repository loads what a worker tuned, wherever the repository is mounted.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 from tuner.components import BaseModelError, base_model_hash, check_base_dir
 from tuner.io_utils import atomic_directory, file_lock
 from tuner.shapes import SHAPES_MODEL
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASES = {"shapes-sd": str(SHAPES_MODEL)}
 BASE_STORE = ".bases"
@@ -73,14 +76,17 @@ def load_base(base_id: str, source: str) -> Base:
 
 
 def load_bases(specs: dict[str, str]) -> dict[str, Base]:
-    """The allow-list: id -> source (`DEFAULT_BASES` unless overridden), each resolved; a base that cannot be
-    resolved is a BaseModelError naming it."""
+    """The allow-list: id -> source, each resolved, plus `DEFAULT_BASES` where they are present (an installation
+    without the shipped model just does not offer it). A given base that cannot be resolved is a BaseModelError
+    naming it."""
     bases = {}
     for base_id, source in {**DEFAULT_BASES, **specs}.items():
         try:
             bases[base_id] = load_base(base_id, source)
         except (BaseModelError, OSError, KeyError, ValueError) as e:
-            raise BaseModelError(f"--base {base_id}={source}: {e}") from e
+            if base_id in specs:
+                raise BaseModelError(f"--base {base_id}={source}: {e}") from e
+            log.warning("the default base %s is not offered: %s", base_id, e)
     return bases
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger("tav-tune-worker")
 
 HEARTBEAT_SECONDS = 2.0
 DEAD_AFTER = 20.0  # seconds without a heartbeat before a job counts as orphaned (the server's default too)
-FINISH_RETRY_SECONDS = 600.0  # how long a worker keeps trying to record a job's end while Redis is away
+REDIS_RETRY_SECONDS = 600.0  # how long a worker waits for Redis to take or end a job
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Worker:
     name: str
     device: str | None
     max_job_seconds: float
+    settings: dict  # the tuning settings that belong to the worker (precision, gradient checkpointing)
 
     def clean_leftovers(self) -> None:
         removed = work.clean_leftovers(self.repo, lambda job_id, attempt: self.store.running(job_id, attempt,
@@ -50,7 +51,7 @@ class Worker:
 
     def run(self, job_id: str, attempt: int) -> None:
         """The `tav.tune` task: claim the job's attempt (a stale message claims nothing), run it, record its end."""
-        claimed = self.store.claim(job_id, attempt, self.name)
+        claimed = self._retrying("claim", lambda: self.store.claim(job_id, attempt, self.name), job_id)
         if claimed is None:
             log.info("job %s attempt %d: nothing to do (cancelled, done, or run again under a later attempt)",
                      job_id, attempt)
@@ -59,7 +60,7 @@ class Worker:
         log.info("job %s (attempt %d): tuning model %s", job.id, job.attempt, job.model_id)
         hooks = RedisHooks(self.store, job, time.monotonic() + self.max_job_seconds)
         try:
-            outcome = work.run(job, clip, self.repo, hooks, self.device)
+            outcome = work.run(job, clip, self.repo, hooks, self.device, **self.settings)
             self._finish(job, READY, tuning_seconds=outcome.tuning_seconds, export_seconds=outcome.export_seconds)
             log.info("job %s: model %s published", job.id, job.model_id)
         except work.Stopped as e:
@@ -75,15 +76,20 @@ class Worker:
             self.clean_leftovers()
 
     def _finish(self, job: Job, state: str, **values) -> None:
-        deadline = time.monotonic() + FINISH_RETRY_SECONDS
+        self._retrying("record the end of", lambda: self.store.finish(job, state, **values), job.id)
+
+    @staticmethod
+    def _retrying(what: str, call, job_id: str = ""):
+        """`call()`, tried again every 2 s while Redis is unreachable, for up to `REDIS_RETRY_SECONDS`: a worker
+        that loses Redis in the middle of taking or ending a job waits for it rather than drop the job."""
+        deadline = time.monotonic() + REDIS_RETRY_SECONDS
         while True:
             try:
-                self.store.finish(job, state, **values)
-                return
+                return call()
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
                     raise
-                log.warning("job %s: Redis is unreachable; retrying to record its end", job.id)
+                log.warning("Redis is unreachable; waiting to %s job %s", what, job_id)
                 time.sleep(2.0)
 
     def serve_control(self, stop: threading.Event) -> None:
@@ -143,18 +149,26 @@ class RedisHooks:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tav-tune-worker", description="Run tune jobs from the queue, one at a time.")
-    p.add_argument("--broker", required=True, help="redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS)")
+    broker = p.add_mutually_exclusive_group(required=True)
+    broker.add_argument("--broker", help="redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS)")
+    broker.add_argument("--broker-file", type=Path, help="read the broker URL from this file (keeps a password "
+                        "out of the process list)")
     p.add_argument("--repo", required=True, type=Path, help="the model repository (read-write)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--name", default=f"{socket.gethostname()}-{os.getpid()}", help="this worker's name")
     p.add_argument("--max-job-seconds", type=float, default=7200.0, help="a job running longer fails")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                   help="tuning precision (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less GPU memory, slower steps")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.repo.is_dir():
         print(f"tav-tune-worker: error: {args.repo} is not a directory", file=sys.stderr)
         raise SystemExit(2)
-    worker = Worker(RedisWorkerStore(args.broker), args.repo, args.name, args.device, args.max_job_seconds)
-    app = make_app(args.broker, args.max_job_seconds)
+    url = args.broker_file.read_text().strip() if args.broker_file else args.broker
+    settings = {"mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing}
+    worker = Worker(RedisWorkerStore(url), args.repo, args.name, args.device, args.max_job_seconds, settings)
+    app = make_app(url, args.max_job_seconds)
     app.task(name=TUNE_TASK)(worker.run)
     try:
         worker.clean_leftovers()

@@ -156,7 +156,7 @@ class LocalJobStore(JobStore):
             if job.model_id in self._models:
                 raise IdTaken(job.model_id, self._models[job.model_id])
             self._sequence += 1
-            job.sequence, job.sent = self._sequence, True
+            job.sequence = self._sequence
             self._models[job.model_id] = job.id
             self._jobs[job.id] = job
             self._clips[job.id] = clip

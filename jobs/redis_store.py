@@ -4,7 +4,7 @@ runs a script atomically), so two servers or workers never see a job half-change
 
 Keys (prefix `tav:`):
 
-  job:<id>        hash: the job's record (`jobs.spec.Job.to_fields`), plus `sent` and `observed` flags
+  job:<id>        hash: the job's record (`jobs.spec.Job.to_fields`), plus an `observed` flag (metrics)
   clip:<id>       the clip's bytes, until the job ends
   jobs            sorted set of every job id, by creation time (listing, retention)
   queue           sorted set of queued job ids, by queue order (a job's position is its rank)
@@ -26,12 +26,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 import uuid
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
+import redis.retry
+from kombu.exceptions import OperationalError
+from redis.backoff import ExponentialBackoff
 
+from jobs.celery_app import QUEUE as BROKER_QUEUE
 from jobs.celery_app import TUNE_TASK, make_app, task_id
 from jobs.spec import ENDED, RUNNING, Job
 from jobs.store import (
@@ -43,6 +49,8 @@ from jobs.store import (
     QueueFull,
     StoreUnavailable,
 )
+
+log = logging.getLogger(__name__)
 
 PREFIX = "tav:"
 CONTROL = PREFIX + "control"
@@ -61,6 +69,7 @@ def model_key(model_id: str) -> str:
 
 
 JOBS, QUEUE, RUNNING_SET, SEQ = PREFIX + "jobs", PREFIX + "queue", PREFIX + "running", PREFIX + "seq"
+BROKER_UNACKED = "unacked"  # kombu's Redis transport: messages delivered and not yet acknowledged
 
 # KEYS: job, clip, jobs, queue, model, seq. ARGV: id, created, max queued, clip, then field/value pairs.
 CREATE = """
@@ -70,7 +79,7 @@ if holder then return {'taken', holder} end
 redis.call('SET', KEYS[5], ARGV[1])
 local seq = redis.call('INCR', KEYS[6])
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('HSET', KEYS[1], 'sequence', seq, 'sent', 'false')
+redis.call('HSET', KEYS[1], 'sequence', seq)
 redis.call('SET', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
@@ -139,7 +148,7 @@ if tonumber(ARGV[2]) >= tonumber(ARGV[3]) then
   return 'failed'
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', tostring(tonumber(ARGV[2]) + 1), 'worker', '',
-           'step', '0', 'loss', '0.0', 'heartbeat', '0', 'sent', 'false', 'updated', ARGV[4])
+           'step', '0', 'loss', '0.0', 'heartbeat', '0', 'updated', ARGV[4])
 redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'sequence'), ARGV[1])
 return 'queued'
 """
@@ -166,6 +175,12 @@ return 'ok'
 """
 
 
+def _retry(kind):
+    """Retry a command on a fresh connection a few times: after a Redis restart the pool's old connections are
+    closed, and the first command on each would otherwise fail."""
+    return kind(ExponentialBackoff(cap=1.0, base=0.1), 3, supported_errors=(redis.ConnectionError, redis.TimeoutError))
+
+
 def _fields(values: dict) -> list[str]:
     return [str(item) for pair in values.items() for item in pair]
 
@@ -175,7 +190,7 @@ class RedisJobStore(JobStore):
 
     def __init__(self, url: str, max_job_seconds: float, transport_options: dict | None = None) -> None:
         self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
-                                                  health_check_interval=5)
+                                                  health_check_interval=5, retry=_retry(redis.asyncio.retry.Retry))
         self.celery = make_app(url, max_job_seconds, transport_options)
         self._scripts = {name: self.redis.register_script(source) for name, source in (
             ("create", CREATE), ("cancel", CANCEL), ("revive", REVIVE), ("delete", DELETE),
@@ -204,13 +219,18 @@ class RedisJobStore(JobStore):
         if verdict == b"taken":
             raise IdTaken(job.model_id, detail.decode())
         job.sequence = int(detail)
-        await self._send(job)
+        try:
+            await self._send(job)
+        except StoreUnavailable as e:  # the job is stored: the sweep sends its message once the broker is back
+            log.warning("tune job %s stored, its message not sent yet: %s", job.id, e)
         return job
 
     async def _send(self, job: Job) -> None:
-        await asyncio.to_thread(self.celery.send_task, TUNE_TASK, args=[job.id, job.attempt],
-                                task_id=task_id(job.id, job.attempt))
-        await self._call(self.redis.hset(job_key(job.id), "sent", "true"))
+        try:
+            await asyncio.to_thread(self.celery.send_task, TUNE_TASK, args=[job.id, job.attempt],
+                                    task_id=task_id(job.id, job.attempt))
+        except (OperationalError, redis.ConnectionError, OSError) as e:
+            raise StoreUnavailable(f"the job queue (Redis) is unreachable: {e}") from None
 
     async def get(self, job_id: str) -> Job:
         data = await self._call(self.redis.hgetall(job_key(job_id)))
@@ -237,7 +257,10 @@ class RedisJobStore(JobStore):
         keys = [job_key(job_id), QUEUE, clip_key(job_id), model_key(job.model_id)]
         state = (await self._call(self._scripts["cancel"](keys, [job_id, time.time()]))).decode()
         if state == "cancelled":  # was queued: its message, if a worker has not taken it yet, is dropped
-            await asyncio.to_thread(self.celery.control.revoke, task_id(job_id, job.attempt))
+            try:
+                await asyncio.to_thread(self.celery.control.revoke, task_id(job_id, job.attempt))
+            except (OperationalError, redis.ConnectionError, OSError) as e:  # the claim refuses it anyway
+                log.warning("tune job %s: could not revoke its message: %s", job_id, e)
         return await self.get(job_id)
 
     async def delete(self, job_id: str) -> None:
@@ -281,9 +304,7 @@ class RedisJobStore(JobStore):
                 [job.id, job.attempt, max_attempts, now, now - dead_after, reason]))).decode()
             if verdict == "queued":
                 await self._send(await self.get(job.id))
-        for job in await self._jobs(await self._call(self.redis.zrange(QUEUE, 0, -1))):
-            if job.state == "queued" and not job.sent and job.created < now - 10:  # its server stopped first
-                await self._send(job)
+        await self._resend_lost(now, dead_after)
         ended = []
         for job in await self._jobs(await self._call(self.redis.zrange(JOBS, 0, -1))):
             if job.state not in ENDED:
@@ -293,6 +314,20 @@ class RedisJobStore(JobStore):
             elif await self._call(self.redis.hsetnx(job_key(job.id), "observed", "1")):
                 ended.append(job)
         return ended
+
+    async def _resend_lost(self, now: float, after: float) -> None:
+        """Send again the message of a job queued for `after` seconds that has none in the broker: its server
+        stopped before sending it, or a worker took it and lost Redis before it could claim the job. A message
+        sent twice is harmless: only one claim of an attempt succeeds."""
+        waiting = [job for job in await self._jobs(await self._call(self.redis.zrange(QUEUE, 0, -1)))
+                   if job.state == "queued" and max(job.created, job.updated) < now - after]
+        if not waiting:
+            return
+        messages = b"\n".join([*await self._call(self.redis.lrange(BROKER_QUEUE, 0, -1)),
+                               *await self._call(self.redis.hvals(BROKER_UNACKED))])
+        for job in waiting:
+            if task_id(job.id, job.attempt).encode() not in messages:
+                await self._send(job)
 
     async def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -316,7 +351,8 @@ class RedisWorkerStore:
     """The worker's side of the registry (blocking calls; the worker has no event loop)."""
 
     def __init__(self, url: str) -> None:
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=5)
+        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=5,
+                                          retry=_retry(redis.retry.Retry))
         self._claim = self.redis.register_script(CLAIM)
         self._update = self.redis.register_script(UPDATE)
         self._finish = self.redis.register_script(FINISH)

@@ -96,7 +96,6 @@ class Job:
     heartbeat: float = 0.0
     tuning_seconds: float = 0.0
     export_seconds: float = 0.0
-    sent: bool = False  # its queue message went out (a server that stops before sending leaves it to the sweep)
 
     @property
     def ended_state(self) -> bool:

@@ -19,7 +19,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -78,8 +78,10 @@ def job_dir(repo: Path, job: Job) -> Path:
     return repo / f".job-{job.id}-{job.attempt}"
 
 
-def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = None) -> Outcome:
-    """Tune, export and publish `job` into `repo`; raise `Stopped`, or the tuner's and exporter's errors."""
+def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = None, **worker_settings) -> Outcome:
+    """Tune, export and publish `job` into `repo`; raise `Stopped`, or the tuner's and exporter's errors.
+    `worker_settings` are the tuning settings that belong to the worker, not the client (mixed_precision,
+    gradient_checkpointing)."""
     from exporter.cli import export
     from tuner.tune import tune
 
@@ -88,7 +90,8 @@ def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = No
         if stopped is not None:
             raise stopped
 
-    hooks.progress(TUNING, 0, job.tune_settings().steps)
+    settings = replace(job.tune_settings(), **worker_settings)
+    hooks.progress(TUNING, 0, settings.steps)
     base = materialise(resolve(job.base_source), repo)
     work = job_dir(repo, job)
     shutil.rmtree(work, ignore_errors=True)  # a leftover of this very attempt
@@ -98,8 +101,7 @@ def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = No
         hooks.progress(TUNING, step, total, loss)
         check()
 
-    tune(base, clip, job.caption, work, job.tune_settings(), device=device, progress=False, on_step=on_step,
-         base_id=job.base)
+    tune(base, clip, job.caption, work, settings, device=device, progress=False, on_step=on_step, base_id=job.base)
     tuned = time.perf_counter()
     try:
         check()

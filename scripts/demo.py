@@ -1,13 +1,14 @@
 """The main job, end to end on the embedded default model: `make demo`.
 
 Every stage is the real command a user runs, driven from here:
-  1. base model: the shipped shapes-world model `models/shapes-sd`;
+  1. base model: the shipped shapes-world model `models/shapes-sd` (the tuning service's default base);
   2. source clip: a shapes-world clip, "a red circle is moving right on a white background";
-  3. `tav-tune` into the model repository runs/demo/repo/ (reused when already tuned);
-  4. `tav-export` to ONNX engines (idempotent);
-  5. `tav-serve` on loopback, waited on through the standard health service;
-  6. `tav-client generate`: three edits of the clip and one 24-frame long video, as GIFs;
-  7. a side-by-side grid PNG and edit metrics from the pixel checker (`score_clip`).
+  3. `tav-serve` on loopback over the model repository runs/demo/repo/, with ONNX Runtime, waited on through the
+     standard health service; with no broker it runs its own local tuning worker;
+  4. `tav-client tune --wait`: the service tunes the clip, exports it to ONNX and publishes it as `red-circle`
+     (reused when the repository already holds it tuned from this base, caption and settings);
+  5. `tav-client generate`: three edits of the clip and one 24-frame long video, as GIFs;
+  6. a side-by-side grid PNG and edit metrics from the pixel checker (`score_clip`).
 Everything lands under runs/demo/.
 """
 
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +69,17 @@ def wait_serving(server: subprocess.Popen, target: str, seconds: float = 300) ->
     raise SystemExit("tav-serve did not become SERVING in time")
 
 
-def tune_once(base: Path, clip: Path, caption: str, model: Path) -> None:
-    """Tune unless the repository already holds this model tuned from this very base with these settings."""
-    settings = TuneSettings(frames=8, width=64, height=64, steps=300)
+def tune_once(target: str, base: Path, clip: Path, caption: str, model: Path) -> None:
+    """Tune through the service, unless the repository already holds this model tuned from this very base (by
+    content) on this caption with these settings (the tuner's defaults for the base, at 8 frames of 64x64)."""
+    settings = replace(TuneSettings(), frames=8, width=64, height=64)
     if is_tuned(model, base, caption, settings):
         print(f"reusing the tuned model {model}")
         return
-    sh("tav-tune", "--base", str(base), "--video", str(clip), "--prompt", caption, "--out", str(model),
-       "--frames", str(settings.frames), "--width", str(settings.width), "--height", str(settings.height),
-       "--steps", str(settings.steps), "--overwrite")
+    if model.exists():
+        sh("tav-client", "delete-model", "--server", target, model.name)
+    sh("tav-client", "tune", "--server", target, "--video", str(clip), "--prompt", caption, "--model", model.name,
+       "--frames", str(settings.frames), "--width", str(settings.width), "--height", str(settings.height), "--wait")
 
 
 def grid(rows: dict[str, np.ndarray], path: Path, frames: int = 8) -> None:
@@ -98,10 +102,8 @@ def main() -> None:
     print(f"source clip: {clip} ({caption!r})")
 
     repo = RUNS / "repo"
+    repo.mkdir(exist_ok=True)
     model = repo / "red-circle"
-    tune_once(base, clip, caption, model)
-    sh("tav-export", "--model", str(model))
-
     port = free_port()
     target = f"127.0.0.1:{port}"
     server = subprocess.Popen([str(BIN / "tav-serve"), "--repo", str(repo), "--port", str(port),
@@ -109,6 +111,7 @@ def main() -> None:
     videos: dict[str, np.ndarray] = {}
     try:
         wait_serving(server, target)
+        tune_once(target, base, clip, caption, model)
         for name, (prompt, _) in [*EDITS.items(), (LONG[0], (LONG[1], None))]:
             out = RUNS / f"{name}.gif"
             length = "24" if name == LONG[0] else "8"

@@ -217,6 +217,8 @@ class Generator:
 
         def lap(phase: str) -> None:
             nonlocal clock
+            if self.engines.device.type == "cuda":
+                torch.cuda.synchronize(self.engines.device)  # GPU work is asynchronous: charge it to its phase
             now = time.perf_counter()
             timings[phase] = timings.get(phase, 0.0) + now - clock
             clock = now
@@ -289,6 +291,8 @@ class Generator:
         reused = {w.frames[s] for w in plan for s in range(len(w.frames)) if s not in w.new}
         history: dict[int, list[torch.Tensor]] = {}  # frame -> its latents at every step, for reused frames
         out = x.clone()
+        # on the engines' device once: a tensor made from a Python float each step would be a host sync per step
+        timesteps = scheduler.timesteps.to(self.engines.device, torch.float32)
         total, done = len(plan) * len(scheduler.timesteps), 0
         for window in plan:
             latents = x[:, :, list(window.frames)].clone()
@@ -301,7 +305,7 @@ class Generator:
                 for slot in window.new:
                     if window.frames[slot] in reused:
                         history.setdefault(window.frames[slot], []).append(latents[:, :, slot].clone())
-                prediction = self._predict(latents, t, text, guidance)
+                prediction = self._predict(latents, timesteps[step : step + 1], text, guidance)
                 latents = scheduler.step(prediction, t, latents).prev_sample
                 done += 1
                 self._progress(phase, done, total)
@@ -309,9 +313,10 @@ class Generator:
                 out[:, :, window.frames[slot]] = latents[:, :, slot]
         return out
 
-    def _predict(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, guidance: float) -> torch.Tensor:
-        """The UNet's prediction; with guidance > 1, one batch-2 call for the unconditional and conditional."""
-        timestep = torch.tensor([float(t)], dtype=torch.float32, device=self.engines.device)
+    def _predict(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, guidance: float
+                 ) -> torch.Tensor:
+        """The UNet's prediction at `timestep` (float32 `[1]`); with guidance > 1, one batch-2 call for the
+        unconditional and conditional."""
         if guidance <= 1:
             return self.engines.unet(latents, timestep, text[-1:])
         both = self.engines.unet(torch.cat([latents, latents]), timestep, text)

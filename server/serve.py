@@ -74,7 +74,7 @@ class ServerConfig:
     max_request_bytes: int = 512 << 20  # request bodies being received or held by calls in flight
     receive_wait: float = 10.0  # seconds a call may wait for room in max_request_bytes
     max_connections: int = 256
-    max_streams: int = 32  # concurrent calls on one connection
+    max_streams: int = 100  # concurrent calls on one connection
     rescan_seconds: float = 2.0  # how stale the served view of the repository may get
     admin_tokens: list[str] = field(default_factory=list)  # tokens that may tune and delete
     broker: str | None = None  # redis://... for Celery workers; None: a local worker process
@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="runs of a job whose worker keeps dying before it fails")
     tuning.add_argument("--job-retention-hours", type=float, default=d.job_retention_hours,
                         help="how long ended jobs are kept")
+    tuning.add_argument("--worker-dead-after", type=float, default=d.dead_after,
+                        help="seconds without a heartbeat (workers beat every 2 s) before a job's worker counts as "
+                             "dead and the job runs again")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -391,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
             broker=args.broker_file.read_text().strip() if args.broker_file else args.broker,
             bases=dict(parse_base(arg) for arg in args.base), max_queued_jobs=args.max_queued_jobs,
             max_job_seconds=args.max_job_seconds, max_job_attempts=args.max_job_attempts,
-            job_retention_hours=args.job_retention_hours,
+            job_retention_hours=args.job_retention_hours, dead_after=args.worker_dead_after,
         )
         code = asyncio.run(run(config))
     except (OSError, ValueError) as e:

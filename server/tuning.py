@@ -209,6 +209,9 @@ class TuningService(pb2_grpc.TuningServicer):
         except StoreUnavailable as e:
             log.warning("%s", e)
             return False
+        except Exception:  # a bug must not stop the server's housekeeping loop
+            log.exception("the tune jobs' sweep failed")
+            return False
         for state in STATES:
             self.metrics.tune_jobs.labels(state).set(counts.get(state, 0))
         return await self.store.ping()

@@ -42,8 +42,8 @@ def the(kind: str, name: str | None = None) -> dict:
     return doc
 
 
-def container() -> dict:
-    (only,) = the("Deployment")["spec"]["template"]["spec"]["containers"]
+def container(deployment: str = "tav-serve") -> dict:
+    (only,) = the("Deployment", deployment)["spec"]["template"]["spec"]["containers"]
     return only
 
 
@@ -75,13 +75,13 @@ def seconds(duration: str) -> float:
 def test_manifests_validate_against_the_kubernetes_schemas(version):
     docs = manifests()
     assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "PersistentVolumeClaim", "PodDisruptionBudget",
-                                         "Service"}
+                                         "Service", "StatefulSet"}
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_the_schema_validation_catches_a_typo():
-    deployment = copy.deepcopy(the("Deployment"))
+    deployment = copy.deepcopy(the("Deployment", "tav-serve"))
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["sevrice"] = SERVICE_NAME
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
@@ -112,7 +112,7 @@ def test_probes_use_the_standard_health_service():
 
 
 def test_termination_grace_covers_the_pre_stop_sleep_and_the_drain():
-    spec = the("Deployment")["spec"]["template"]["spec"]
+    spec = the("Deployment", "tav-serve")["spec"]["template"]["spec"]
     c = container()
     command = c["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
@@ -122,7 +122,7 @@ def test_termination_grace_covers_the_pre_stop_sleep_and_the_drain():
 
 
 def test_services_and_volumes_fit_the_pods():
-    template = the("Deployment")["spec"]["template"]
+    template = the("Deployment", "tav-serve")["spec"]["template"]
     labels = template["metadata"]["labels"]
     ports = {p["name"] for p in container()["ports"]}
     for service in (the("Service", "tav-serve"), the("Service", "tav-serve-headless")):
@@ -248,7 +248,7 @@ def dockerfile() -> list[tuple[str, str]]:
 def test_dockerfile_builds_cpu_and_gpu_variants_of_the_server(server_flags):
     instructions = dockerfile()
     stages = [args for keyword, args in instructions if keyword == "FROM"]
-    assert stages[0].startswith("python:") and stages[-1] == "deps-${VARIANT}"
+    assert stages[0].startswith("python:") and stages[-1] == "deps-${VARIANT} AS server"  # the default target
     assert {"deps-cpu", "deps-gpu"} <= {args.split(" AS ")[-1] for args in stages}
     assert ("ARG", "VARIANT=cpu") in instructions
     final = instructions[max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"):]
@@ -270,3 +270,116 @@ def test_dockerfile_copies_every_package_the_project_installs():
         assert (package if where == "." else where) in copied, package
     ignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
     assert copied <= {line[1:].rstrip("/") for line in ignore if line.startswith("!")}, "in the build context"
+
+
+def test_dockerfile_has_a_worker_target(worker_flags):
+    instructions = dockerfile()
+    start = instructions.index(("FROM", "deps-${VARIANT} AS worker"))
+    end = next(i for i in range(start + 1, len(instructions)) if instructions[i][0] == "FROM")
+    values = dict(instructions[start:end])
+    assert json.loads(values["ENTRYPOINT"]) == ["tav-tune-worker"] and not values["USER"].startswith("0")
+    assert {arg for arg in json.loads(values["CMD"]) if arg.startswith("--")} <= worker_flags
+
+
+# The tuning service: workers, Redis, KEDA
+
+@pytest.fixture(scope="module")
+def worker_flags() -> set[str]:
+    """The flags `tav-tune-worker --help` lists."""
+    from jobs.celery_worker import main as worker_main
+
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stdout(out):
+        worker_main(["--help"])
+    assert exit_info.value.code == 0
+    return set(re.findall(r"(--[a-z][a-z-]+)", out.getvalue()))
+
+
+def volume_for(deployment: str, mount_path: str) -> tuple[dict, dict]:
+    """The (volume mount, volume) of a Deployment's container at `mount_path`."""
+    spec = the("Deployment", deployment)["spec"]["template"]["spec"]
+    (mount,) = [m for m in container(deployment)["volumeMounts"] if m["mountPath"] == mount_path]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return mount, volume
+
+
+def test_tuning_workers_write_the_repository_the_replicas_read(worker_flags, server_flags):
+    worker = container("tav-tune-worker")
+    flags = flag_values(worker["args"])
+    assert set(flags) <= worker_flags, set(flags) - worker_flags
+    assert flags["--repo"] == "/models" and flags["--device"] == "cuda"
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    mount, volume = volume_for("tav-tune-worker", "/models")
+    assert not mount.get("readOnly") and not volume["persistentVolumeClaim"].get("readOnly")
+    served, _ = volume_for("tav-serve", "/models")
+    assert served["readOnly"]
+    claim = the("PersistentVolumeClaim", "tav-models")
+    assert volume["persistentVolumeClaim"]["claimName"] == "tav-models" and claim["spec"]["accessModes"] == [
+        "ReadWriteMany"]
+    # both read the broker URL from one Secret
+    server_args = flag_values(container()["args"])
+    assert set(server_args) <= server_flags
+    for deployment, args in (("tav-tune-worker", flags), ("tav-serve", server_args)):
+        path = Path(args["--broker-file"])
+        _, secret = volume_for(deployment, str(path.parent))
+        assert secret["secret"]["secretName"] == "tav-broker", deployment
+    assert "--admin-token-file" in server_args
+
+
+def test_scaling_down_never_kills_a_running_job():
+    spec = the("Deployment", "tav-tune-worker")["spec"]["template"]["spec"]
+    longest = float(flag_values(container("tav-tune-worker")["args"])["--max-job-seconds"])
+    assert spec["terminationGracePeriodSeconds"] >= longest + 300, "the job, its export and a margin"
+
+
+def test_redis_persists_every_acknowledged_job():
+    redis = the("StatefulSet", "tav-redis")
+    (c,) = redis["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert args[args.index("--appendonly") + 1] == "yes" and args[args.index("--appendfsync") + 1] == "always"
+    assert args[args.index("--dir") + 1] == c["volumeMounts"][0]["mountPath"]
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == c["volumeMounts"][0]["name"]
+    assert the("Service", "tav-redis")["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"][
+        "labels"].items()
+
+
+def keda_objects() -> list[dict]:
+    return list(yaml.safe_load_all((DEPLOY / "k8s" / "keda" / "scaledobject.yaml").read_text()))
+
+
+def crd_schema(kind: str) -> dict:
+    """The OpenAPI schema of a KEDA kind, from KEDA's own CRD kept in deploy/k8s/keda/crds (SOURCE.md there)."""
+    for path in (DEPLOY / "k8s" / "keda" / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        if crd["spec"]["names"]["kind"] == kind:
+            (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
+            return version["schema"]["openAPIV3Schema"]
+    raise AssertionError(f"no CRD for {kind}")
+
+
+def test_keda_objects_validate_against_kedas_crd_schemas():
+    import jsonschema
+
+    for doc in keda_objects():
+        jsonschema.validate(doc, crd_schema(doc["kind"]))
+    broken = copy.deepcopy(keda_objects()[0])
+    broken["spec"]["minReplicaCount"] = "none"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, crd_schema("ScaledObject"))
+
+
+def test_keda_scales_the_workers_on_the_celery_queue():
+    from jobs.celery_app import QUEUE
+
+    scaled, auth = keda_objects()
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "tav-tune-worker" and scaled["spec"]["minReplicaCount"] == 0
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == QUEUE
+    host, port = trigger["metadata"]["address"].split(":")
+    service = the("Service", host)
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    (secret,) = auth["spec"]["secretTargetRef"]
+    password = the("StatefulSet", "tav-redis")["spec"]["template"]["spec"]["containers"][0]["env"][0]
+    assert (secret["name"], secret["key"]) == (password["valueFrom"]["secretKeyRef"]["name"],
+                                               password["valueFrom"]["secretKeyRef"]["key"])

@@ -18,11 +18,19 @@ import torch
 from exporter import tensorrt_build
 from exporter.cli import export
 from exporter.onnx_export import ExportError, relative_error
-from exporter.tensorrt_build import build_plans, initializer_shapes, input_shapes, plan_dir_name, unet_profiles
+from exporter.tensorrt_build import (
+    build_plans,
+    check_profile_count,
+    initializer_shapes,
+    input_shapes,
+    plan_dir_name,
+    unet_profiles,
+)
 from server.engines import tensorrt_engine
 from server.engines.onnx_engine import load_onnx_model
 from server.engines.tensorrt_engine import check_plans, check_weight_map, load_tensorrt_model, refit_weights
 from tuner.artefacts import ArtefactError, EngineDir, TunedModel
+from tuner.tensorrt_support import cuda_problem, release, tensorrt_cuda_majors
 from tuner.tune import TuneSettings, tune
 
 HINT = r"the tensorrt backend needs an NVIDIA GPU with the tensorrt package: pip install '\.\[gpu\]'"
@@ -106,6 +114,30 @@ def test_plans_are_checked_against_the_machine_that_loads_them():
     assert plan_dir_name("10.8.0.43", L4) == "trt10.8.0.43-sm89-nvidia-l4"
 
 
+def test_tensorrt_cuda_major_torch_and_driver_are_matched():
+    assert release("10.8.0.43") == (10, 8, 0, 43) and release("13.0") == (13, 0)
+    assert release("2.11.0+cu130") == (2, 11, 0)
+    installed = ["numpy", "tensorrt", "tensorrt-cu13", "tensorrt_cu13_libs", "tensorrt-cu13-bindings", "torch"]
+    assert tensorrt_cuda_majors(installed) == {13}
+    assert tensorrt_cuda_majors(["tensorrt", "onnxruntime-gpu"]) == set()
+    assert cuda_problem({13}, "13.0", 13000) is None
+    assert cuda_problem({12}, "12.8", 13000) is None  # a newer driver runs older CUDA
+    assert cuda_problem(set(), None, None) is None  # nothing known, nothing judged
+    assert cuda_problem({13}, "13.0", 12080) == ("the NVIDIA driver runs CUDA up to 12.8, and TensorRT for CUDA 13 "
+                                                 "needs driver r580 or newer")
+    assert cuda_problem({12}, "13.0", 13000) == ("TensorRT is built for CUDA 12, torch for CUDA 13: "
+                                                 "pip install '.[gpu]' instead")
+    assert cuda_problem({13}, "12.6", 13000) == ("TensorRT is built for CUDA 13, torch for CUDA 12: "
+                                                 "pip install '.[gpu-cu12]' instead")
+    assert "are both installed" in cuda_problem({12, 13}, "13.0", 13000)
+
+
+def test_a_unet_plan_must_keep_both_profiles():
+    check_profile_count(2, 2, "unet")
+    with pytest.raises(ExportError, match=r"the unet plan has 1 optimization profile\(s\), 2 were asked for"):
+        check_profile_count(1, 2, "unet")
+
+
 def test_without_tensorrt_build_and_load_fail_clearly(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
     with pytest.raises(RuntimeError, match=HINT):
@@ -129,7 +161,10 @@ def test_without_a_gpu_or_with_an_old_tensorrt_build_and_load_fail_clearly(run, 
         build_plans(*_store_entry(run), TunedModel.open(run), "fp16", quiet)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     fake.__version__ = "8.6.1"
-    with pytest.raises(RuntimeError, match=r"10\.1 or newer; found 8\.6\.1"):
+    with pytest.raises(RuntimeError, match=r"10\.2 or newer; found 8\.6\.1"):
+        load_tensorrt_model(run)
+    fake.__version__ = "10.1.0"  # no REFIT_INDIVIDUAL yet
+    with pytest.raises(RuntimeError, match=r"10\.2 or newer; found 10\.1\.0"):
         load_tensorrt_model(run)
 
 
@@ -203,8 +238,8 @@ def fake_tensorrt() -> types.ModuleType:
         def create_timing_cache(self, data: bytes):
             return types.SimpleNamespace(serialize=lambda: data + b"+timings")
 
-        def set_timing_cache(self, cache, ignore_mismatch: bool) -> None:
-            pass
+        def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+            return True
 
         def set_flag(self, flag: str) -> None:
             self.flags.add(flag)
@@ -212,8 +247,9 @@ def fake_tensorrt() -> types.ModuleType:
         def clear_flag(self, flag: str) -> None:
             self.flags.discard(flag)
 
-        def add_optimization_profile(self, profile: Profile) -> None:
+        def add_optimization_profile(self, profile: Profile) -> int:
             self.profiles.append(profile.shapes)
+            return len(self.profiles) - 1
 
     class Builder:
         def __init__(self, logger: Logger) -> None:
@@ -236,15 +272,16 @@ def fake_tensorrt() -> types.ModuleType:
         def __init__(self, logger: Logger) -> None:
             pass
 
-        def deserialize_cuda_engine(self, plan: bytes) -> dict:
-            return json.loads(plan)
+        def deserialize_cuda_engine(self, plan: bytes):
+            recorded = json.loads(plan)
+            return types.SimpleNamespace(num_optimization_profiles=len(recorded["profiles"]), **recorded)
 
     class Refitter:
-        def __init__(self, engine: dict, logger: Logger) -> None:
+        def __init__(self, engine, logger: Logger) -> None:
             self.engine = engine
 
         def get_all_weights(self) -> list[str]:
-            return self.engine["refittable"]
+            return self.engine.refittable
 
     trt.Logger, trt.OnnxParser, trt.Builder, trt.Runtime, trt.Refitter = Logger, OnnxParser, Builder, Runtime, Refitter
     return trt

@@ -111,6 +111,7 @@ def test_tuned_directory_contents(tuned_run, clip_path):
     assert len(config["base"]["sha256"]) == 64
     assert config["fps"] == pytest.approx(8.0)
     assert model.architecture == ("sparse_causal", "per_frame")
+    assert config["settings"]["mixed_precision"] == "auto" and config["mixed_precision"] == "no"  # fp32 on CPU
     legacy = TunedModel(model.path, {k: v for k, v in config.items() if k != "group_norm"})
     assert legacy.architecture == ("sparse_causal", "per_clip"), "models tuned before the setting normalised per clip"
     frames, latents = model.source()

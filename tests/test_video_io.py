@@ -2,6 +2,8 @@
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +248,14 @@ def test_real_clip(name: str) -> None:
     sampled = load_clip(path, n=8, width=64, height=64, stride=2)
     assert sampled.frames.shape == (8, 64, 64, 3)
     assert sampled.fps == pytest.approx(clip.fps / 2)
+
+
+def test_generation_serving_and_tuning_do_not_import_pyav() -> None:
+    """A GPU machine without PyAV runs the benchmark: PyAV is imported only when a container is read or written."""
+    code = ("import sys, server.generate, tuner.tune\n"
+            "assert 'av' not in sys.modules, 'PyAV was imported'\n"
+            "from tuner.video_io import encode_video\n"
+            "import numpy as np\n"
+            "encode_video(np.zeros((2, 8, 8, 3), np.uint8), 8, 'mp4')\n"
+            "assert 'av' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

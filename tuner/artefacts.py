@@ -231,14 +231,17 @@ def load_tuned(
 
 
 # The engine directory (`RUN/engines/`, written by the exporter, read by the server):
-#   manifest.json        format version, backend(s), precision, graphs (file, I/O names, shapes, dtypes, sha256),
-#                        the UNet's profiles, opset, producer versions, store key and path, model metadata
+#   manifest.json        format version, backends, the model, shapes and the UNet's profiles, producer versions;
+#                        for ONNX: precision, graphs (file, I/O names, shapes, dtypes, sha256), opset, store key and
+#                        path (and a `tensorrt` record); for AOTInductor: an `aoti` record per device (store key and
+#                        path, precision, torch version, compile target, packages and weights with their sha256)
 #   tokenizer/           the tokenizer files
 #   scheduler_config.json
-#   adapter.safetensors  the tuned tensors under their names in the graphs
+#   adapter.safetensors  the tuned tensors (fp32) under their names in the graphs and packages
 #   source.safetensors   the source clip's scaled latents
-# The graphs themselves live once per (base model, size, precision, attention mode) in the shared store
-# `REPO/.engines/<key>/`, which the manifest points to by a path relative to the engine directory.
+# The graphs and packages themselves live once per base model (and size, precision, attention mode; device,
+# torch version and compile target for packages) in the shared store `REPO/.engines/<key>/`, which the manifest
+# points to by a path relative to the engine directory.
 ENGINE_FORMAT = "tav-engines"
 ENGINE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -252,9 +255,11 @@ _SIZE = {"type": "array", "items": _POSITIVE_INT, "minItems": 2, "maxItems": 2}
 # What the readers of an engine directory's manifest.json rely on (backends may add their own sections).
 MANIFEST_SCHEMA = {
     "type": "object",
-    "required": ["format", "format_version", "backends", "precision", "store", "graphs", "weight_map", "model",
-                 "latent_channels", "latent_size", "pixel_size", "text_shape", "scaling_factor", "fps", "defaults",
-                 "adapter_sha256", "source_sha256"],
+    "required": ["format", "format_version", "backends", "model", "latent_channels", "latent_size", "pixel_size",
+                 "text_shape", "scaling_factor", "fps", "defaults", "adapter_sha256", "source_sha256"],
+    # the ONNX graphs' fields are there when onnxruntime is (TensorRT's plans are built from the same graphs)
+    "if": {"properties": {"backends": {"contains": {"enum": ["onnxruntime", "tensorrt"]}}}},
+    "then": {"required": ["precision", "store", "graphs", "weight_map"]},
     "properties": {
         "format": {"const": "tav-engines"},
         "format_version": {"type": "integer"},
@@ -279,6 +284,7 @@ MANIFEST_SCHEMA = {
         "defaults": _RECOMMENDED,
         "adapter_sha256": _STRING,
         "source_sha256": _STRING,
+        "aoti": {"type": "object", "additionalProperties": {"type": "object", "required": ["store"]}},
     },
 }
 
@@ -314,7 +320,7 @@ class EngineDir:
 
     def verify(self, names: tuple[str, ...] | None = None) -> None:
         """Check that each graph (and the adapter) still has the content hash the manifest recorded."""
-        for name in names or tuple(self.manifest["graphs"]):
+        for name in names or tuple(self.manifest.get("graphs", {})):
             graph = self.manifest["graphs"][name]
             files = [self.store / f for f in graph["files"]]
             if not all(f.is_file() for f in files):

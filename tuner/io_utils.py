@@ -62,3 +62,12 @@ def sha256_files(paths: list[Path], root: Path) -> str:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of one file's bytes (what `sha256sum` prints): how native code is checked before it is loaded."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,7 +1,9 @@
 """Video in and out for the whole stack: the tuner reads its training clip here and the server encodes the
 generated frames here, so every part agrees on one frame layout (uint8 RGB, [N, H, W, 3]) and one error type.
 
-Containers are decoded and encoded by PyAV (FFmpeg); images, resizing and GIFs go through Pillow.
+Containers are decoded and encoded by PyAV (FFmpeg); images, resizing and GIFs go through Pillow. PyAV is imported
+only when a container is read or written, so the rest of the stack (generation, tuning from an image folder, GIF
+and PNG output) runs on a machine without it.
 
 Decoding is bounded before it starts: a frame may have at most `MAX_FRAME_PIXELS` pixels and a whole read at most
 `MAX_DECODED_PIXELS` (frames x width x height), checked against the container's header where it declares them and
@@ -19,7 +21,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -150,10 +151,21 @@ def _open(source: VideoSource, max_frames: int | None, max_pixels: int
     return str(path), frames, fps
 
 
+def _av():
+    """PyAV, imported on first use."""
+    try:
+        import av
+    except ImportError as e:
+        raise VideoError("reading or writing video containers needs PyAV (pip install av); image folders, GIF output "
+                         "and PNG frames do not") from e
+    return av
+
+
 def _open_container(file: Path | io.BytesIO, name: str, max_frames: int | None, max_pixels: int
                     ) -> tuple[Generator[np.ndarray, None, None], float]:
     """Open a container and check the frame size (and count, where declared) in its header against the bounds
     before anything is decoded; each frame is checked again as it is decoded, before it is converted."""
+    av = _av()
     budget = _PixelBudget(name, max_pixels)
     try:
         container = av.open(file)
@@ -174,6 +186,7 @@ def _open_container(file: Path | io.BytesIO, name: str, max_frames: int | None, 
 
 def _container_frames(container, stream, name: str, max_frames: int | None, budget: _PixelBudget
                       ) -> Generator[np.ndarray, None, None]:
+    av = _av()
     try:
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
@@ -278,6 +291,7 @@ def encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:
 
 
 def _encode_with_av(frames: np.ndarray, fps: float, fmt: str) -> bytes:
+    av = _av()
     codec, options = _AV_ENCODERS[fmt]
     _, height, width, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")

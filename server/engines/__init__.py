@@ -1,4 +1,4 @@
-"""Runtime engines behind one interface (`base.Engines`): torch | onnxruntime | tensorrt."""
+"""Runtime engines behind one interface (`base.Engines`): torch | onnxruntime | tensorrt | aoti."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from server.engines.base import Engines, LoadedModel
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "aoti")
 
 
 def check_backend(backend: str, device: str | None = None) -> None:
@@ -21,6 +21,10 @@ def check_backend(backend: str, device: str | None = None) -> None:
         from tuner.tensorrt_support import require_tensorrt
 
         require_tensorrt(ValueError)
+    if backend == "aoti":
+        from tuner.aoti_support import require_aoti
+
+        require_aoti((device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0], ValueError)
 
 
 def load_model(path: str | Path, backend: str = "torch", device: str | None = None, name: str | None = None
@@ -38,6 +42,10 @@ def load_model(path: str | Path, backend: str = "torch", device: str | None = No
         from server.engines.tensorrt_engine import load_tensorrt_model
 
         return load_tensorrt_model(path, name)
+    if backend == "aoti":
+        from server.engines.aoti_engine import load_aoti_model
+
+        return load_aoti_model(path, device, name)
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 

@@ -1,4 +1,4 @@
-"""The one interface between the generation loop and a runtime (PyTorch, ONNX Runtime, TensorRT).
+"""The one interface between the generation loop and a runtime (PyTorch, ONNX Runtime, TensorRT, AOTInductor).
 
 An `Engines` object runs the three networks of one tuned model at fixed shapes: the text encoder on token ids
 `[1, L]`, the VAE on one frame at a time, and the video UNet on exactly `frames` (8) frames at batch 1
@@ -117,5 +117,5 @@ def model_from_engine_dir(engine_dir: EngineDir, engines: Engines, name: str, **
         defaults=dict(manifest["defaults"]),
         info={"base_model": manifest["model"]["base_path"], "prompt": manifest["model"]["prompt"],
               "frames": manifest["model"]["frames"], "attention_mode": manifest["model"]["attention_mode"],
-              "profiles": manifest["unet_profiles"], "precision": manifest["precision"], **info},
+              "profiles": manifest["unet_profiles"], "precision": manifest.get("precision"), **info},
     )

@@ -145,21 +145,26 @@ class Plan:
 
     def _profile(self, trt, index: int) -> _Profile:
         context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise ArtefactError(f"{self.path}: TensorRT cannot create an execution context (its log above says why)")
         context.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
-        context.set_optimization_profile_async(index, self.stream.cuda_stream)
+        if not context.set_optimization_profile_async(index, self.stream.cuda_stream):
+            raise ArtefactError(f"{self.path}: TensorRT refuses optimization profile {index}")
         dtypes = _torch_dtypes(trt)
         buffers = {}
         for name in self.inputs:
             shape = tuple(self.engine.get_tensor_shape(name))
             if -1 in shape:  # the batch axis, which each profile pins (min = opt = max)
                 shape = tuple(self.engine.get_tensor_profile_shape(name, index)[0])
-            context.set_input_shape(name, shape)
+            if not context.set_input_shape(name, shape):
+                raise ArtefactError(f"{self.path}: TensorRT refuses shape {shape} for {name} in profile {index}")
             buffers[name] = torch.empty(shape, dtype=dtypes[self.engine.get_tensor_dtype(name)], device="cuda")
         for name in self.outputs:
             shape = tuple(context.get_tensor_shape(name))
             buffers[name] = torch.empty(shape, dtype=dtypes[self.engine.get_tensor_dtype(name)], device="cuda")
         for name, buffer in buffers.items():
-            context.set_tensor_address(name, buffer.data_ptr())
+            if not context.set_tensor_address(name, buffer.data_ptr()):
+                raise ArtefactError(f"{self.path}: TensorRT refuses the address of {name} in profile {index}")
         return _Profile(context, buffers)
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -283,6 +288,9 @@ class TensorRTEngines(Engines):
                                    refittable=graph == "unet")
                       for graph, entry in record["plans"].items()}
         self.unet_plan: RefittablePlan = self.plans["unet"]
+        if len(self.unet_plan.profiles) != len(record["profiles"]["unet"]):
+            raise ArtefactError(f"model {model!r}: the UNet plan has {len(self.unet_plan.profiles)} optimization "
+                                f"profile(s), its manifest records {len(record['profiles']['unet'])}")
         dtypes = self.unet_plan.weight_dtypes
         if set(dtypes) != set(record["refit_weights"]):
             raise ArtefactError(f"model {model!r}: the UNet plan's refittable weights are not those its manifest "

@@ -1,0 +1,36 @@
+"""`tav-bench gpu` on the CPU, in its smoke mode: every step in its own process, a step past its timeout recorded
+as such while the others finish, and the JSON and plots written. (The figures themselves are a GPU's.)"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks.cli import main as bench
+
+
+def test_gpu_study_runs_each_step_in_a_child_and_survives_a_timeout(tmp_path, capsys):
+    out = tmp_path / "out"
+    bench(["gpu", "--smoke", "--backends", "torch", "--cache", str(tmp_path / "cache"), "--out", str(out),
+           "--timeout", "probe=0.5"])
+    result = json.loads((out / "gpu.json").read_text())
+    assert json.loads(capsys.readouterr().out)["study"] == "gpu"
+    statuses = {name: step["status"] for name, step in result["steps"].items()}
+    assert statuses == {"env": "ok", "base": "ok", "tune": "ok", "export": "ok", "probe": "timeout", "unet": "ok",
+                        "e2e": "ok"}
+    assert result["steps"]["probe"]["timeout_seconds"] == 0.5 and "probe" not in result
+    assert result["env"]["matmul_tflops"]["fp32"] > 0 and result["env"]["backends"]["aoti"] == "supported"
+    assert result["tune"]["precisions"]["fp32"]["seconds_per_step"] > 0
+    assert result["tune"]["served_model"]["mixed_precision"] == "no"
+    timings = result["unet"]["variants"]["torch eager fp32"]
+    assert all(math.isfinite(timings[b]["median_ms"]) and timings[b]["fraction_of_matmul_rate"] > 0
+               for b in ("batch1", "batch2"))
+    assert set(result["unet"]["vae_decode_8_frames"]) == {"8 calls of 1 frame", "1 call of 8 frames"}
+    rows = result["e2e"]["rows"]
+    assert set(rows) == {f"torch/{n}/{label}" for n in (8, 16) for label in ("inversion", "cached inversion")}
+    for frames in (8, 16):  # a cached inversion costs nothing the second time
+        assert rows[f"torch/{frames}/cached inversion"]["phase_ms"].get("invert", 0) < \
+            rows[f"torch/{frames}/inversion"]["phase_ms"]["invert"]
+    assert "8 frames with inversion <= 400 ms/frame" in result["goals"]["torch"]
+    for name in ("gpu_unet", "gpu_e2e", "gpu_tune"):
+        assert (out / f"{name}.png").stat().st_size > 0

@@ -1,0 +1,364 @@
+"""Tuning as a service, with a real redis-server on loopback (append-only, as deployed) and real tuning worker
+processes (`tav-tune-worker`, Celery on Redis): a client tunes a clip into a new model over gRPC and a second
+serving replica generates from it without a restart; two workers run two jobs at once while a third waits; a cancel
+ends a job within one tuning step; a worker killed mid-job has its job run again by the other; a Redis restart
+loses no acknowledged job; bad input is refused at create time, before anything is queued. Then the embedded
+default (no broker: the server's own local worker) and the hub resolution of a base from a cache on disk.
+
+redis-server comes from Debian's package (.ci/run installs it); the tests that need it skip, saying so, where it
+is missing. One Redis, one pair of workers and two replicas are shared by the module; the tiny model tunes in
+seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_helpers import ServeProcess
+
+from clients import Client, ServerError
+from jobs.bases import HUB_PATTERNS
+from tuner.artefacts import TunedModel
+
+REDIS = shutil.which("redis-server") or next((p for p in ("/usr/bin/redis-server",) if os.access(p, os.X_OK)), None)
+needs_redis = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (.ci/run installs Debian's)")
+ADMIN, USER = "admin-token", "generation-token"
+TIMEOUT = 300
+CAPTION = "a red square is moving right"
+SMALL = dict(steps=3, frames=8, width=32, height=32, learning_rate=1e-3)  # seconds on the tiny model
+CODE = grpc.StatusCode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, seconds: float = 60.0, every: float = 0.2):
+    """`condition()`'s first true value within `seconds`, else an AssertionError."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(every)
+    return value
+
+
+class RedisServer:
+    """redis-server on a loopback port, persisting to an append-only file fsynced at every write (deploy/redis)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.port = directory, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                                      str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
+                                      "--save", "", "--protected-mode", "no"], stdout=subprocess.DEVNULL)
+        wait_until(lambda: self._answers(), 30)
+
+    def _answers(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+        return False
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+
+class TuneWorker:
+    """One `tav-tune-worker` process."""
+
+    def __init__(self, broker: str, repo: Path, name: str, log: Path) -> None:
+        self.name, self.log = name, log
+        self.proc = subprocess.Popen([sys.executable, "-m", "jobs.celery_worker", "--broker", broker, "--repo",
+                                      str(repo), "--device", "cpu", "--name", name],
+                                     stdout=log.open("a"), stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_base, tmp_path_factory):
+    """Redis, two workers and two replicas sharing one repository; yields a namespace of them."""
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's)")
+    root = tmp_path_factory.mktemp("tuning")
+    repo = root / "repo"
+    repo.mkdir()
+    (root / "redis").mkdir()
+    (root / "admin").write_text(ADMIN + "\n")
+    (root / "users").write_text(USER + "\n")
+    redis = RedisServer(root / "redis")
+    workers = [TuneWorker(redis.url, repo, f"w{i}", root / f"w{i}.log") for i in (1, 2)]
+    args = ["--repo", str(repo), "--broker", redis.url, "--admin-token-file", str(root / "admin"),
+            "--auth-token-file", str(root / "users"), "--base", f"tiny={tiny_base}", "--worker-dead-after", "6",
+            "--max-queued-jobs", "4", "--rescan-seconds", "0.5"]
+    replicas = []
+    try:
+        replicas = [ServeProcess(*args) for _ in range(2)]
+        for replica in replicas:
+            replica.wait_for("tuning service serving")
+        yield type("Service", (), dict(repo=repo, redis=redis, workers=workers, replicas=replicas, root=root,
+                                       broker=redis.url))
+    finally:
+        for replica in replicas:
+            replica.proc.kill()
+            replica.proc.wait(30)
+        for worker in workers:
+            worker.stop()
+        redis.kill()
+
+
+def admin(service, replica: int = 0) -> Client:
+    return Client(f"127.0.0.1:{service.replicas[replica].port}", token=ADMIN, retries=0)
+
+
+def user(service, replica: int = 0) -> Client:
+    return Client(f"127.0.0.1:{service.replicas[replica].port}", token=USER)
+
+
+def leftovers(repo: Path) -> list[str]:
+    return sorted(p.name for p in repo.iterdir() if p.name.startswith((".job", "..job")))
+
+
+@needs_redis
+def test_a_tuned_clip_is_served_by_another_replica_without_a_restart(service, clip_path):
+    with admin(service, 0) as client:
+        job = client.tune("square-tuned", clip_path.read_bytes(), CAPTION, base="tiny", timeout=TIMEOUT, **SMALL)
+    assert job.state == "ready", job
+    assert (job.step, job.total_steps, job.attempt) == (3, 3, 1) and job.tuning_seconds > 0
+    model = TunedModel.open(service.repo / "square-tuned")
+    assert model.config["base"]["path"].startswith("../.bases/")  # found wherever the repository is mounted
+    assert model.base_id == "tiny" and model.base_path.resolve().parent == (service.repo / ".bases").resolve()
+    with user(service, 1) as client:
+        info = wait_until(lambda: _get_model(client, "square-tuned"), 15)
+        assert info.base_model == "tiny" and info.source_prompt == CAPTION
+        video = client.generate("square-tuned", "a blue square is moving right", steps=2, format="png",
+                                timeout=TIMEOUT)
+    assert video.frames == 8 and video.width == 32
+    assert leftovers(service.repo) == []
+
+
+def _get_model(client: Client, model_id: str):
+    with contextlib.suppress(ServerError):
+        return client.get_model(model_id)
+    return None
+
+
+@needs_redis
+def test_two_workers_run_two_jobs_at_once_and_a_third_waits(service, clip_path):
+    video = clip_path.read_bytes()
+    with admin(service) as client:
+        jobs = [client.create_tune_job(f"parallel-{i}", video, CAPTION, base="tiny", **{**SMALL, "steps": 2000})
+                for i in range(3)]
+        seen = wait_until(lambda: _both_tuning_one_queued(client, jobs), 60)
+        assert seen[2].queue_position == 0 and {seen[0].worker, seen[1].worker} == {"w1", "w2"}
+        for job in jobs:
+            client.cancel_tune_job(job.id)
+        ended = [client.wait_tune_job(job.id, timeout=TIMEOUT) for job in jobs]
+    assert [job.state for job in ended] == ["cancelled"] * 3
+    assert not any((service.repo / f"parallel-{i}").exists() for i in range(3))
+
+
+def _both_tuning_one_queued(client: Client, jobs):
+    now = [client.get_tune_job(job.id) for job in jobs]
+    return now if [job.state for job in now] == ["tuning", "tuning", "queued"] else None
+
+
+@needs_redis
+def test_cancel_during_tuning_ends_the_job_within_one_step(service, clip_path):
+    with admin(service) as client:
+        job = client.create_tune_job("cancelled", clip_path.read_bytes(), CAPTION, base="tiny",
+                                     **{**SMALL, "steps": 2000})
+        at = wait_until(lambda: (j := client.get_tune_job(job.id)).step >= 3 and j, 60)
+        client.cancel_tune_job(job.id)
+        ended = client.wait_tune_job(job.id, timeout=TIMEOUT)
+    assert ended.state == "cancelled" and ended.cancel_requested
+    steps_per_poll = 8  # the watch looks every 0.5 s; a tiny-model step takes well under that
+    assert at.step <= ended.step <= at.step + steps_per_poll + 1, (at.step, ended.step)
+    assert not (service.repo / "cancelled").exists()
+    wait_until(lambda: leftovers(service.repo) == [], 10)
+
+
+@needs_redis
+def test_a_worker_killed_mid_job_has_its_job_run_again(service, clip_path):
+    victim, other = service.workers
+    with admin(service) as client:
+        job = client.create_tune_job("survivor", clip_path.read_bytes(), CAPTION, base="tiny",
+                                     **{**SMALL, "steps": 60})
+        running = wait_until(lambda: (j := client.get_tune_job(job.id)).step >= 2 and j, 60)
+        killed = victim if running.worker == victim.name else other
+        killed.proc.kill()
+        killed.proc.wait(30)
+        ended = client.wait_tune_job(job.id, timeout=TIMEOUT)
+        assert ended.state == "ready" and ended.attempt == 2 and ended.worker != killed.name, ended
+        assert TunedModel.open(service.repo / "survivor").config["steps"] == 60
+        # the killed worker, restarted, cleans up after itself and takes new jobs
+        index = service.workers.index(killed)
+        service.workers[index] = TuneWorker(service.broker, service.repo, killed.name, killed.log)
+        wait_until(lambda: leftovers(service.repo) == [], 60)
+        busy = client.create_tune_job("keeps-the-other-busy", clip_path.read_bytes(), CAPTION, base="tiny",
+                                      **{**SMALL, "steps": 2000})
+        wait_until(lambda: client.get_tune_job(busy.id).state == "tuning", 60)
+        new = client.tune("after-the-restart", clip_path.read_bytes(), CAPTION, base="tiny", timeout=TIMEOUT,
+                          **SMALL)
+        client.cancel_tune_job(busy.id)
+    assert new.state == "ready" and new.worker == killed.name
+
+
+@needs_redis
+def test_a_redis_restart_loses_no_acknowledged_job(service, clip_path):
+    video = clip_path.read_bytes()
+    with admin(service) as client:
+        jobs = [client.create_tune_job(f"through-restart-{i}", video, CAPTION, base="tiny",
+                                       **{**SMALL, "steps": 25}) for i in range(3)]
+        service.redis.kill()
+        with pytest.raises(ServerError) as e:
+            client.get_tune_job(jobs[0].id)
+        assert e.value.code == CODE.UNAVAILABLE and "Redis" in e.value.details
+        assert wait_until(lambda: client.health("tuneavideo.v1.Tuning") == "NOT_SERVING", 15)
+        assert client.health("tuneavideo.v1.VideoGeneration") == "SERVING" and client.health() == "SERVING"
+        service.redis.start()
+        assert wait_until(lambda: client.health("tuneavideo.v1.Tuning") == "SERVING", 15)
+        ended = [client.wait_tune_job(job.id, timeout=TIMEOUT) for job in jobs]
+    assert [job.state for job in ended] == ["ready"] * 3, ended
+    assert all((service.repo / f"through-restart-{i}").is_dir() for i in range(3))
+
+
+@needs_redis
+def test_bad_input_is_refused_before_anything_is_queued(service, clip_path, tmp_path):
+    video = clip_path.read_bytes()
+    good = dict(model_id="fresh", video=video, caption=CAPTION, base="tiny")
+    cases = [
+        (dict(video=b"\0" * ((64 << 20) + 1)), CODE.INVALID_ARGUMENT, "video: must be at most 64 MiB"),
+        (dict(video=b"not a video"), CODE.INVALID_ARGUMENT, "video:"),
+        (dict(caption=""), CODE.INVALID_ARGUMENT, "caption:"),
+        (dict(base="sd-1.5"), CODE.INVALID_ARGUMENT, "base: 'sd-1.5' is not an allowed base"),
+        (dict(model_id="../escape"), CODE.INVALID_ARGUMENT, "model_id:"),
+        (dict(model_id=".bases"), CODE.INVALID_ARGUMENT, "model_id:"),
+        (dict(model_id="square-tuned"), CODE.ALREADY_EXISTS, "model_id:"),
+        (dict(steps=0), CODE.INVALID_ARGUMENT, "settings.steps"),
+        (dict(steps=2001), CODE.INVALID_ARGUMENT, "settings.steps"),
+        (dict(frames=33), CODE.INVALID_ARGUMENT, "settings.frames"),
+        (dict(width=30), CODE.INVALID_ARGUMENT, "settings.width: must be a multiple of 4"),
+        (dict(height=2048), CODE.INVALID_ARGUMENT, "settings.height"),
+        (dict(learning_rate=1.0), CODE.INVALID_ARGUMENT, "settings.lr"),
+        (dict(attention_mode="sideways"), CODE.INVALID_ARGUMENT, "settings.attention_mode"),
+    ]
+    with admin(service) as client:
+        before = len(client.list_tune_jobs())
+        for change, code, text in cases:
+            with pytest.raises(ServerError) as e:
+                client.create_tune_job(**{**good, **change})
+            assert (e.value.code, text in e.value.details) == (code, True), (change, e.value.details)
+        assert len(client.list_tune_jobs()) == before
+    with user(service) as client:  # a generation token can neither tune nor delete
+        for call in (lambda: client.create_tune_job(**good), lambda: client.delete_model("square-tuned"),
+                     lambda: client.list_tune_jobs()):
+            with pytest.raises(ServerError) as e:
+                call()
+            assert e.value.code == CODE.PERMISSION_DENIED and "admin token" in e.value.details
+    with Client(f"127.0.0.1:{service.replicas[0].port}") as anonymous, pytest.raises(ServerError) as e:
+        anonymous.create_tune_job(**good)
+    assert e.value.code == CODE.UNAUTHENTICATED
+
+
+@needs_redis
+def test_delete_model_and_ids_reserved_at_create(service, clip_path):
+    with admin(service) as client:
+        job = client.create_tune_job("reserved", clip_path.read_bytes(), CAPTION, base="tiny",
+                                     **{**SMALL, "steps": 2000})
+        with pytest.raises(ServerError) as e:  # a second create cannot claim the id, a delete cannot race it
+            client.create_tune_job("reserved", clip_path.read_bytes(), CAPTION, base="tiny")
+        assert e.value.code == CODE.ALREADY_EXISTS and job.id in e.value.details
+        with pytest.raises(ServerError) as e:
+            client.delete_model("reserved")
+        assert e.value.code == CODE.FAILED_PRECONDITION
+        client.cancel_tune_job(job.id)
+        client.wait_tune_job(job.id, timeout=TIMEOUT)
+        client.delete_tune_job(job.id)
+        with pytest.raises(ServerError) as e:
+            client.get_tune_job(job.id)
+        assert e.value.code == CODE.NOT_FOUND
+        client.delete_model("square-tuned")
+        assert not (service.repo / "square-tuned").exists()
+        with pytest.raises(ServerError) as e:
+            client.delete_model("square-tuned")
+        assert e.value.code == CODE.NOT_FOUND
+    with user(service, 1) as client:
+        wait_until(lambda: "square-tuned" not in [m.id for m in client.list_models().models], 10)
+
+
+def test_the_embedded_default_tunes_with_its_own_worker(tiny_base, clip_path, tmp_path):
+    """No broker: the server's local worker process tunes, exports and publishes; the same client calls work."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5")
+    try:
+        server.wait_for("tuning service serving")
+        with Client(f"127.0.0.1:{server.port}") as client:
+            first = client.create_tune_job("local-a", clip_path.read_bytes(), CAPTION, base="tiny",
+                                           **{**SMALL, "steps": 2000})
+            second = client.create_tune_job("local-b", clip_path.read_bytes(), CAPTION, base="tiny", **SMALL)
+            assert (second.state, second.queue_position) == ("queued", 0)
+            wait_until(lambda: client.get_tune_job(first.id).step >= 2, 60)
+            assert client.cancel_tune_job(first.id).cancel_requested
+            assert client.wait_tune_job(first.id, timeout=TIMEOUT).state == "cancelled"
+            assert client.wait_tune_job(second.id, timeout=TIMEOUT).state == "ready"
+            wait_until(lambda: _get_model(client, "local-b"), 15)
+            assert client.generate("local-b", CAPTION, steps=1, format="png", timeout=TIMEOUT).frames == 8
+            assert [job.model_id for job in client.list_tune_jobs()] == ["local-b", "local-a"]
+            client.delete_model("local-b")
+        assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == []
+    finally:
+        server.proc.kill()
+        server.proc.wait(30)
+
+
+def test_a_hub_base_resolves_from_the_cache_on_disk_without_pickles(tiny_base, tmp_path):
+    """A hub id resolves through huggingface_hub's cache, offline (HF_HUB_OFFLINE, read when the library loads, as
+    in a deployed server): the diffusers folders' configs, tokenizer and safetensors only; a pickled .bin is never
+    asked for."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tav-test--tiny-sd" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_base, snapshot)
+    (cache / "models--tav-test--tiny-sd" / "refs").mkdir()
+    (cache / "models--tav-test--tiny-sd" / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    code = """
+from jobs.bases import load_base
+from tuner.components import BaseModelError
+print(load_base("hub", "tav-test/tiny-sd").path)
+try:
+    load_base("missing", "tav-test/not-cached")
+except BaseModelError as e:
+    print(e)
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    found, missing = result.stdout.splitlines()[:2]
+    assert Path(found) == snapshot, result.stderr
+    assert "neither a directory nor a hub id in reach" in missing
+    assert not any(Path(name).match(pattern) for pattern in HUB_PATTERNS
+                   for name in ("unet/diffusion_pytorch_model.bin", "model.ckpt", "unet/model.pt"))
