@@ -27,6 +27,7 @@ from benchmarks.common import save_plot, write_result
 from benchmarks.latency import generations, unet_calls
 from server.engines import load_model
 from tuner import tiny
+from tuner.artefacts import TunedModel
 from tuner.io_utils import atomic_directory
 
 BENCH_UNET_CONFIG = {
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         models = {backend: load_model(model_dir, backend) for backend in backends}
         aoti = json.loads((Path(model_dir) / "engines" / "manifest.json").read_text()).get("aoti", {}).get("cpu")
         first = next(iter(models.values()))
-        unet_config = json.loads((Path(first.info["base_model"]) / "unet" / "config.json").read_text())
+        unet_config = json.loads((TunedModel.open(model_dir).base_path / "unet" / "config.json").read_text())
         unet_ms = unet_calls(models, args.unet_repeats)
         generation = generations(models, [8], args)
     per_frame = {backend: generation[f"{backend}/8"]["ms_per_frame"] for backend in backends}

@@ -6,7 +6,7 @@ within one tuning step, a job whose worker died run again up to the bound on att
 at once and a new one started), ended jobs kept for the retention period.
 
 Server and worker talk over one `multiprocessing` pipe: the server sends `run`, `cancel` and `delete_model`; the
-worker sends `progress`, `finished` and `deleted`.
+worker sends a job's progress and its end, and the answers to deletions.
 """
 
 from __future__ import annotations
@@ -64,11 +64,18 @@ class LocalJobStore(JobStore):
         threading.Thread(target=self._read, args=(self._conn,), name="tav-local-worker-reader", daemon=True).start()
         log.info("local tuning worker started (pid %d)", self._process.pid)
 
-    def _send(self, message: dict) -> None:
+    def _send(self, message: dict) -> bool:
+        """Send to the worker (started on first use); False if it has just died (its reader thread restarts it,
+        and a job it was to run stays queued)."""
         if self._process is None:
             self._start_worker()
-        with self._send_lock:
-            self._conn.send(message)
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+            return True
+        except OSError as e:
+            log.warning("the local tuning worker is gone (%s)", e)
+            return False
 
     def _read(self, conn) -> None:
         while True:
@@ -139,7 +146,8 @@ class LocalJobStore(JobStore):
         if not queued:
             return
         job = queued[0]
-        self._send({"run": {**job.to_fields(), "state": TUNING}, "clip": self._clips.get(job.id, b"")})
+        if not self._send({"run": {**job.to_fields(), "state": TUNING}, "clip": self._clips.get(job.id, b"")}):
+            return
         job.state, job.worker, job.started = TUNING, f"local-{self._process.pid}", time.time()
         job.updated = job.heartbeat = job.started
         self._running = job.id
@@ -219,7 +227,8 @@ class LocalJobStore(JobStore):
             self._models[model_id] = "deleting"
             reply = uuid.uuid4().hex
             future = self._deletions[reply] = concurrent.futures.Future()
-            self._send({"delete_model": model_id, "reply": reply})
+            if not self._send({"delete_model": model_id, "reply": reply}):
+                future.set_exception(StoreUnavailable("the local tuning worker is restarting; retry shortly"))
         try:
             if not await asyncio.wait_for(asyncio.wrap_future(future), timeout):
                 raise ModelNotFound(model_id)

@@ -4,9 +4,9 @@ place under the model's id. Replicas ignore dot-names and the rename is atomic, 
 served. The worker's hooks report progress and say when to stop: a cancel is seen within one tuning step, and
 during export at the next stage boundary.
 
-Leftovers of killed workers are dot-directories named by job id and attempt (`.job-<id>-<attempt>`);
-`clean_leftovers` removes those of jobs no live worker is running. Deleting a model renames it out of the
-repository first (every replica drops it at its next rescan), then removes it.
+Leftovers of killed workers are dot-directories named by job id and attempt (`.job-<id>-<attempt>`), or
+half-removed deleted models (`.deleted-*`); `clean_leftovers` removes those no live worker is working on. Deleting
+a model renames it out of the repository first (every replica drops it at its next rescan), then removes it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from jobs.spec import EXPORTING, TUNING, Job
 log = logging.getLogger(__name__)
 
 JOB_DIR = re.compile(r"^\.+job-([0-9a-f]{32})-(\d+)")  # the job's directory and the tuner's temporary ones
+DELETED = ".deleted-"  # a model taken out of the repository, being removed
 
 
 class Stopped(Exception):
@@ -121,7 +122,7 @@ def clean_leftovers(repo: Path, running: Callable[[str, int], bool]) -> list[str
     removed = []
     for path in _entries(repo):
         match = JOB_DIR.match(path.name)
-        if match and not running(match.group(1), int(match.group(2))):
+        if path.name.startswith(DELETED) or match and not running(match.group(1), int(match.group(2))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return removed
@@ -130,7 +131,7 @@ def clean_leftovers(repo: Path, running: Callable[[str, int], bool]) -> list[str
 def delete_model(repo: Path, model_id: str) -> bool:
     """Take a model out of the repository (renamed to a dot-name at once, then removed); False if it is not
     there."""
-    gone = repo / f".deleted-{model_id}-{uuid.uuid4().hex[:8]}"
+    gone = repo / f"{DELETED}{model_id}-{uuid.uuid4().hex[:8]}"
     try:
         os.rename(repo / model_id, gone)
     except FileNotFoundError:

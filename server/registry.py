@@ -3,7 +3,8 @@
 A repository is a directory of tuned model directories named by their ids; dot-names (the shared engine store
 `.engines/`, a tuner's half-written `.name.tmp-*`) are never models. `ModelRegistry.scan` lists what can be
 served and why the rest cannot. It runs off the event loop, in the background every few seconds and when a
-request names an id it does not know, so the served view follows the disk:
+request names an id it does not know (unless a scan started after the request came: concurrent requests share
+it), so the served view follows the disk:
 
 - every file a model is listed by (`tav_config.json`, `engines/manifest.json`) is read through the artefact
   format's checked readers; a broken one is one skipped model with a reason naming the file, never an error for
@@ -197,12 +198,16 @@ class ModelRegistry:
         self._scan_lock = threading.Lock()  # one scan at a time
         self._listed: dict[str, tuple[tuple, ModelEntry | str]] = {}  # id -> (listing signature, entry or reason)
         self._failed: dict[str, tuple[tuple, str]] = {}  # id -> (files signature, why its engines failed to load)
-        self._scanned = 0.0
+        self._scan_started = 0.0
         self.scan()
 
-    def scan(self) -> None:
-        """Look at the repository again: see the module docstring. Safe from any thread; never raises."""
+    def scan(self, since: float | None = None) -> None:
+        """Look at the repository again: see the module docstring. Safe from any thread; never raises. With
+        `since` (a `time.monotonic()`), only if no scan started after it: concurrent callers share one scan."""
         with self._scan_lock:
+            if since is not None and self._scan_started >= since:
+                return
+            self._scan_started = time.monotonic()
             try:
                 names = sorted(p.name for p in self.repo.iterdir() if not p.name.startswith("."))
             except OSError as e:
@@ -249,12 +254,11 @@ class ModelRegistry:
                 self.models, self.skipped = models, skipped
                 self._listed = listed
                 self._failed = {name: failed for name, failed in self._failed.items() if name in listed}
-                self._scanned = time.monotonic()
 
-    def rescan(self, min_interval: float = 1.0) -> None:
-        """`scan` again unless the last scan is more recent than `min_interval` seconds."""
-        if time.monotonic() - self._scanned >= min_interval:
-            self.scan()
+    def refresh(self, asked: float) -> None:
+        """Make sure the view is no older than `asked` (a `time.monotonic()`: when a request named an id it does
+        not know): scan unless a scan started since. A model published just before the request is found."""
+        self.scan(since=asked)
 
     def _skip(self, name: str, path: Path, reason: str) -> None:
         """Take a model whose engines failed to load out of service until its files change."""

@@ -137,7 +137,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
                         ) -> AsyncIterator[pb2.GenerateResponse]:
         if not self.accepting:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, NOT_ACCEPTING)
-        options, fmt, truncated = await asyncio.to_thread(self._check, request)
+        options, fmt, truncated = await asyncio.to_thread(self._check, request, time.monotonic())
         remaining = context.time_remaining()
         limit = self.max_request_seconds if remaining is None else min(remaining, self.max_request_seconds)
         job = Job(uuid.uuid4().hex, request.model, options, asyncio.get_running_loop(), time.monotonic() + limit)
@@ -172,7 +172,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
             job.stop.set()  # a no-op once done; else the worker stops within one step
             self.queue.remove(job)
 
-    def _check(self, request: pb2.GenerateRequest) -> tuple[GenerationOptions, str, bool]:
+    def _check(self, request: pb2.GenerateRequest, asked: float | None = None) -> tuple[GenerationOptions, str, bool]:
         """(In a thread: it may read files and tokenize.) The request's options (resolved when the model is
         loaded), output format and whether a prompt will be truncated. Sizes are checked before any work."""
         try:
@@ -181,8 +181,8 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
             check_model_id(request.model)
             options = options_from_request(request)
             check_options(options)
-            if request.model not in self.registry.models:
-                self.registry.rescan()  # a model added since the last background scan
+            if request.model not in self.registry.models:  # a model published since the last background scan?
+                self.registry.refresh(time.monotonic() if asked is None else asked)
             entry = self.registry.entry(request.model)
             if options.source_video is not None:
                 check_source_video(options.source_video)
@@ -227,7 +227,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
         try:
             check_model_id(request.id, "id")
             if request.id not in self.registry.models:
-                await asyncio.to_thread(self.registry.rescan)
+                await asyncio.to_thread(self.registry.refresh, time.monotonic())
             info = self._info(self.registry.entry(request.id))
         except InvalidRequest as e:
             self.metrics.count("GetModel", grpc.StatusCode.INVALID_ARGUMENT)

@@ -53,14 +53,18 @@ def flag_values(args: list[str]) -> dict[str, str]:
     return dict(arg.split("=", 1) for arg in args)
 
 
-@pytest.fixture(scope="module")
-def server_flags() -> set[str]:
-    """The flags `tav-serve --help` lists."""
+def cli_flags(command_main) -> set[str]:
+    """The flags a command's `--help` lists."""
     out = io.StringIO()
     with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stdout(out):
-        main(["--help"])
+        command_main(["--help"])
     assert exit_info.value.code == 0
     return set(re.findall(r"(--[a-z][a-z-]+)", out.getvalue()))
+
+
+@pytest.fixture(scope="module")
+def server_flags() -> set[str]:
+    return cli_flags(main)
 
 
 def seconds(duration: str) -> float:
@@ -285,14 +289,9 @@ def test_dockerfile_has_a_worker_target(worker_flags):
 
 @pytest.fixture(scope="module")
 def worker_flags() -> set[str]:
-    """The flags `tav-tune-worker --help` lists."""
     from jobs.celery_worker import main as worker_main
 
-    out = io.StringIO()
-    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stdout(out):
-        worker_main(["--help"])
-    assert exit_info.value.code == 0
-    return set(re.findall(r"(--[a-z][a-z-]+)", out.getvalue()))
+    return cli_flags(worker_main)
 
 
 def volume_for(deployment: str, mount_path: str) -> tuple[dict, dict]:

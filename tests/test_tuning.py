@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from grpc_helpers import ServeProcess
+from prometheus_client.parser import text_string_to_metric_families
 
 from clients import Client, ServerError
 from jobs.bases import HUB_PATTERNS
+from jobs.celery_app import make_app
 from tuner.artefacts import TunedModel
 
 REDIS = shutil.which("redis-server") or next((p for p in ("/usr/bin/redis-server",) if os.access(p, os.X_OK)), None)
@@ -55,23 +60,25 @@ def wait_until(condition, seconds: float = 60.0, every: float = 0.2):
 
 
 class RedisServer:
-    """redis-server on a loopback port, persisting to an append-only file fsynced at every write (deploy/redis)."""
+    """redis-server on a loopback port with a password, persisting to an append-only file fsynced at every write
+    (as deploy/k8s/redis.yaml runs it)."""
+
+    password = "tav-redis-secret"
 
     def __init__(self, directory: Path) -> None:
         self.directory, self.port = directory, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         self.start()
 
     def start(self) -> None:
         self.proc = subprocess.Popen([REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
                                       str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-                                      "--save", "", "--protected-mode", "no"], stdout=subprocess.DEVNULL)
+                                      "--save", "", "--requirepass", self.password], stdout=subprocess.DEVNULL)
         wait_until(lambda: self._answers(), 30)
 
     def _answers(self) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+        with contextlib.suppress(redis.ConnectionError), redis.Redis.from_url(self.url, socket_timeout=1) as client:
+            return client.ping()
         return False
 
     def kill(self) -> None:
@@ -109,25 +116,26 @@ def service(tiny_base, tmp_path_factory):
     (root / "redis").mkdir()
     (root / "admin").write_text(ADMIN + "\n")
     (root / "users").write_text(USER + "\n")
-    redis = RedisServer(root / "redis")
-    workers = [TuneWorker(redis.url, repo, f"w{i}", root / f"w{i}.log") for i in (1, 2)]
-    args = ["--repo", str(repo), "--broker", redis.url, "--admin-token-file", str(root / "admin"),
+    broker = RedisServer(root / "redis")
+    (root / "broker").write_text(broker.url + "\n")  # the password stays out of the process list
+    workers = [TuneWorker(broker.url, repo, f"w{i}", root / f"w{i}.log") for i in (1, 2)]
+    args = ["--repo", str(repo), "--broker-file", str(root / "broker"), "--admin-token-file", str(root / "admin"),
             "--auth-token-file", str(root / "users"), "--base", f"tiny={tiny_base}", "--worker-dead-after", "6",
             "--max-queued-jobs", "4", "--rescan-seconds", "0.5"]
     replicas = []
     try:
-        replicas = [ServeProcess(*args) for _ in range(2)]
+        replicas = [ServeProcess(*args, "--metrics-port", "0") for _ in range(2)]
         for replica in replicas:
             replica.wait_for("tuning service serving")
-        yield type("Service", (), dict(repo=repo, redis=redis, workers=workers, replicas=replicas, root=root,
-                                       broker=redis.url))
+        yield type("Service", (), dict(repo=repo, redis=broker, workers=workers, replicas=replicas, root=root,
+                                       broker=broker.url))
     finally:
         for replica in replicas:
             replica.proc.kill()
             replica.proc.wait(30)
         for worker in workers:
             worker.stop()
-        redis.kill()
+        broker.kill()
 
 
 def admin(service, replica: int = 0) -> Client:
@@ -151,13 +159,27 @@ def test_a_tuned_clip_is_served_by_another_replica_without_a_restart(service, cl
     model = TunedModel.open(service.repo / "square-tuned")
     assert model.config["base"]["path"].startswith("../.bases/")  # found wherever the repository is mounted
     assert model.base_id == "tiny" and model.base_path.resolve().parent == (service.repo / ".bases").resolve()
-    with user(service, 1) as client:
-        info = wait_until(lambda: _get_model(client, "square-tuned"), 15)
+    with user(service, 1) as client:  # found at once: an unknown id makes the replica look again
+        info = client.get_model("square-tuned")
         assert info.base_model == "tiny" and info.source_prompt == CAPTION
         video = client.generate("square-tuned", "a blue square is moving right", steps=2, format="png",
                                 timeout=TIMEOUT)
     assert video.frames == 8 and video.width == 32
     assert leftovers(service.repo) == []
+    # every replica reports the registry's jobs by state; the finished job's durations, one replica (whichever
+    # sweeps first)
+    wait_until(lambda: sum(_tune_metrics(r).get(("tav_tune_seconds_count", "tuning"), 0)
+                           for r in service.replicas) == 1, 15)
+    assert all(_tune_metrics(r)[("tav_tune_jobs", "ready")] >= 1 for r in service.replicas)
+
+
+def _tune_metrics(replica: ServeProcess) -> dict:
+    """A replica's tuning metrics: (sample name, state or stage) -> value."""
+    port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)", "".join(replica.log)).group(1))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    return {(name, labels.get("state") or labels.get("stage")): value
+            for family in text_string_to_metric_families(text) for name, labels, value, *_ in family.samples
+            if name.startswith("tav_tune")}
 
 
 def _get_model(client: Client, model_id: str):
@@ -179,6 +201,23 @@ def test_two_workers_run_two_jobs_at_once_and_a_third_waits(service, clip_path):
         ended = [client.wait_tune_job(job.id, timeout=TIMEOUT) for job in jobs]
     assert [job.state for job in ended] == ["cancelled"] * 3
     assert not any((service.repo / f"parallel-{i}").exists() for i in range(3))
+
+
+@needs_redis
+def test_the_queue_of_jobs_is_bounded(service, clip_path):
+    video = clip_path.read_bytes()
+    with admin(service) as client:
+        running = [client.create_tune_job(f"busy-{i}", video, CAPTION, base="tiny", **{**SMALL, "steps": 2000})
+                   for i in range(2)]
+        wait_until(lambda: all(client.get_tune_job(job.id).state == "tuning" for job in running), 60)
+        queued = [client.create_tune_job(f"waiting-{i}", video, CAPTION, base="tiny") for i in range(4)]
+        assert [job.queue_position for job in queued] == [0, 1, 2, 3]
+        with pytest.raises(ServerError) as e:
+            client.create_tune_job("one-too-many", video, CAPTION, base="tiny")
+        assert e.value.code == CODE.RESOURCE_EXHAUSTED and "4 tune jobs are queued" in e.value.details
+        for job in running + queued:
+            client.cancel_tune_job(job.id)
+        assert all(client.wait_tune_job(job.id, timeout=TIMEOUT).state == "cancelled" for job in running + queued)
 
 
 def _both_tuning_one_queued(client: Client, jobs):
@@ -362,3 +401,15 @@ except BaseModelError as e:
     assert "neither a directory nor a hub id in reach" in missing
     assert not any(Path(name).match(pattern) for pattern in HUB_PATTERNS
                    for name in ("unet/diffusion_pytorch_model.bin", "model.ckpt", "unet/model.pt"))
+
+
+def test_the_queue_settings_that_make_a_job_safe():
+    """The Celery settings jobs/celery_app.py names: acknowledged when the job ends, requeued when its worker is
+    lost, one job held per worker, a visibility timeout past the longest job, JSON only, reconnect for ever."""
+    app = make_app("redis://127.0.0.1:1/0", max_job_seconds=7200)
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] > 7200 + 300
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.broker_connection_retry_on_startup and conf.broker_connection_max_retries is None
+    assert not conf.worker_cancel_long_running_tasks_on_connection_loss  # a Redis blip does not stop a job
