@@ -30,7 +30,7 @@ from jobs.spec import CANCELLED, FAILED, READY, Job
 log = logging.getLogger("tav-tune-worker")
 
 HEARTBEAT_SECONDS = 2.0
-DEAD_AFTER = 20.0  # seconds without a heartbeat before a job counts as orphaned (the server's default too)
+DEAD_AFTER = 60.0  # seconds without a heartbeat before a job counts as orphaned (the server's default too)
 REDIS_RETRY_SECONDS = 600.0  # how long a worker waits for Redis to take or end a job
 
 

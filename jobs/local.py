@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from jobs import work
-from jobs.spec import CANCELLED, ENDED, FAILED, QUEUED, READY, RUNNING, TUNING, Job
+from jobs.spec import CANCELLED, ENDED, FAILED, QUEUED, READY, RUNNING, TUNING, InvalidField, Job
 from jobs.store import (
     DeleteRefused,
     IdTaken,
@@ -185,6 +185,8 @@ class LocalJobStore(JobStore):
     async def list(self, page_size: int, page_token: str) -> tuple[list[Job], str]:
         with self._lock:
             jobs = sorted(self._jobs.values(), key=lambda j: (j.created, j.sequence), reverse=True)
+            if not page_token.isdigit() and page_token:
+                raise InvalidField("page_token", "is not a token this server gave")
             start = int(page_token or 0)
             page = [Job.from_fields(j.to_fields()) for j in jobs[start : start + page_size]]
             return page, str(start + page_size) if start + page_size < len(jobs) else ""

@@ -4,11 +4,13 @@ runs a script atomically), so two servers or workers never see a job half-change
 
 Keys (prefix `tav:`):
 
-  job:<id>        hash: the job's record (`jobs.spec.Job.to_fields`), plus an `observed` flag (metrics)
+  job:<id>        hash: the job's record (`jobs.spec.Job.to_fields`)
   clip:<id>       the clip's bytes, until the job ends
-  jobs            sorted set of every job id, by creation time (listing, retention)
+  jobs            sorted set of every job id, by creation time (listing)
   queue           sorted set of queued job ids, by queue order (a job's position is its rank)
   running         set of job ids a worker runs
+  ended           sorted set of ended job ids, by end time (retention)
+  unobserved      set of ended job ids no server has counted in its metrics yet (each is popped once)
   model:<id>      who holds a model id: a job id, or "deleting"; set when a job is created, so two jobs can never
                   claim one id and a deletion cannot race a publish
   seq             the queue order counter
@@ -39,7 +41,7 @@ from redis.backoff import ExponentialBackoff
 
 from jobs.celery_app import QUEUE as BROKER_QUEUE
 from jobs.celery_app import TUNE_TASK, make_app, task_id
-from jobs.spec import ENDED, RUNNING, Job
+from jobs.spec import RUNNING, InvalidField, Job
 from jobs.store import (
     DeleteRefused,
     IdTaken,
@@ -69,6 +71,12 @@ def model_key(model_id: str) -> str:
 
 
 JOBS, QUEUE, RUNNING_SET, SEQ = PREFIX + "jobs", PREFIX + "queue", PREFIX + "running", PREFIX + "seq"
+ENDED_SET, UNOBSERVED = PREFIX + "ended", PREFIX + "unobserved"
+
+
+def end_keys(job: Job) -> list[str]:
+    """The keys every script that may end a job takes first (END_JOB's)."""
+    return [job_key(job.id), clip_key(job.id), model_key(job.model_id), ENDED_SET, UNOBSERVED]
 BROKER_UNACKED = "unacked"  # kombu's Redis transport: messages delivered and not yet acknowledged
 
 # KEYS: job, clip, jobs, queue, model, seq. ARGV: id, created, max queued, clip, then field/value pairs.
@@ -105,26 +113,36 @@ end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
-# KEYS: job, running, clip, model. ARGV: id, attempt, state, now, then field/value pairs.
-FINISH = """
+# A job ends (in the scripts below): its state and end time, its clip dropped, its model id released unless it
+# published, and it joins the ended jobs (retention) and those not yet counted (metrics).
+# KEYS[1] job, KEYS[2] clip, KEYS[3] model, KEYS[4] ended, KEYS[5] unobserved.
+END_JOB = """
+local function end_job(id, state, now)
+  redis.call('HSET', KEYS[1], 'state', state, 'ended', now, 'updated', now)
+  redis.call('DEL', KEYS[2])
+  if state ~= 'ready' and redis.call('GET', KEYS[3]) == id then redis.call('DEL', KEYS[3]) end
+  redis.call('ZADD', KEYS[4], now, id)
+  redis.call('SADD', KEYS[5], id)
+end
+"""
+# KEYS: job, clip, model, ended, unobserved, running. ARGV: id, attempt, state, now, then field/value pairs.
+FINISH = END_JOB + """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'tuning' and state ~= 'exporting' then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'ended', ARGV[4], 'updated', ARGV[4], unpack(ARGV, 5))
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[3])
-if ARGV[3] ~= 'ready' and redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+redis.call('SREM', KEYS[6], ARGV[1])
+end_job(ARGV[1], ARGV[3], ARGV[4])
 return 1
 """
-# KEYS: job, queue, clip, model. ARGV: id, now. Returns the job's state after the call.
-CANCEL = """
+# KEYS: job, clip, model, ended, unobserved, queue. ARGV: id, now. Returns the job's state after the call.
+CANCEL = END_JOB + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return '' end
 if state == 'queued' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel_requested', 'true', 'ended', ARGV[2], 'updated', ARGV[2])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('DEL', KEYS[3])
-  if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+  redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
+  redis.call('ZREM', KEYS[6], ARGV[1])
+  end_job(ARGV[1], 'cancelled', ARGV[2])
   return 'cancelled'
 end
 if state == 'tuning' or state == 'exporting' then
@@ -132,34 +150,36 @@ if state == 'tuning' or state == 'exporting' then
 end
 return state
 """
-# KEYS: job, queue, running, clip, model. ARGV: id, attempt, max attempts, now, stale before, reason.
-# A running job whose heartbeat is older than `stale before`: queued again under the next attempt, or failed.
-REVIVE = """
+# KEYS: job, clip, model, ended, unobserved, queue, running. ARGV: id, attempt, max attempts, now, stale before,
+# reason. A running job whose heartbeat is older than `stale before`: queued again under the next attempt, or
+# failed past the bound.
+REVIVE = END_JOB + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if (state ~= 'tuning' and state ~= 'exporting') or redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2]
    or tonumber(redis.call('HGET', KEYS[1], 'heartbeat')) >= tonumber(ARGV[5]) then
   return 'alive'
 end
-redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('SREM', KEYS[7], ARGV[1])
 if tonumber(ARGV[2]) >= tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'state', 'failed', 'ended', ARGV[4], 'updated', ARGV[4], 'failure_reason', ARGV[6])
-  redis.call('DEL', KEYS[4])
-  if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+  redis.call('HSET', KEYS[1], 'failure_reason', ARGV[6])
+  end_job(ARGV[1], 'failed', ARGV[4])
   return 'failed'
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', tostring(tonumber(ARGV[2]) + 1), 'worker', '',
            'step', '0', 'loss', '0.0', 'heartbeat', '0', 'updated', ARGV[4])
-redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[1], 'sequence'), ARGV[1])
+redis.call('ZADD', KEYS[6], redis.call('HGET', KEYS[1], 'sequence'), ARGV[1])
 return 'queued'
 """
-# KEYS: job, jobs, clip, model. ARGV: id. An ended job only.
+# KEYS: job, clip, model, ended, unobserved, jobs. ARGV: id. An ended job only.
 DELETE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state ~= 'ready' and state ~= 'failed' and state ~= 'cancelled' then return state end
-redis.call('DEL', KEYS[1], KEYS[3])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+redis.call('DEL', KEYS[1], KEYS[2])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
 return 'deleted'
 """
 # KEYS: model. ARGV: key prefix of jobs. Reserve a model id for its deletion unless a live job holds it.
@@ -243,8 +263,10 @@ class RedisJobStore(JobStore):
         return int(rank or 0)
 
     async def list(self, page_size: int, page_token: str) -> tuple[list[Job], str]:
-        below = float(base64.urlsafe_b64decode(page_token).decode()) if page_token else None
-        top = f"({below!r}" if below is not None else "+inf"
+        try:  # the token is the creation time of the last job of the previous page
+            top = f"({float(base64.urlsafe_b64decode(page_token).decode())!r}" if page_token else "+inf"
+        except ValueError:
+            raise InvalidField("page_token", "is not a token this server gave") from None
         ids = await self._call(self.redis.zrevrangebyscore(JOBS, top, "-inf", start=0, num=page_size + 1,
                                                            withscores=True))
         page = ids[:page_size]
@@ -254,8 +276,7 @@ class RedisJobStore(JobStore):
 
     async def cancel(self, job_id: str) -> Job:
         job = await self.get(job_id)
-        keys = [job_key(job_id), QUEUE, clip_key(job_id), model_key(job.model_id)]
-        state = (await self._call(self._scripts["cancel"](keys, [job_id, time.time()]))).decode()
+        state = (await self._call(self._scripts["cancel"]([*end_keys(job), QUEUE], [job_id, time.time()]))).decode()
         if state == "cancelled":  # was queued: its message, if a worker has not taken it yet, is dropped
             try:
                 await asyncio.to_thread(self.celery.control.revoke, task_id(job_id, job.attempt))
@@ -272,8 +293,7 @@ class RedisJobStore(JobStore):
             raise DeleteRefused(f"job {job_id} is {verdict}: cancel it first, or wait for it to end")
 
     async def _delete(self, job: Job) -> str:
-        keys = [job_key(job.id), JOBS, clip_key(job.id), model_key(job.model_id)]
-        return (await self._call(self._scripts["delete"](keys, [job.id]))).decode()
+        return (await self._call(self._scripts["delete"]([*end_keys(job), JOBS], [job.id]))).decode()
 
     async def delete_model(self, model_id: str, timeout: float) -> None:
         verdict = (await self._call(self._scripts["reserve_delete"]([model_key(model_id)], [PREFIX + "job:"])
@@ -300,20 +320,15 @@ class RedisJobStore(JobStore):
             reason = (f"its tuning worker ({job.worker}) stopped answering {max_attempts} times; the clip or the "
                       f"settings may crash the tuner (try fewer frames or a smaller size)")
             verdict = (await self._call(self._scripts["revive"](
-                [job_key(job.id), QUEUE, RUNNING_SET, clip_key(job.id), model_key(job.model_id)],
+                [*end_keys(job), QUEUE, RUNNING_SET],
                 [job.id, job.attempt, max_attempts, now, now - dead_after, reason]))).decode()
             if verdict == "queued":
                 await self._send(await self.get(job.id))
         await self._resend_lost(now, dead_after)
-        ended = []
-        for job in await self._jobs(await self._call(self.redis.zrange(JOBS, 0, -1))):
-            if job.state not in ENDED:
-                continue
-            if job.ended < now - retention:
-                await self._delete(job)
-            elif await self._call(self.redis.hsetnx(job_key(job.id), "observed", "1")):
-                ended.append(job)
-        return ended
+        for job in await self._jobs(await self._call(self.redis.zrangebyscore(ENDED_SET, "-inf",
+                                                                               now - retention))):
+            await self._delete(job)
+        return await self._jobs(await self._call(self.redis.spop(UNOBSERVED, 100)) or [])
 
     async def _resend_lost(self, now: float, after: float) -> None:
         """Send again the message of a job queued for `after` seconds that has none in the broker: its server
@@ -330,9 +345,16 @@ class RedisJobStore(JobStore):
                 await self._send(job)
 
     async def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for job in await self._jobs(await self._call(self.redis.zrange(JOBS, 0, -1))):
-            counts[job.state] = counts.get(job.state, 0) + 1
+        """Jobs by state: the queue's and the running set's sizes, and the ended jobs' states (one field each)."""
+        counts = {"queued": await self._call(self.redis.zcard(QUEUE))}
+        for name in (RUNNING_SET, ENDED_SET):
+            ids = await self._call(self.redis.smembers(name) if name == RUNNING_SET else self.redis.zrange(name, 0, -1))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for raw in ids:
+                    pipe.hget(job_key(raw.decode()), "state")
+                for state in await self._call(pipe.execute()):
+                    if state is not None:
+                        counts[state.decode()] = counts.get(state.decode(), 0) + 1
         return counts
 
     async def _jobs(self, ids) -> list[Job]:
@@ -373,7 +395,7 @@ class RedisWorkerStore:
         return self.redis.hget(job_key(job.id), "cancel_requested") == b"true"
 
     def finish(self, job: Job, state: str, **values) -> bool:
-        keys = [job_key(job.id), RUNNING_SET, clip_key(job.id), model_key(job.model_id)]
+        keys = [*end_keys(job), RUNNING_SET]
         return bool(self._finish(keys, [job.id, job.attempt, state, time.time(), *_fields(values)]))
 
     def running(self, job_id: str, attempt: int, dead_after: float) -> bool:

@@ -83,7 +83,7 @@ class ServerConfig:
     max_job_seconds: float = 7200.0
     max_job_attempts: int = 3  # runs of a job whose worker keeps dying
     job_retention_hours: float = 168.0
-    dead_after: float = 20.0  # seconds without a heartbeat before a tuning worker counts as dead
+    dead_after: float = 60.0  # seconds without a heartbeat before a tuning worker counts as dead
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -29,6 +29,7 @@ import pytest
 import redis
 from grpc_helpers import ServeProcess
 from prometheus_client.parser import text_string_to_metric_families
+from tuneavideo.v1 import tuning_pb2
 
 from clients import Client, ServerError
 from jobs.bases import HUB_PATTERNS
@@ -120,7 +121,7 @@ def service(tiny_base, tmp_path_factory):
     (root / "broker").write_text(broker.url + "\n")  # the password stays out of the process list
     workers = [TuneWorker(broker.url, repo, f"w{i}", root / f"w{i}.log") for i in (1, 2)]
     args = ["--repo", str(repo), "--broker-file", str(root / "broker"), "--admin-token-file", str(root / "admin"),
-            "--auth-token-file", str(root / "users"), "--base", f"tiny={tiny_base}", "--worker-dead-after", "6",
+            "--auth-token-file", str(root / "users"), "--base", f"tiny={tiny_base}", "--worker-dead-after", "8",
             "--max-queued-jobs", "4", "--rescan-seconds", "0.5"]
     replicas = []
     try:
@@ -251,7 +252,7 @@ def test_a_worker_killed_mid_job_has_its_job_run_again(service, clip_path):
         killed.proc.kill()
         killed.proc.wait(30)
         ended = client.wait_tune_job(job.id, timeout=TIMEOUT)
-        assert ended.state == "ready" and ended.attempt == 2 and ended.worker != killed.name, ended
+        assert ended.state == "ready" and ended.attempt >= 2 and ended.worker != killed.name, ended
         assert TunedModel.open(service.repo / "survivor").config["steps"] == 60
         # the killed worker, restarted, cleans up after itself and takes new jobs
         index = service.workers.index(killed)
@@ -312,6 +313,11 @@ def test_bad_input_is_refused_before_anything_is_queued(service, clip_path, tmp_
                 client.create_tune_job(**{**good, **change})
             assert (e.value.code, text in e.value.details) == (code, True), (change, e.value.details)
         assert len(client.list_tune_jobs()) == before
+        for page in (tuning_pb2.ListTuneJobsRequest(page_token="not-a-token"),
+                     tuning_pb2.ListTuneJobsRequest(page_size=101)):
+            with pytest.raises(grpc.RpcError) as e:
+                client.tuning.ListTuneJobs(page, metadata=client.metadata, timeout=30)
+            assert e.value.code() == CODE.INVALID_ARGUMENT and e.value.details().startswith("page_"), e.value
     with user(service) as client:  # a generation token can neither tune nor delete
         for call in (lambda: client.create_tune_job(**good), lambda: client.delete_model("square-tuned"),
                      lambda: client.list_tune_jobs()):
