@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -32,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tuneavideo.v1 import tuning_pb2
 
 from clients import Client, ServerError
+from clients.cli import main as client_main
 from jobs.bases import HUB_PATTERNS
 from jobs.celery_app import make_app
 from tuner.artefacts import TunedModel
@@ -355,30 +357,56 @@ def test_delete_model_and_ids_reserved_at_create(service, clip_path):
         wait_until(lambda: "square-tuned" not in [m.id for m in client.list_models().models], 10)
 
 
-def test_the_embedded_default_tunes_with_its_own_worker(tiny_base, clip_path, tmp_path):
-    """No broker: the server's local worker process tunes, exports and publishes; the same client calls work."""
+def test_the_embedded_default_tunes_with_its_own_worker_through_the_cli(tiny_base, clip_path, tmp_path, capsys):
+    """No broker: the server's local worker process tunes, exports and publishes; `tav-client tune --wait`,
+    `jobs`, `cancel` and `delete-model` drive it."""
     repo = tmp_path / "repo"
     repo.mkdir()
     server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5")
+    target = f"127.0.0.1:{server.port}"
     try:
         server.wait_for("tuning service serving")
-        with Client(f"127.0.0.1:{server.port}") as client:
+        with Client(target) as client:
             first = client.create_tune_job("local-a", clip_path.read_bytes(), CAPTION, base="tiny",
                                            **{**SMALL, "steps": 2000})
-            second = client.create_tune_job("local-b", clip_path.read_bytes(), CAPTION, base="tiny", **SMALL)
-            assert (second.state, second.queue_position) == ("queued", 0)
             wait_until(lambda: client.get_tune_job(first.id).step >= 2, 60)
-            assert client.cancel_tune_job(first.id).cancel_requested
-            assert client.wait_tune_job(first.id, timeout=TIMEOUT).state == "cancelled"
-            assert client.wait_tune_job(second.id, timeout=TIMEOUT).state == "ready"
+            waiting = threading.Thread(target=cli, args=("tune", "--server", target, "--video", str(clip_path),
+                                                         "--prompt", CAPTION, "--model", "local-b", "--base",
+                                                         "tiny", "--steps", "3", "--width", "32", "--height", "32",
+                                                         "--lr", "1e-3", "--wait"))
+            waiting.start()
+            second = wait_until(lambda: next((j for j in client.list_tune_jobs() if j.model_id == "local-b"), None))
+            assert (second.state, second.queue_position) == ("queued", 0)
+            cli("cancel", "--server", target, first.id)
+            waiting.join(TIMEOUT)
+            out = capsys.readouterr().out
+            assert "cancel requested" in out and "model local-b is ready" in out, out
+            assert client.get_tune_job(first.id).state == "cancelled"
             wait_until(lambda: _get_model(client, "local-b"), 15)
             assert client.generate("local-b", CAPTION, steps=1, format="png", timeout=TIMEOUT).frames == 8
-            assert [job.model_id for job in client.list_tune_jobs()] == ["local-b", "local-a"]
-            client.delete_model("local-b")
+            cli("jobs", "--server", target)
+            listed = capsys.readouterr().out.splitlines()
+            assert [line.split("\t")[1:3] for line in listed] == [["local-b", "ready"], ["local-a", "cancelled"]]
+            cli("delete-model", "--server", target, "local-b")
         assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == []
     finally:
         server.proc.kill()
         server.proc.wait(30)
+
+
+def cli(*args: str) -> None:
+    """`tav-client ARGS`, in this process; a non-zero exit fails the test."""
+    try:
+        client_main(list(args))
+    except SystemExit as e:
+        assert e.code in (0, None), f"tav-client {' '.join(args)} exited {e.code}"
+
+
+def test_the_server_process_never_imports_the_exporter():
+    code = ("import sys, server.serve, server.tuning, jobs.local\n"
+            "print(sorted(m for m in sys.modules if m.startswith('exporter')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def test_a_hub_base_resolves_from_the_cache_on_disk_without_pickles(tiny_base, tmp_path):
