@@ -50,8 +50,8 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def store_key(model: TunedModel, precision: str) -> str:
-    """What the base graphs depend on, hashed: base model content, size, precision, attention mode and group norm,
-    opset, and the version of the ONNX Runtime graph rewrite."""
+    """What the base graphs depend on, hashed: base model content, size, precision, the video UNet's architecture
+    (attention mode, group norm, frame positions), opset, and the version of the ONNX Runtime graph rewrite."""
     c = model.config
     parts = [c["base"]["sha256"], c["latent_height"], c["latent_width"], precision, *model.architecture, OPSET,
              REWRITE_VERSION]
@@ -259,7 +259,8 @@ def build_manifest(model: TunedModel, index: dict, key: str, store_path: str, pr
         "weight_map": weight_map,
         "model": {"model_hash": model.model_hash, "base_path": c["base"]["path"], "base_sha256": c["base"]["sha256"],
                   "prompt": c["prompt"], "attention_mode": c["attention_mode"],
-                  "group_norm": model.architecture[1], "frames": c["frames"]},
+                  "group_norm": model.architecture[1], "frame_positions": model.architecture[2],
+                  "frames": c["frames"]},
         "latent_channels": sample[1],
         "latent_size": [c["latent_height"], c["latent_width"]],
         "pixel_size": [c["height"], c["width"]],

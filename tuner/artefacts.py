@@ -26,7 +26,9 @@ from tuner.inflate import VideoUNet, inflate, is_trainable
 from tuner.io_utils import sha256_files
 
 FORMAT = "tav-tuned-model"
-FORMAT_VERSION = 1
+# v2 added `frame_positions` (a v1 model has none); v1 directories still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "tav_config.json"
 ADAPTER_FILE = "adapter.safetensors"
 SOURCE_FILE = "source.safetensors"
@@ -54,10 +56,10 @@ class TunedModel:
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
             raise ArtefactError(f"{config_path} is not valid JSON: {e}") from e
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        if config.get("format") != FORMAT or config.get("format_version") not in READABLE_VERSIONS:
             raise ArtefactError(
                 f"{path}: format {config.get('format')} v{config.get('format_version')} is not "
-                f"{FORMAT} v{FORMAT_VERSION}"
+                f"{FORMAT} v{' or v'.join(map(str, READABLE_VERSIONS))}"
             )
         for name in (ADAPTER_FILE, SOURCE_FILE):
             if not (path / name).is_file():
@@ -70,10 +72,11 @@ class TunedModel:
         return f"{self.config['base']['sha256'][:16]}-{self.config['adapter_sha256'][:16]}"
 
     @property
-    def architecture(self) -> tuple[str, str]:
-        """`inflate`'s (attention mode, group norm) for this adapter; models tuned before the group-norm setting
-        existed normalised per clip."""
-        return self.config["attention_mode"], self.config.get("group_norm", "per_clip")
+    def architecture(self) -> tuple[str, str, str]:
+        """`inflate`'s (attention mode, group norm, frame positions) for this adapter; models tuned before the
+        group-norm setting existed normalised per clip, and before format v2 had no frame positions."""
+        return (self.config["attention_mode"], self.config.get("group_norm", "per_clip"),
+                self.config.get("frame_positions", "none"))
 
     @property
     def latent_size(self) -> tuple[int, int]:
