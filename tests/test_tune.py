@@ -47,6 +47,20 @@ def test_exactly_the_trainable_tensors_change(tiny_base, tuned_run):
             assert not torch.equal(tensor, base[name]), f"trainable tensor {name} did not change"
 
 
+def test_temporal_tuning_changes_only_the_temporal_attentions_but_the_adapter_keeps_every_tunable_tensor(
+        tiny_base, clip_path, tmp_path):
+    settings = TuneSettings(width=32, height=32, steps=2, lr=1e-2, trainable="temporal")
+    run = tune(tiny_base, clip_path, "a red square", tmp_path / "run", settings, progress=False)
+    base = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").state_dict()
+    adapter = load_file(run / artefacts.ADAPTER_FILE)
+    _, components = load_tuned(run)
+    assert set(adapter) == {k for k in components.unet.state_dict() if is_trainable(k)}
+    changed = {k for k, v in adapter.items() if k not in base or not torch.equal(v, base[k])}
+    assert changed == {k for k in adapter if ".attn_temp." in k}
+    assert TunedModel.open(run).config["trainable_modules"] == [
+        "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v", "attn_temp.to_out.0"]
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_every_trainable_tensor_gets_a_gradient(tiny_base, checkpointing):
     components = load_components(tiny_base)

@@ -1,7 +1,8 @@
 """One-shot tuning (`tav-tune`): fit the inflated video UNet to one text-video pair.
 
-Only Tune-A-Video's trainable set is updated (attn1/attn2 query projections and the temporal attentions); the
-VAE, text encoder and every other UNet tensor stay frozen. Loss, schedule and optimiser follow the reference:
+Only Tune-A-Video's trainable set is updated (attn1/attn2 query projections and the temporal attentions; with
+`trainable="temporal"` the temporal attentions alone); the VAE, text encoder and every other UNet tensor stay
+frozen. Loss, schedule and optimiser follow the reference:
 epsilon (or v) prediction MSE on the clip's VAE latents at uniformly drawn timesteps, AdamW (lr 3e-5, weight
 decay 1e-2), gradient clipping at 1.0, constant learning rate.
 
@@ -59,6 +60,7 @@ class TuneSettings:
     stride: int = 1
     attention_mode: str = "sparse_causal"
     group_norm: str = "per_frame"  # "per_clip": the reference implementation's clip-wide ResNet statistics
+    trainable: str = "paper"  # "temporal": tune the temporal attentions only, not the query projections
     frame_positions: str = "none"  # "sinusoidal": the temporal attention sees each frame's index (not in the paper)
     timestep_power: float = 0.0  # timesteps drawn with density ~ t ** power; 0: uniform, the paper's
     gradient_checkpointing: bool = False
@@ -69,7 +71,7 @@ class TuneSettings:
 # shapes model: 5.8 M). Below the threshold, these settings replace the paper's; each was measured on the shapes
 # model (benchmarks/README.md): without them the tuned weights carry almost none of the clip's motion.
 SMALL_BASE_PARAMETERS = 100_000_000
-SMALL_BASE_SETTINGS = {"lr": 1e-3, "frame_positions": "sinusoidal", "timestep_power": 2.0}
+SMALL_BASE_SETTINGS = {"lr": 1e-3, "trainable": "temporal", "frame_positions": "sinusoidal", "timestep_power": 2.0}
 
 
 def unet_parameters(base: str | Path) -> int:
@@ -102,13 +104,23 @@ def draw_timestep(count: int, power: float, generator: torch.Generator) -> torch
     return (count * u ** (1.0 / (power + 1.0))).long().clamp(max=count - 1)
 
 
-def mark_trainable(unet: VideoUNet) -> dict[str, torch.nn.Parameter]:
-    """Freeze the whole UNet but Tune-A-Video's trainable set, and return that set by name."""
+# Which of the tunable tensors (`is_trainable`) tuning updates, by `TuneSettings.trainable`: the paper's whole set,
+# or the temporal attentions alone. The adapter always holds every tunable tensor, updated or not.
+TRAINABLE_MODULES = {
+    "paper": ("attn1.to_q", "attn2.to_q", "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v", "attn_temp.to_out.0"),
+    "temporal": ("attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v", "attn_temp.to_out.0"),
+}
+
+
+def mark_trainable(unet: VideoUNet, trainable: str = "paper") -> dict[str, torch.nn.Parameter]:
+    """Freeze the whole UNet but the tensors `trainable` names (`TRAINABLE_MODULES`), and return them by name."""
     unet.requires_grad_(False)
-    trainable = {name: p for name, p in unet.named_parameters() if is_trainable(name)}
-    for p in trainable.values():
+    modules = tuple(f".{m}." for m in TRAINABLE_MODULES[trainable])
+    chosen = {name: p for name, p in unet.named_parameters()
+              if is_trainable(name) and any(m in name for m in modules)}
+    for p in chosen.values():
         p.requires_grad_(True)
-    return trainable
+    return chosen
 
 
 def diffusion_loss(
@@ -159,6 +171,8 @@ def tune(
         raise TuneError(f"--attention-mode must be one of {', '.join(ATTENTION_MODES)}")
     if s.group_norm not in GROUP_NORMS:
         raise TuneError(f"--group-norm must be one of {', '.join(GROUP_NORMS)}")
+    if s.trainable not in TRAINABLE_MODULES:
+        raise TuneError(f"--trainable must be one of {', '.join(TRAINABLE_MODULES)}")
     if s.frame_positions not in FRAME_POSITIONS:
         raise TuneError(f"--frame-positions must be one of {', '.join(FRAME_POSITIONS)}")
     if s.timestep_power < 0:
@@ -197,7 +211,7 @@ def tune(
 
     torch.manual_seed(s.seed)
     unet = inflate(components.unet, s.attention_mode, s.group_norm, s.frame_positions)
-    trainable = list(mark_trainable(unet).values())
+    trainable = list(mark_trainable(unet, s.trainable).values())
     if s.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -251,8 +265,7 @@ def tune(
         "steps": s.steps,
         "lr": s.lr,
         "seed": s.seed,
-        "trainable_modules": ["attn1.to_q", "attn2.to_q", "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v",
-                              "attn_temp.to_out.0"],
+        "trainable_modules": list(TRAINABLE_MODULES[s.trainable]),
         "settings": asdict(s),
         "default_rule": default_rule(parameters),
         "final_loss": loss_value,
@@ -283,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attention-mode", choices=ATTENTION_MODES)
     p.add_argument("--group-norm", choices=GROUP_NORMS,
                    help="ResNet GroupNorm statistics per frame, or per clip as the reference implementation")
+    p.add_argument("--trainable", choices=tuple(TRAINABLE_MODULES),
+                   help="paper (attn1/attn2 queries and temporal attentions) or temporal (temporal attentions only)")
     p.add_argument("--frame-positions", choices=FRAME_POSITIONS,
                    help="none (the paper) or sinusoidal: each frame's index added to the temporal attention's input")
     p.add_argument("--timestep-power", type=float,
