@@ -3,13 +3,17 @@
 The base is the shipped shapes-world model, so every generated frame can be scored against the prompt and the
 source clip's ground truth (`tuner.shapes.checker.score_clip`): text alignment, motion fidelity (centroid
 trajectory error) and temporal consistency. Each source clip is tuned once per method of the paper's ablation
-(its Fig. 10) and edited four ways (colour, shape, background, colour + background), both from the inverted
-source and from seeded noise:
+(its Fig. 10), then prompted with its own caption ("reconstruction": has the model learnt the clip?) and edited
+four ways (colour, shape, background, colour + background), both from the inverted source and from seeded noise
+(`--seeds`; from the inversion the result does not depend on the seed: every frame starts from its inverted
+latents and DDIM sampling adds no noise):
 
-  t2i_per_frame      the text-to-image model frame by frame (attention `per_frame`, no tuning)
-  inflated_untuned   the inflated video UNet (sparse-causal attention, zero-initialised temporal attention)
-  tuned_per_frame    tuned on the clip with `per_frame` attention
-  tune_a_video       tuned with sparse-causal attention: the method
+  t2i_per_frame       the text-to-image model frame by frame (attention `per_frame`, no tuning)
+  inflated_untuned    the inflated video UNet (sparse-causal attention, zero-initialised temporal attention)
+  tuned_per_frame     tuned on the clip with `per_frame` attention (otherwise the base's default settings)
+  tune_a_video_paper  tuned with sparse-causal attention and the paper's settings (`TuneSettings()`)
+  tune_a_video        tuned with sparse-causal attention and the base's default settings (`default_settings`):
+                      the method as `tav-tune` runs it
 
 "No tuning" is a tuning run of 0 steps, so every method is an ordinary tuned model directory served by the same
 generation loop. A guidance study repeats Tune-A-Video's edits from the inversion at several guidance scales, with
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +47,7 @@ from tuner.artefacts import TunedModel
 from tuner.shapes import world
 from tuner.shapes.checker import check_clip, score_clip
 from tuner.shapes.pretrain import latent_signature
-from tuner.tune import TuneSettings, is_tuned, tune
+from tuner.tune import TuneSettings, default_settings, is_tuned, tune
 
 SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
 SOURCES = (  # colour, shape, background, trajectory
@@ -51,14 +56,17 @@ SOURCES = (  # colour, shape, background, trajectory
     ("green", "triangle", "black", "diagonal"),
     ("blue", "circle", "gray", "left"),
 )
-METHODS = {  # name -> (attention mode, tuned)
-    "t2i_per_frame": ("per_frame", False),
-    "inflated_untuned": ("sparse_causal", False),
-    "tuned_per_frame": ("per_frame", True),
-    "tune_a_video": ("sparse_causal", True),
+METHODS = {  # name -> (attention mode, tuning: None for none, "paper" or "default" settings)
+    "t2i_per_frame": ("per_frame", None),
+    "inflated_untuned": ("sparse_causal", None),
+    "tuned_per_frame": ("per_frame", "default"),
+    "tune_a_video_paper": ("sparse_causal", "paper"),
+    "tune_a_video": ("sparse_causal", "default"),
 }
 STARTS = ("inversion", "noise")
-METRICS = ("colour", "shape", "background", "all", "trajectory_px", "flip_rate", "size_change_px")
+RECONSTRUCTION = "reconstruction"  # the source caption itself
+METRICS = ("colour", "shape", "background", "all", "trajectory_px", "flip_rate", "size_change_px",
+           "reconstruction_px")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,9 +74,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", type=Path, default=Path("runs/quality"), help="tuned models and cached scores")
     p.add_argument("--clips", type=int, default=3, help=f"how many source clips (at most {len(SOURCES)})")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-    p.add_argument("--tune-steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=TuneSettings.lr, help="tuning learning rate (default: the paper's)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps (inversion and sampling)")
+    p.add_argument("--tune-steps", type=int, help="tuning steps of every tuned method (default: its settings')")
+    p.add_argument("--tune", default="", help="KEY=VALUE,... overriding the base's default tuning settings (methods "
+                   "tuned with the default settings), e.g. lr=3e-4,frame_positions=none")
+    p.add_argument("--steps", type=int, default=30, help="DDIM steps (inversion and sampling)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the generations from noise")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance of the method comparison (3: every edit right "
                    "and the path within 3 px on the shipped model; see the guidance study)")
     p.add_argument("--guidance-sweep", default="1,2,5,7.5", help="more guidance scales for Tune-A-Video from the "
@@ -137,25 +147,32 @@ class Study:
         name = clip_name(index)
         return name, *self.source(name, SOURCES[index], frames=8, seed=index)
 
-    def tuned(self, name: str, folder: Path, caption: str, mode: str, steps: int) -> Path:
+    def tuned(self, name: str, folder: Path, caption: str, method: str) -> Path:
+        """The clip tuned as `method` says (a tuning of 0 steps for the untuned methods), reused when present."""
+        mode, tuning = METHODS[method]
+        settings = default_settings(self.args.base) if tuning == "default" else TuneSettings()
+        if tuning == "default":
+            settings = replace(settings, **parse_overrides(self.args.tune))
+        if tuning and self.args.tune_steps is not None:
+            settings = replace(settings, steps=self.args.tune_steps)
+        settings = replace(settings, frames=8, width=world.SIZE, height=world.SIZE, attention_mode=mode,
+                           steps=settings.steps if tuning else 0)
         out = self.work / "models" / name
-        settings = TuneSettings(frames=8, width=world.SIZE, height=world.SIZE, steps=steps, lr=self.args.lr,
-                                attention_mode=mode)
         if is_tuned(out, self.args.base, caption, settings):
             return out
         return tune(self.args.base, folder, caption, out, settings, overwrite=True, progress=False)
 
     def generate(self, key: str, model: Path, prompt: str, wanted: tuple, truth: list, frames: int,
-                 invert: bool, keep: bool, guidance: float | None = None) -> dict:
+                 invert: bool, keep: bool, guidance: float | None = None, seed: int = 0) -> dict:
         """Score one generation (cached by `key`, the tuned model's identity and the sampling settings); keep its
         frames for the grid. `guidance` defaults to `--guidance`."""
         guidance = self.args.guidance if guidance is None else guidance
         tuned = TunedModel.open(model)
         model_id = f"{tuned.model_hash},{'/'.join(tuned.architecture)}"
-        key = f"{key}@{model_id},{self.args.steps}steps,guidance{guidance:g}"
+        key = f"{key}@{model_id},{self.args.steps}steps,guidance{guidance:g},seed{seed}"
         if key in self.scores and not keep:
             return self.scores[key]
-        options = GenerationOptions(prompt, frames=frames, steps=self.args.steps, guidance=guidance, seed=0,
+        options = GenerationOptions(prompt, frames=frames, steps=self.args.steps, guidance=guidance, seed=seed,
                                     invert=invert)
         if model not in self.loaded:
             self.loaded[model] = load_torch_model(model)
@@ -173,9 +190,26 @@ class Study:
         return row
 
 
+def parse_overrides(text: str) -> dict:
+    """`--tune`'s KEY=VALUE,... as TuneSettings fields, each value of its field's type."""
+    fields = asdict(TuneSettings())
+    overrides = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in fields or fields[key] is None or isinstance(fields[key], bool):
+            raise SystemExit(f"tav-bench quality: error: --tune {item}: not a tuning setting this study can change")
+        overrides[key] = type(fields[key])(value)
+    return overrides
+
+
 def mean_scores(rows: list[dict]) -> dict[str, float]:
-    keys = [k for k in rows[0] if k not in ("key", "clip", "method", "start", "edit")]
+    keys = [k for k in rows[0] if k not in ("key", "clip", "method", "start", "edit", "seed")]
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def seeds(args: argparse.Namespace, start: str) -> list[int]:
+    """The generation seeds of a start: `--seeds` from noise; one from the inversion (the seed does not matter)."""
+    return [int(x) for x in args.seeds.split(",") if x.strip()] if start == "noise" else [0]
 
 
 def ablation(study: Study, args: argparse.Namespace, methods: list[str], bar: tqdm) -> list[dict]:
@@ -184,18 +218,21 @@ def ablation(study: Study, args: argparse.Namespace, methods: list[str], bar: tq
         name, video, caption, truth, folder = study.clip(index)
         study.videos[f"{name}/source"] = video
         for method in methods:
-            mode, tuned = METHODS[method]
             bar.set_description(f"{name} {method}: tuning")
-            model = study.tuned(f"{name}-{method}", folder, caption, mode, args.tune_steps if tuned else 0)
+            model = study.tuned(f"{name}-{method}", folder, caption, method)
             for start in STARTS:
-                for edit, wanted in edits(*spec[:3]).items():
-                    bar.set_description(f"{name} {method} {start} {edit}")
+                for edit, wanted in {RECONSTRUCTION: spec[:3], **edits(*spec[:3])}.items():
                     prompt = world.clip_caption(*wanted, spec[3])
-                    keep = start == "inversion" and (method == "tune_a_video" or index == 0)
-                    key = f"{name}/{method}/{start}/{edit}"
-                    row = study.generate(key, model, prompt, wanted, truth, 8, start == "inversion", keep)
-                    rows.append({**row, "clip": name, "method": method, "start": start, "edit": edit})
-                    bar.update()
+                    for seed in seeds(args, start):
+                        bar.set_description(f"{name} {method} {start} {edit} seed {seed}")
+                        keep = (start == "inversion" and edit != RECONSTRUCTION
+                                and (method == "tune_a_video" or index == 0))
+                        key = f"{name}/{method}/{start}/{edit}"
+                        row = study.generate(key, model, prompt, wanted, truth, 8, start == "inversion", keep,
+                                             seed=seed)
+                        rows.append({**row, "clip": name, "method": method, "start": start, "edit": edit,
+                                     "seed": seed})
+                        bar.update()
     return rows
 
 
@@ -208,15 +245,15 @@ def guidance_study(study: Study, args: argparse.Namespace, values: list[float], 
         rows = []
         for index, spec in enumerate(SOURCES[: args.clips]):
             name, _, caption, truth, folder = study.clip(index)
-            model = study.tuned(f"{name}-tune_a_video", folder, caption, "sparse_causal", args.tune_steps)
-            for edit, wanted in {"reconstruction": spec[:3], **edits(*spec[:3])}.items():
+            model = study.tuned(f"{name}-tune_a_video", folder, caption, "tune_a_video")
+            for edit, wanted in {RECONSTRUCTION: spec[:3], **edits(*spec[:3])}.items():
                 bar.set_description(f"{name} guidance {guidance:g} {edit}")
                 row = study.generate(f"{name}/tune_a_video/inversion/{edit}", model,
                                      world.clip_caption(*wanted, spec[3]), wanted, truth, 8, True, keep=False,
                                      guidance=guidance)
                 rows.append({**row, "edit": edit})
                 bar.update()
-        parts = {"edits": [r for r in rows if r["edit"] != "reconstruction"]}
+        parts = {"edits": [r for r in rows if r["edit"] != RECONSTRUCTION]}
         for row in rows:
             parts.setdefault(row["edit"], []).append(row)
         result[f"{guidance:g}"] = {part: mean_scores(chosen) for part, chosen in parts.items()}
@@ -242,7 +279,7 @@ def drift(study: Study, args: argparse.Namespace, lengths: list[int], bar: tqdm)
     spec = SOURCES[0]
     video, caption, truth, folder = study.source("long", spec, frames=max(lengths), seed=100)
     bar.set_description("long clip: tuning")
-    model = study.tuned("long-tune_a_video", folder, caption, "sparse_causal", args.tune_steps)
+    model = study.tuned("long-tune_a_video", folder, caption, "tune_a_video")
     result = {}
     for edit in ("colour", "background"):
         wanted = edits(*spec[:3])[edit]
@@ -262,13 +299,18 @@ def drift(study: Study, args: argparse.Namespace, lengths: list[int], bar: tqdm)
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Means per method and start, per edit type for the method, and the issue's pass / fail checks."""
+    """Means per method and start over the edits (with the reconstruction's trajectory error beside them), per
+    prompt for the method, and the pass / fail checks of issues 6 and 19."""
     table: dict[str, dict] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         for start in STARTS:
             chosen = [r for r in rows if r["method"] == method and r["start"] == start]
-            if chosen:
-                table[f"{method}/{start}"] = mean_scores(chosen)
+            edited = [r for r in chosen if r["edit"] != RECONSTRUCTION]
+            if edited:
+                table[f"{method}/{start}"] = mean_scores(edited)
+            if len(edited) < len(chosen):
+                table.setdefault(f"{method}/{start}", {})["reconstruction_px"] = float(
+                    np.mean([r["trajectory_px"] for r in chosen if r["edit"] == RECONSTRUCTION]))
     per_edit = {
         f"{edit}/{start}": mean_scores(chosen)
         for start in STARTS
@@ -276,21 +318,31 @@ def summarize(rows: list[dict]) -> dict:
         if (chosen := [r for r in rows if r["method"] == "tune_a_video" and r["start"] == start and r["edit"] == edit])
     }
     checks = {}
-    if "tune_a_video/inversion" in table:
-        tav = table["tune_a_video/inversion"]
+    tav = table.get("tune_a_video/inversion", {})
+    if "trajectory_px" in tav:
         for edit in ("colour", "background"):
             if f"{edit}/inversion" in per_edit:
                 checks[f"tav_inversion_{edit}_swap_alignment>=0.8"] = per_edit[f"{edit}/inversion"]["all"] >= 0.8
         checks["tav_inversion_trajectory<=3px"] = tav["trajectory_px"] <= 3.0
         for start in STARTS:
             t2i, ours = table.get(f"t2i_per_frame/{start}"), table.get(f"tune_a_video/{start}")
-            if t2i and ours:
+            if t2i and ours and "flip_rate" in t2i and "flip_rate" in ours:
                 checks[f"tav_more_consistent_than_t2i_per_frame/{start}"] = (
                     ours["flip_rate"] <= t2i["flip_rate"] and ours["size_change_px"] < t2i["size_change_px"]
                 )
-        untuned, ours = table.get("inflated_untuned/noise"), table.get("tune_a_video/noise")
-        if untuned and ours:
+        untuned, ours = table.get("inflated_untuned/noise", {}), table.get("tune_a_video/noise", {})
+        if "trajectory_px" in untuned and "trajectory_px" in ours:
             checks["tav_better_motion_than_untuned/noise"] = ours["trajectory_px"] < untuned["trajectory_px"]
+        # issue 19: the tuned weights carry the clip's motion; edits from the inversion keep it, every edit type
+        for edit, values in per_edit.items():
+            if edit.endswith("/inversion") and not edit.startswith(RECONSTRUCTION):
+                checks[f"tav_{edit}_alignment>=0.95_and_trajectory<=2px"] = (
+                    values["all"] >= 0.95 and values["trajectory_px"] <= 2.0)
+        t2i = table.get("t2i_per_frame/inversion", {})
+        if "trajectory_px" in t2i:
+            checks["tav_inversion_trajectory<t2i_per_frame"] = tav["trajectory_px"] < t2i["trajectory_px"]
+    if "reconstruction_px" in table.get("tune_a_video/noise", {}):
+        checks["tav_noise_reconstruction<=4px"] = table["tune_a_video/noise"]["reconstruction_px"] <= 4.0
     return {"by_method": table, "tune_a_video_by_edit": per_edit, "checks": checks}
 
 
@@ -300,7 +352,8 @@ def format_table(means: dict[str, dict], title: str = "method / start") -> str:
     columns += [c for c in ("clip_text_alignment", "clip_frame_consistency") if any(c in v for v in means.values())]
     lines = [f"| {title} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, values in means.items():
-        cells = [f"{values[c]:.0%}" if c in ("colour", "shape", "background", "all", "flip_rate")
+        cells = ["-" if c not in values else f"{values[c]:.0%}" if c in ("colour", "shape", "background", "all",
+                                                                        "flip_rate")
                  else f"{values[c]:.2f}" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -330,7 +383,8 @@ def run(args: argparse.Namespace) -> dict:
     guidances = sorted({args.guidance, *(float(x) for x in args.guidance_sweep.split(",") if x.strip())})
     study = Study(args)
     clips = min(args.clips, len(SOURCES))
-    total = clips * len(methods) * len(STARTS) * 4 + clips * len(guidances) * 5 + 2 * len(lengths)
+    per_model = 5 * sum(len(seeds(args, start)) for start in STARTS)
+    total = clips * len(methods) * per_model + clips * len(guidances) * 5 + 2 * len(lengths)
     with tqdm(total=total, dynamic_ncols=True) as bar:
         rows = ablation(study, args, methods, bar)
         sweep = guidance_study(study, args, guidances, bar)
@@ -355,9 +409,12 @@ def run(args: argparse.Namespace) -> dict:
 
     def draw(ax):
         names = list(summary["by_method"])
-        ax.barh(names, [summary["by_method"][n]["all"] for n in names])
-        ax.set_xlabel("text alignment (fraction of frames matching colour, shape and background)")
-        ax.set_xlim(0, 1)
+        y = np.arange(len(names))
+        for offset, part, label in ((-0.2, "trajectory_px", "edits"), (0.2, "reconstruction_px", "source caption")):
+            ax.barh(y + offset, [summary["by_method"][n].get(part, 0.0) for n in names], height=0.4, label=label)
+        ax.set_yticks(y, names, fontsize=7)
+        ax.set_xlabel("trajectory error (px): distance from the source clip's path")
+        ax.legend(fontsize=8)
 
     save_plot(args.out / "quality.png", draw)
 

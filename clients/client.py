@@ -117,7 +117,7 @@ class ModelList:
 JOB_STATES = {value: name.removeprefix("STATE_").lower() for name, value in tuning_pb2.TuneJob.State.items()}
 ENDED = ("ready", "failed", "cancelled")
 TUNE_SETTINGS = ("steps", "frames", "width", "height", "learning_rate", "seed", "attention_mode", "group_norm",
-                 "start", "stride")
+                 "start", "stride", "trainable", "frame_positions", "timestep_power")
 JobProgressFn = Callable[["TuneJob"], None]
 
 

@@ -57,8 +57,8 @@ ONNX_FIELDS = ("precision", "opset", "store", "graphs", "sdpa_pattern", "checks"
 
 
 def store_key(model: TunedModel, precision: str) -> str:
-    """What the base graphs depend on, hashed: base model content, size, precision, attention mode and group norm,
-    opset, and the version of the ONNX Runtime graph rewrite."""
+    """What the base graphs depend on, hashed: base model content, size, precision, the video UNet's architecture
+    (attention mode, group norm, frame positions), opset, and the version of the ONNX Runtime graph rewrite."""
     c = model.config
     parts = [c["base"]["sha256"], c["latent_height"], c["latent_width"], precision, *model.architecture, OPSET,
              REWRITE_VERSION]
@@ -334,7 +334,8 @@ def model_manifest(model: TunedModel, latent_channels: int, text_shape: list[int
                            "encoder_hidden_states": [b, *text_shape], "timestep": [1]} for b in (1, 2)],
         "model": {"model_hash": model.model_hash, "base_path": model.base_id, "base_sha256": c["base"]["sha256"],
                   "prompt": c["prompt"], "attention_mode": c["attention_mode"],
-                  "group_norm": model.architecture[1], "frames": c["frames"]},
+                  "group_norm": model.architecture[1], "frame_positions": model.architecture[2],
+                  "frames": c["frames"]},
         "latent_channels": latent_channels,
         "latent_size": [h, w],
         "pixel_size": [c["height"], c["width"]],

@@ -21,6 +21,7 @@ from pathlib import Path
 from tuner.components import BaseModelError, base_model_hash, check_base_dir
 from tuner.io_utils import atomic_directory, file_lock
 from tuner.shapes import SHAPES_MODEL
+from tuner.tune import TuneSettings, default_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Base:
     path: Path
     size_multiple: int  # width and height must be multiples of this
     default_size: int  # the base's native size in pixels
+    defaults: TuneSettings  # the tuner's settings for this base (`default_settings`)
 
 
 def parse_base(arg: str) -> tuple[str, str]:
@@ -72,7 +74,7 @@ def load_base(base_id: str, source: str) -> Base:
     unet = json.loads((path / "unet" / "config.json").read_text())
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     size_multiple = vae_factor * 2 ** (len(unet["block_out_channels"]) - 1)
-    return Base(base_id, source, path, size_multiple, int(unet["sample_size"]) * vae_factor)
+    return Base(base_id, source, path, size_multiple, int(unet["sample_size"]) * vae_factor, default_settings(path))
 
 
 def load_bases(specs: dict[str, str]) -> dict[str, Base]:

@@ -12,8 +12,8 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from tuner.inflate import ATTENTION_MODES, GROUP_NORMS
-from tuner.tune import TuneSettings
+from tuner.inflate import ATTENTION_MODES, FRAME_POSITIONS, GROUP_NORMS
+from tuner.tune import TRAINABLE_MODULES, TuneSettings
 
 QUEUED, TUNING, EXPORTING, READY, FAILED, CANCELLED = "queued", "tuning", "exporting", "ready", "failed", "cancelled"
 STATES = (QUEUED, TUNING, EXPORTING, READY, FAILED, CANCELLED)
@@ -25,9 +25,10 @@ MAX_FRAMES = 32
 MAX_SIZE = 1024
 MIN_LR, MAX_LR = 1e-6, 1e-2
 MAX_SEED = 2**63 - 1
+MAX_TIMESTEP_POWER = 8
 MAX_CAPTION_CHARS = 1000
 CLIENT_SETTINGS = ("steps", "frames", "width", "height", "lr", "seed", "attention_mode", "group_norm", "start",
-                   "stride")  # what a client may choose; precision and device belong to the worker
+                   "stride", "trainable", "frame_positions", "timestep_power")  # precision, device: the worker's
 
 
 class InvalidField(ValueError):
@@ -67,6 +68,11 @@ def resolve_settings(requested: dict, defaults: TuneSettings, size_multiple: int
         raise InvalidField("settings.attention_mode", f"must be one of {', '.join(ATTENTION_MODES)}")
     if s.group_norm not in GROUP_NORMS:
         raise InvalidField("settings.group_norm", f"must be one of {', '.join(GROUP_NORMS)}")
+    if s.trainable not in TRAINABLE_MODULES:
+        raise InvalidField("settings.trainable", f"must be one of {', '.join(TRAINABLE_MODULES)}")
+    if s.frame_positions not in FRAME_POSITIONS:
+        raise InvalidField("settings.frame_positions", f"must be one of {', '.join(FRAME_POSITIONS)}")
+    bounded("timestep_power", s.timestep_power, 0, MAX_TIMESTEP_POWER)
     return s
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from tuner.shapes.checker import check_clip, score_clip  # noqa: E402
 from tuner.shapes.world import make_clip  # noqa: E402
-from tuner.tune import TuneSettings, is_tuned  # noqa: E402
+from tuner.tune import default_settings, is_tuned  # noqa: E402
 from tuner.video_io import read_video, write_video  # noqa: E402
 
 RUNS = ROOT / "runs" / "demo"
@@ -72,7 +72,7 @@ def wait_serving(server: subprocess.Popen, target: str, seconds: float = 300) ->
 def tune_once(target: str, base: Path, clip: Path, caption: str, model: Path) -> None:
     """Tune through the service, unless the repository already holds this model tuned from this very base (by
     content) on this caption with these settings (the tuner's defaults for the base, at 8 frames of 64x64)."""
-    settings = replace(TuneSettings(), frames=8, width=64, height=64)
+    settings = replace(default_settings(base), frames=8, width=64, height=64)
     if is_tuned(model, base, caption, settings):
         print(f"reusing the tuned model {model}")
         return

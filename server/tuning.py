@@ -33,7 +33,6 @@ from jobs.store import (
 from server.generate import MAX_FRAMES, MAX_SOURCE_BYTES, MAX_SOURCE_PIXELS, InvalidRequest
 from server.metrics import Metrics
 from server.registry import ModelRegistry, check_model_id
-from tuner.tune import TuneSettings
 from tuner.video_io import VideoError, probe_video
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,7 @@ class TuningService(pb2_grpc.TuningServicer):
             raise InvalidField("video", "is empty: send the clip's encoded bytes")
         if len(request.video) > MAX_SOURCE_BYTES:
             raise InvalidField("video", f"must be at most {MAX_SOURCE_BYTES >> 20} MiB")
-        settings = resolve_settings(requested_settings(request.settings), TuneSettings(), base.size_multiple)
+        settings = resolve_settings(requested_settings(request.settings), base.defaults, base.size_multiple)
         if request.model_id in self.registry.models or request.model_id in self.registry.skipped_models():
             raise IdTaken(request.model_id, "repository")
         try:

@@ -27,11 +27,13 @@ def quiet(message: str) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tiny_base, clip_path, tmp_path_factory):
-    """A model repository with two tuned models of the same base, both exported."""
+    """A model repository with two tuned models of the same base, both exported; their temporal attentions see
+    the frames' positions (the graphs carry the sinusoidal encoding)."""
     repo = tmp_path_factory.mktemp("repo")
     for name, prompt, seed in (("square-a", "a red square is moving right", 1), ("square-b", "a square", 2)):
         tune(tiny_base, clip_path, prompt, repo / name,
-             TuneSettings(width=32, height=32, steps=3, lr=1e-2, seed=seed), progress=False)
+             TuneSettings(width=32, height=32, steps=3, lr=1e-2, seed=seed, frame_positions="sinusoidal"),
+             progress=False)
         export(repo / name, progress=quiet)
     return repo
 
@@ -41,6 +43,7 @@ def test_engine_directory_is_complete_and_graphs_match_pytorch(repo):
     engines.verify()
     m = engines.manifest
     assert m["backends"] == ["onnxruntime"] and m["precision"] == "fp32" and m["opset"] >= 17
+    assert m["model"]["frame_positions"] == "sinusoidal"
     for name in ("text_encoder", "vae_encoder", "vae_decoder", "unet", "unet_adapter_inputs"):
         for batch, error in m["checks"]["base"][name].items():
             assert error < 1e-4, (name, batch, error)

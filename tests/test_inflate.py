@@ -80,6 +80,39 @@ def test_fresh_inflation_differs_from_image_model_only_by_temporal_bias(tiny_bas
     assert gap > 1e-4, "the temporal output bias keeps its default init, as in the reference"
 
 
+def tuned_temporal_attention(video: torch.nn.Module) -> None:
+    """Give every temporal attention a non-zero output, as tuning does."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in video.named_parameters():
+            if ".attn_temp." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("mode", ["sparse_causal", "full"])
+def test_only_frame_positions_let_the_model_tell_identical_frames_apart(tiny_base, mode):
+    """Without positions the video UNet maps identical frames to identical outputs whatever its weights: no tensor
+    of it knows a frame's index, so a tuned model cannot tie the clip's motion to frame order. With sinusoidal
+    positions a tuned one can; untuned (zero temporal output weights), they change nothing."""
+    g = torch.Generator().manual_seed(0)
+    still = torch.randn(1, 4, 1, 16, 16, generator=g).expand(-1, -1, 6, -1, -1).contiguous()
+    text, t = torch.randn(1, 77, 32, generator=g), torch.tensor([700.0])
+    outputs = {}
+    for positions in ("none", "sinusoidal"):
+        torch.manual_seed(0)
+        video = inflate(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet"), mode,
+                        frame_positions=positions).eval()
+        with torch.no_grad():
+            fresh = video(still, t, text)
+            tuned_temporal_attention(video)
+            outputs[positions] = fresh, video(still, t, text)
+    (fresh_none, tuned_none), (fresh_sin, tuned_sin) = outputs["none"], outputs["sinusoidal"]
+    torch.testing.assert_close(fresh_sin, fresh_none, atol=1e-6, rtol=0)
+    assert (tuned_none - tuned_none[:, :, :1]).abs().max() < 1e-5, "frames told apart without positions"
+    spread = (tuned_sin - tuned_sin[:, :, :1]).abs().amax(dim=(0, 1, 3, 4))
+    assert (spread[1:] > 1e-3).all(), spread
+
+
 def cross_frame_attention(mode: str, frames: int = 5, tokens: int = 6, channels: int = 16):
     torch.manual_seed(0)
     attn = Attention(query_dim=channels, heads=2, dim_head=channels // 2)

@@ -10,10 +10,11 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from benchmarks.cli import main as bench_main
 from benchmarks.clip_metrics import ClipScorer
-from benchmarks.quality import METHODS, STARTS, edits, summarize
+from benchmarks.quality import METHODS, RECONSTRUCTION, STARTS, edits, summarize
 from tuner.shapes import world
 from tuner.shapes.pretrain import build_tokenizer
 from tuner.shapes.pretrain import main as pretrain_main
+from tuner.tune import TuneSettings, default_settings
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +60,23 @@ def test_checks_compare_the_method_with_each_ablation():
                     size_change_px=0.1)
         return {"key": "", "clip": "c", "method": method, "start": start, "edit": edit, **{**base, **scores}}
 
-    rows = [row("tune_a_video", s, e) for s in STARTS for e in ("colour", "background")]
-    rows += [row("t2i_per_frame", s, flip_rate=0.5, size_change_px=2.0) for s in STARTS]
+    rows = [row("tune_a_video", s, e) for s in STARTS for e in ("colour", "background", RECONSTRUCTION)]
+    rows += [row("t2i_per_frame", s, flip_rate=0.5, size_change_px=2.0, trajectory_px=1.5) for s in STARTS]
     rows += [row("inflated_untuned", "noise", trajectory_px=12.0)]
-    checks = summarize(rows)["checks"]
-    assert checks and all(checks.values())
+    summary = summarize(rows)
+    assert summary["checks"] and all(summary["checks"].values()), summary["checks"]
+    assert "reconstruction_px" not in summary["by_method"]["t2i_per_frame/noise"]
+    assert summary["by_method"]["tune_a_video/noise"]["reconstruction_px"] == 1.0
 
     rows += [row("tune_a_video", "noise", trajectory_px=40.0, all=0.0)]
+    rows += [row("tune_a_video", "noise", RECONSTRUCTION, trajectory_px=9.0)]
+    rows += [row("tune_a_video", "inversion", "colour", trajectory_px=4.0)]
     checks = summarize(rows)["checks"]
     assert not checks["tav_better_motion_than_untuned/noise"] and checks["tav_inversion_trajectory<=3px"]
+    assert not checks["tav_noise_reconstruction<=4px"]  # (1 + 9) / 2 px
+    assert not checks["tav_colour/inversion_alignment>=0.95_and_trajectory<=2px"]  # (1 + 4) / 2 px
+    assert checks["tav_background/inversion_alignment>=0.95_and_trajectory<=2px"]
+    assert not checks["tav_inversion_trajectory<t2i_per_frame"]  # 2 px against 1.5 px
 
 
 def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip, capsys):
@@ -76,12 +85,13 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
                    "--vae-batch", "4", "--unet-batch", "4"])
     work, out = tmp_path / "work", tmp_path / "out"
     bench_main(["quality", "--base", str(base), "--work", str(work), "--out", str(out), "--clips", "1",
-                "--tune-steps", "2", "--steps", "2", "--lengths", "8,12", "--clip", str(tiny_clip)])
+                "--tune-steps", "2", "--steps", "2", "--seeds", "3,4", "--lengths", "8,12", "--clip", str(tiny_clip)])
     result = json.loads((out / "quality.json").read_text())
     assert set(result["by_method"]) == {f"{m}/{s}" for m in METHODS for s in STARTS}
-    assert len(result["rows"]) == len(METHODS) * len(STARTS) * 4
+    assert len(result["rows"]) == len(METHODS) * 5 * (1 + 2)  # 4 edits and the source caption; 2 seeds from noise
+    assert {r["seed"] for r in result["rows"] if r["start"] == "noise"} == {3, 4}
     for values in result["by_method"].values():
-        assert 0.0 <= values["all"] <= 1.0 and values["trajectory_px"] >= 0.0
+        assert 0.0 <= values["all"] <= 1.0 and values["trajectory_px"] >= 0.0 and values["reconstruction_px"] >= 0
         assert -1.0 <= values["clip_text_alignment"] <= 1.0
     assert set(result["length_study"]["colour"]) == {"8", "12"}
     assert len(result["length_study"]["colour"]["12"]["segment_all"]) == 2
@@ -92,9 +102,13 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
     kept = 1 + len(METHODS) * 4 + 2 * 2  # source, clip 0 inverted edits of every method, the length study
     assert grid.size[1] == kept * world.SIZE
     models = work / "models"
-    tuned = json.loads((models / "clip0-red-circle-white-right-tune_a_video" / "tav_config.json").read_text())
-    untuned = json.loads((models / "clip0-red-circle-white-right-t2i_per_frame" / "tav_config.json").read_text())
+
+    def config(method):
+        return json.loads((models / f"clip0-red-circle-white-right-{method}" / "tav_config.json").read_text())
+
+    tuned, paper, untuned = config("tune_a_video"), config("tune_a_video_paper"), config("t2i_per_frame")
     assert (tuned["steps"], tuned["attention_mode"]) == (2, "sparse_causal")
+    assert tuned["settings"]["lr"] == default_settings(base).lr != paper["settings"]["lr"] == TuneSettings().lr
     assert (untuned["steps"], untuned["attention_mode"]) == (0, "per_frame")
     assert list(result["colour_swap_latent_cosine"]) == ["clip0-red-circle-white-right"]
     assert -1.0 <= result["colour_swap_latent_cosine"]["clip0-red-circle-white-right"] <= 1.0
@@ -104,7 +118,8 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
     assert set(sweep["1"]) == {"edits", "reconstruction", *edits("red", "circle", "white")}
     assert all(0.0 <= r["all"] <= 1.0 and r["trajectory_px"] >= 0.0 for r in sweep["3"].values())
     assert (out / "quality_guidance.png").exists()
-    assert len((work / "scores.jsonl").read_text().splitlines()) == len(result["rows"]) + 4 * 5 + 1 + 2 * 2
+    # the guidance study adds 4 scales x 5 prompts (at the default 3 all are cached), the length study 2 x 2
+    assert len((work / "scores.jsonl").read_text().splitlines()) == len(result["rows"]) + 4 * 5 + 2 * 2
 
 
 def test_flop_count_grows_quadratically_only_with_full_attention(tiny_base):

@@ -6,6 +6,8 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,20 @@ from tuner import artefacts
 from tuner.artefacts import TunedModel, load_tuned
 from tuner.components import encode_prompt, load_components
 from tuner.inflate import inflate, is_trainable
-from tuner.tune import TuneSettings, diffusion_loss, is_tuned, mark_trainable, tune
+from tuner.tune import (
+    SMALL_BASE_SETTINGS,
+    TuneSettings,
+    default_settings,
+    diffusion_loss,
+    draw_timestep,
+    is_tuned,
+    main,
+    mark_trainable,
+    tune,
+    unet_parameters,
+)
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
 
 
 def test_exactly_the_trainable_tensors_change(tiny_base, tuned_run):
@@ -30,6 +45,20 @@ def test_exactly_the_trainable_tensors_change(tiny_base, tuned_run):
             assert torch.equal(tensor, base[name]), f"frozen tensor {name} changed"
         elif name in base:
             assert not torch.equal(tensor, base[name]), f"trainable tensor {name} did not change"
+
+
+def test_temporal_tuning_changes_only_the_temporal_attentions_but_the_adapter_keeps_every_tunable_tensor(
+        tiny_base, clip_path, tmp_path):
+    settings = TuneSettings(width=32, height=32, steps=2, lr=1e-2, trainable="temporal")
+    run = tune(tiny_base, clip_path, "a red square", tmp_path / "run", settings, progress=False)
+    base = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").state_dict()
+    adapter = load_file(run / artefacts.ADAPTER_FILE)
+    _, components = load_tuned(run)
+    assert set(adapter) == {k for k in components.unet.state_dict() if is_trainable(k)}
+    changed = {k for k, v in adapter.items() if k not in base or not torch.equal(v, base[k])}
+    assert changed == {k for k in adapter if ".attn_temp." in k}
+    assert TunedModel.open(run).config["trainable_modules"] == [
+        "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v", "attn_temp.to_out.0"]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -110,14 +139,76 @@ def test_tuned_directory_contents(tuned_run, clip_path):
     assert config["prompt"] == "a red square is moving right"
     assert len(config["base"]["sha256"]) == 64
     assert config["fps"] == pytest.approx(8.0)
-    assert model.architecture == ("sparse_causal", "per_frame")
+    assert model.architecture == ("sparse_causal", "per_frame", "none")
     assert config["settings"]["mixed_precision"] == "auto" and config["mixed_precision"] == "no"  # fp32 on CPU
     legacy = TunedModel(model.path, {k: v for k, v in config.items() if k != "group_norm"})
-    assert legacy.architecture == ("sparse_causal", "per_clip"), "models tuned before the setting normalised per clip"
+    assert legacy.architecture[1] == "per_clip", "models tuned before the setting normalised per clip"
     frames, latents = model.source()
     assert frames.shape == (12, 32, 32, 3) and frames.dtype.name == "uint8"  # every frame of the clip
     assert latents.shape == (4, 12, 16, 16)
     assert not list(tuned_run.parent.glob(".*tmp*")), "no temporary directory left behind"
+
+
+def test_format_v1_still_loads_without_frame_positions_and_v3_is_refused(tuned_run, tmp_path):
+    config = json.loads((tuned_run / artefacts.CONFIG_FILE).read_text())
+    assert config["format_version"] == 2 and config["frame_positions"] == "none"
+    for version, loads in ((1, True), (3, False)):
+        copy = tmp_path / f"v{version}"
+        shutil.copytree(tuned_run, copy)
+        old = {k: v for k, v in config.items() if k != "frame_positions"} | {"format_version": version}
+        (copy / artefacts.CONFIG_FILE).write_text(json.dumps(old))
+        if loads:
+            model, components = load_tuned(copy)
+            assert model.architecture == ("sparse_causal", "per_frame", "none")
+            assert not any(b.frame_positions != "none" for b in components.unet.modules()
+                           if hasattr(b, "frame_positions"))
+        else:
+            with pytest.raises(artefacts.ArtefactError, match="v3"):
+                TunedModel.open(copy)
+
+
+def test_default_settings_are_the_papers_for_stable_diffusion_and_the_rules_for_small_bases(tiny_base, tmp_path):
+    tiny_count = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").parameters())
+    assert unet_parameters(tiny_base) == tiny_count
+    small = replace(TuneSettings(), **SMALL_BASE_SETTINGS)
+    assert default_settings(tiny_base) == default_settings(SHIPPED) == small != TuneSettings()
+    sd = tmp_path / "sd-config"  # Stable Diffusion 1.4's UNet config over tiny weights: only the config is read
+    shutil.copytree(tiny_base, sd)
+    (sd / "unet" / "config.json").write_text(json.dumps(
+        {"_class_name": "UNet2DConditionModel", "sample_size": 64, "cross_attention_dim": 768,
+         "attention_head_dim": 8}))
+    assert unet_parameters(sd) > 800_000_000
+    assert default_settings(sd) == TuneSettings()
+    assert (TuneSettings().steps, TuneSettings().lr, TuneSettings().frame_positions,
+            TuneSettings().timestep_power) == (300, 3e-5, "none", 0.0)  # the paper's
+
+
+def test_tav_tune_takes_what_it_is_not_given_from_default_settings(tiny_base, clip_path, tmp_path, capsys):
+    common = ["--base", str(tiny_base), "--video", str(clip_path), "--prompt", "a square", "--width", "32",
+              "--height", "32", "--steps", "1"]
+    main([*common, "--out", str(tmp_path / "defaults")])
+    config = json.loads((tmp_path / "defaults" / artefacts.CONFIG_FILE).read_text())
+    assert config["settings"] == asdict(replace(default_settings(tiny_base), width=32, height=32, steps=1))
+    assert config["frame_positions"] == "sinusoidal"
+    assert config["default_rule"]["applied"] == "small_base"
+    assert config["default_rule"]["unet_parameters"] == unet_parameters(tiny_base)
+    main([*common, "--out", str(tmp_path / "paper"), "--lr", "3e-5", "--frame-positions", "none",
+          "--timestep-power", "0", "--trainable", "paper"])
+    config = json.loads((tmp_path / "paper" / artefacts.CONFIG_FILE).read_text())
+    assert config["settings"] == asdict(replace(TuneSettings(), width=32, height=32, steps=1))
+    assert TunedModel.open(tmp_path / "paper").architecture[2] == "none"
+
+
+def test_timesteps_are_uniform_at_power_0_and_favour_the_noisy_end_above():
+    count = 1000
+    g, same = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    uniform = [draw_timestep(count, 0.0, g) for _ in range(3)]
+    assert all(torch.equal(t, torch.randint(0, count, (1,), generator=same)) for t in uniform)  # the paper's draw
+    g = torch.Generator().manual_seed(0)
+    late = torch.cat([draw_timestep(count, 2.0, g) for _ in range(4000)]).float()
+    assert late.min() >= 0 and late.max() <= count - 1
+    assert abs(late.mean().item() - 0.75 * count) < 15  # density ~ t^2: mean 3/4 of the range
+    assert abs((late < count / 2).float().mean().item() - 0.125) < 0.02  # P(t < T/2) = (1/2)^3
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

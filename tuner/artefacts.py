@@ -31,7 +31,9 @@ from tuner.inflate import VideoUNet, inflate, is_trainable
 from tuner.io_utils import sha256_files
 
 FORMAT = "tav-tuned-model"
-FORMAT_VERSION = 1
+# v2 added `frame_positions` (a v1 model has none); v1 directories still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "tav_config.json"
 ADAPTER_FILE = "adapter.safetensors"
 SOURCE_FILE = "source.safetensors"
@@ -57,6 +59,7 @@ CONFIG_SCHEMA = {
                  "properties": {"path": _STRING, "sha256": _STRING, "id": _STRING}},
         "attention_mode": {"enum": ["sparse_causal", "per_frame", "full"]},
         "group_norm": {"enum": ["per_frame", "per_clip"]},
+        "frame_positions": {"enum": ["none", "sinusoidal"]},
         "prompt": {"type": "string", "minLength": 1},
         "frames": _POSITIVE_INT,
         "source_frames": {"type": "integer", "minimum": 0},
@@ -129,8 +132,9 @@ class TunedModel:
         if not (path / CONFIG_FILE).is_file():
             raise ArtefactError(f"not a tuned model directory ({CONFIG_FILE} is missing)")
         config = read_json(path / CONFIG_FILE, CONFIG_FILE, CONFIG_SCHEMA)
-        if config["format_version"] != FORMAT_VERSION:
-            raise ArtefactError(f"{CONFIG_FILE}: format {FORMAT} v{config['format_version']} is not v{FORMAT_VERSION}")
+        if config["format_version"] not in READABLE_VERSIONS:
+            raise ArtefactError(f"{CONFIG_FILE}: format {FORMAT} v{config['format_version']} is not "
+                                f"v{' or v'.join(map(str, READABLE_VERSIONS))}")
         for name in (ADAPTER_FILE, SOURCE_FILE):
             if not (path / name).is_file():
                 raise ArtefactError(f"unfinished: {name} is missing")
@@ -153,10 +157,11 @@ class TunedModel:
         return f"{self.config['base']['sha256'][:16]}-{self.config['adapter_sha256'][:16]}"
 
     @property
-    def architecture(self) -> tuple[str, str]:
-        """`inflate`'s (attention mode, group norm) for this adapter; models tuned before the group-norm setting
-        existed normalised per clip."""
-        return self.config["attention_mode"], self.config.get("group_norm", "per_clip")
+    def architecture(self) -> tuple[str, str, str]:
+        """`inflate`'s (attention mode, group norm, frame positions) for this adapter; models tuned before the
+        group-norm setting existed normalised per clip, and before format v2 had no frame positions."""
+        return (self.config["attention_mode"], self.config.get("group_norm", "per_clip"),
+                self.config.get("frame_positions", "none"))
 
     @property
     def latent_size(self) -> tuple[int, int]:

@@ -7,7 +7,10 @@ subclass of the stock module it replaces, so every pretrained tensor keeps its d
   `sparse_causal` (the method: frame i attends to frames 0 and i-1), `per_frame` (plain image attention, the
   paper's ablation) or `full` (every frame attends to all frames);
 * every transformer block gains a temporal attention after its feed-forward (`norm_temp` + `attn_temp`, attention
-  across the frames at each spatial position, output projection's weight zero-initialised);
+  across the frames at each spatial position, output projection's weight zero-initialised). The paper gives it no
+  position information (`frame_positions="none"`), so it treats the frames as an unordered set; with
+  `"sinusoidal"` a fixed sinusoidal encoding of each frame's index is added to its input, which lets a tuned model
+  tie the clip's motion to frame order (docs/ARCHITECTURE.md, "Frame positions");
 * with `group_norm="per_clip"` (the reference implementation's behaviour), the ResNet blocks' GroupNorms and
   `conv_norm_out` normalise over all frames of a clip. The default, `"per_frame"`, keeps them per frame, so an
   untuned video UNet in `per_frame` mode is exactly the image model: on a small model the clip-wide statistics
@@ -20,6 +23,7 @@ forward passes concurrently (the server's single worker owns its engines).
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -32,6 +36,7 @@ from torch import nn
 
 ATTENTION_MODES = ("sparse_causal", "per_frame", "full")
 GROUP_NORMS = ("per_frame", "per_clip")
+FRAME_POSITIONS = ("none", "sinusoidal")
 
 # The tensors one-shot tuning updates (DESIGN.md section 2): the query projections of self- and cross-attention,
 # and the whole temporal attention but its norm.
@@ -115,10 +120,21 @@ class VideoAttnProcessor:
         return torch.cat([first, x[:, former]], dim=2).reshape(bf, 2 * tokens, channels)
 
 
+def sinusoidal_positions(frames: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+    """`[frames, channels]`: the Transformer's sinusoidal encoding of frame indices 0..frames-1 (sines in the even
+    channels, cosines in the odd ones, wavelengths from 2 pi to 10000 * 2 pi)."""
+    index = torch.arange(frames, device=like.device, dtype=torch.float32)[:, None]
+    rate = torch.exp(torch.arange(0, channels, 2, device=like.device, dtype=torch.float32)
+                     * (-math.log(10000.0) / channels))
+    angle = index * rate
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(frames, -1)[:, :channels].to(like.dtype)
+
+
 class TemporalTransformerBlock(BasicTransformerBlock):
     """A diffusers transformer block followed by Tune-A-Video's temporal attention (with residual)."""
 
     frame_context: FrameContext
+    frame_positions: str
     norm_temp: nn.LayerNorm
     attn_temp: Attention
 
@@ -129,7 +145,10 @@ class TemporalTransformerBlock(BasicTransformerBlock):
         # (b f) d c -> (b d) f c: attend across the frames at each spatial position.
         x = hidden_states.reshape(bf // frames, frames, tokens, channels).transpose(1, 2)
         x = x.reshape(-1, frames, channels)
-        x = self.attn_temp(self.norm_temp(x)) + x
+        h = self.norm_temp(x)
+        if self.frame_positions == "sinusoidal":
+            h = h + sinusoidal_positions(frames, channels, h)
+        x = self.attn_temp(h) + x
         x = x.reshape(bf // frames, tokens, frames, channels).transpose(1, 2)
         return x.reshape(bf, tokens, channels)
 
@@ -175,22 +194,28 @@ class VideoUNet(UNet2DConditionModel):
         self.attention_mode = mode
 
 
-def inflate(unet: UNet2DConditionModel, mode: str = "sparse_causal", group_norm: str = "per_frame") -> VideoUNet:
+def inflate(
+    unet: UNet2DConditionModel, mode: str = "sparse_causal", group_norm: str = "per_frame",
+    frame_positions: str = "none",
+) -> VideoUNet:
     """Turn a diffusers 2-D UNet into the video UNet, in place, and return it.
 
     New temporal attentions are initialised like the reference's (default init, output weight zero) from the
-    global torch RNG; seed it for reproducible inflation.
+    global torch RNG; seed it for reproducible inflation. `frame_positions` adds no tensor: the encoding is fixed.
     """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
     if group_norm not in GROUP_NORMS:
         raise ValueError(f"group norm must be one of {GROUP_NORMS}, got {group_norm!r}")
+    if frame_positions not in FRAME_POSITIONS:
+        raise ValueError(f"frame positions must be one of {FRAME_POSITIONS}, got {frame_positions!r}")
     if isinstance(unet, VideoUNet):
         raise ValueError("this UNet is already inflated")
     context = FrameContext()
     for module in list(unet.modules()):
         if isinstance(module, BasicTransformerBlock):
             _add_temporal_attention(module, context)
+            module.frame_positions = frame_positions
         elif isinstance(module, ResnetBlock2D) and group_norm == "per_clip":
             for norm in (module.norm1, module.norm2):
                 _become(norm, ClipGroupNorm, context)

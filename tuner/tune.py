@@ -1,24 +1,32 @@
 """One-shot tuning (`tav-tune`): fit the inflated video UNet to one text-video pair.
 
-Only Tune-A-Video's trainable set is updated (attn1/attn2 query projections and the temporal attentions); the
-VAE, text encoder and every other UNet tensor stay frozen. Loss, schedule and optimiser follow the reference:
+Only Tune-A-Video's trainable set is updated (attn1/attn2 query projections and the temporal attentions; with
+`trainable="temporal"` the temporal attentions alone); the VAE, text encoder and every other UNet tensor stay
+frozen. Loss, schedule and optimiser follow the reference:
 epsilon (or v) prediction MSE on the clip's VAE latents at uniformly drawn timesteps, AdamW (lr 3e-5, weight
 decay 1e-2), gradient clipping at 1.0, constant learning rate.
+
+Those are `TuneSettings()`. `default_settings(base)` is the one source of defaults for a given base (`tav-tune`,
+the demo and the tuning service read it): Stable Diffusion-size bases get the paper's settings; a small base (a
+UNet under `SMALL_BASE_PARAMETERS`) gets `SMALL_BASE_SETTINGS`, chosen by measurement on the shipped shapes model
+(benchmarks/README.md, "Why the tuned weights carried no motion"), because there the paper's settings leave the
+clip's motion out of the tuned weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from tuner import artefacts
@@ -30,7 +38,7 @@ from tuner.components import (
     encode_prompt,
     load_components,
 )
-from tuner.inflate import ATTENTION_MODES, GROUP_NORMS, VideoUNet, inflate, is_trainable
+from tuner.inflate import ATTENTION_MODES, FRAME_POSITIONS, GROUP_NORMS, VideoUNet, inflate, is_trainable
 from tuner.io_utils import atomic_directory
 from tuner.versions import versions
 from tuner.video_io import VideoError, read_video, resize_center_crop, sample_frames
@@ -42,6 +50,8 @@ class TuneError(ValueError):
 
 @dataclass
 class TuneSettings:
+    """How to tune; the field defaults are the paper's (for a given base, use `default_settings`)."""
+
     frames: int = 8
     width: int | None = None  # default: the base model's native size
     height: int | None = None
@@ -52,6 +62,9 @@ class TuneSettings:
     stride: int = 1
     attention_mode: str = "sparse_causal"
     group_norm: str = "per_frame"  # "per_clip": the reference implementation's clip-wide ResNet statistics
+    trainable: str = "paper"  # "temporal": tune the temporal attentions only, not the query projections
+    frame_positions: str = "none"  # "sinusoidal": the temporal attention sees each frame's index (not in the paper)
+    timestep_power: float = 0.0  # timesteps drawn with density ~ t ** power; 0: uniform, the paper's
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # "auto" | "no" | "fp16" | "bf16" (the last two CUDA only): see `precision_for`
 
@@ -67,13 +80,60 @@ def precision_for(mixed_precision: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def mark_trainable(unet: VideoUNet) -> dict[str, torch.nn.Parameter]:
-    """Freeze the whole UNet but Tune-A-Video's trainable set, and return that set by name."""
+# The rule that picks the defaults for a base: its UNet's parameter count (Stable Diffusion 1.x: 860 M; the shipped
+# shapes model: 5.8 M). Below the threshold, these settings replace the paper's; each was measured on the shapes
+# model (benchmarks/README.md): without them the tuned weights carry almost none of the clip's motion.
+SMALL_BASE_PARAMETERS = 100_000_000
+SMALL_BASE_SETTINGS = {"lr": 1e-3, "trainable": "temporal", "frame_positions": "sinusoidal", "timestep_power": 2.0}
+
+
+def unet_parameters(base: str | Path) -> int:
+    """The base UNet's parameter count, from its config alone (built on the meta device: no weights are read)."""
+    config = json.loads((check_base_dir(base) / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return sum(p.numel() for p in unet.parameters())
+
+
+def default_rule(parameters: int) -> dict:
+    """Which defaults a base whose UNet has `parameters` parameters gets, and why (recorded in `tav_config.json`)."""
+    small = parameters < SMALL_BASE_PARAMETERS
+    return {"unet_parameters": parameters, "small_base_below": SMALL_BASE_PARAMETERS,
+            "applied": "small_base" if small else "paper", "changes": dict(SMALL_BASE_SETTINGS) if small else {}}
+
+
+def default_settings(base: str | Path) -> TuneSettings:
+    """The tuning defaults for `base`: the paper's, with `SMALL_BASE_SETTINGS` for a small UNet (`default_rule`).
+    Raises `BaseModelError` for a directory that is not an SD 1.x model."""
+    return replace(TuneSettings(), **default_rule(unet_parameters(base))["changes"])
+
+
+def draw_timestep(count: int, power: float, generator: torch.Generator) -> torch.Tensor:
+    """One training timestep in [0, count), with density ~ t ** power. 0 is the paper's uniform draw; a larger power
+    favours the noisy end, where a sample's layout, and so the clip's motion, is decided."""
+    if power == 0:
+        return torch.randint(0, count, (1,), generator=generator)
+    u = torch.rand(1, generator=generator)
+    return (count * u ** (1.0 / (power + 1.0))).long().clamp(max=count - 1)
+
+
+# Which of the tunable tensors (`is_trainable`) tuning updates, by `TuneSettings.trainable`: the paper's whole set,
+# or the temporal attentions alone. The adapter always holds every tunable tensor, updated or not.
+TRAINABLE_MODULES = {
+    "paper": ("attn1.to_q", "attn2.to_q", "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v", "attn_temp.to_out.0"),
+    "temporal": ("attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v", "attn_temp.to_out.0"),
+}
+
+
+def mark_trainable(unet: VideoUNet, trainable: str = "paper") -> dict[str, torch.nn.Parameter]:
+    """Freeze the whole UNet but the tensors `trainable` names (`TRAINABLE_MODULES`), and return them by name."""
     unet.requires_grad_(False)
-    trainable = {name: p for name, p in unet.named_parameters() if is_trainable(name)}
-    for p in trainable.values():
+    modules = tuple(f".{m}." for m in TRAINABLE_MODULES[trainable])
+    chosen = {name: p for name, p in unet.named_parameters()
+              if is_trainable(name) and any(m in name for m in modules)}
+    for p in chosen.values():
         p.requires_grad_(True)
-    return trainable
+    return chosen
 
 
 def diffusion_loss(
@@ -120,15 +180,24 @@ def tune(
     base_id: str | None = None,
 ) -> Path:
     """Tune `base` on `video` (a file, a folder of frames, or encoded bytes) captioned `prompt` and write the tuned
-    model directory `out`. `on_step(step, total,
-    loss)` is called after every step (raise from it to stop: nothing is written); `base_id` names the base in
-    the tuned model's config (default: its directory's name)."""
-    s = settings or TuneSettings()
+    model directory `out`, with `settings` (default: `default_settings(base)`). `on_step(step, total, loss)` is
+    called after every step (raise from it to stop: nothing is written); `base_id` names the base in the tuned
+    model's config (default: its directory's name)."""
+    try:
+        s = settings or default_settings(base)
+    except BaseModelError as e:
+        raise TuneError(str(e)) from e
     out = Path(out)
     if s.attention_mode not in ATTENTION_MODES:
         raise TuneError(f"--attention-mode must be one of {', '.join(ATTENTION_MODES)}")
     if s.group_norm not in GROUP_NORMS:
         raise TuneError(f"--group-norm must be one of {', '.join(GROUP_NORMS)}")
+    if s.trainable not in TRAINABLE_MODULES:
+        raise TuneError(f"--trainable must be one of {', '.join(TRAINABLE_MODULES)}")
+    if s.frame_positions not in FRAME_POSITIONS:
+        raise TuneError(f"--frame-positions must be one of {', '.join(FRAME_POSITIONS)}")
+    if s.timestep_power < 0:
+        raise TuneError("--timestep-power must be >= 0")
     if s.frames < 1 or s.steps < 0 or s.stride < 1 or s.start < 0:
         raise TuneError("--frames and --stride must be >= 1, --steps and --start >= 0")
     if out.exists() and not overwrite:
@@ -157,6 +226,7 @@ def tune(
         components = load_components(base, device)
     except BaseModelError as e:
         raise TuneError(str(e)) from e
+    parameters = sum(p.numel() for p in components.unet.parameters())
     width = s.width or components.default_size
     height = s.height or components.default_size
     multiple = components.size_multiple
@@ -165,8 +235,8 @@ def tune(
     frames = resize_center_crop(clip.frames[: artefacts.MAX_SOURCE_FRAMES], width, height)
 
     torch.manual_seed(s.seed)
-    unet = inflate(components.unet, s.attention_mode, s.group_norm)
-    trainable = list(mark_trainable(unet).values())
+    unet = inflate(components.unet, s.attention_mode, s.group_norm, s.frame_positions)
+    trainable = list(mark_trainable(unet, s.trainable).values())
     if s.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -189,7 +259,7 @@ def tune(
         latent_noise = torch.randn(clean_mean.shape, generator=generator).to(device)
         latents = clean_mean + clean_std * latent_noise  # a sample of the VAE posterior, as the reference trains
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator).to(device)
+        timesteps = draw_timestep(scheduler.config.num_train_timesteps, s.timestep_power, generator).to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = diffusion_loss(unet, scheduler, latents, text, timesteps, noise)
         optimizer.zero_grad(set_to_none=True)
@@ -211,6 +281,7 @@ def tune(
                  "id": base_id or Path(base).resolve().name},
         "attention_mode": s.attention_mode,
         "group_norm": s.group_norm,
+        "frame_positions": s.frame_positions,
         "prompt": prompt,
         "video": source_name,
         "frames": s.frames,
@@ -225,10 +296,10 @@ def tune(
         "steps": s.steps,
         "lr": s.lr,
         "seed": s.seed,
-        "trainable_modules": ["attn1.to_q", "attn2.to_q", "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v",
-                              "attn_temp.to_out.0"],
+        "trainable_modules": list(TRAINABLE_MODULES[s.trainable]),
         "settings": asdict(s),
         "mixed_precision": precision,
+        "default_rule": default_rule(parameters),
         "final_loss": loss_value,
         "tuning_seconds": round(seconds, 3),
         "step_seconds_median": round(statistics.median(step_seconds[1:]), 4) if len(step_seconds) > 1 else None,
@@ -246,32 +317,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--video", required=True, help="MP4/WebM/GIF file or a folder of frames")
     p.add_argument("--prompt", required=True, help='the clip\'s caption, e.g. "a man is skiing"')
     p.add_argument("--out", required=True, help="tuned model directory to write (e.g. REPO/<model-id>)")
-    d = TuneSettings()
-    p.add_argument("--frames", type=int, default=d.frames)
+    # Every setting left out takes its value from `default_settings(--base)`: the paper's, or the small-base rule's.
+    p.add_argument("--frames", type=int)
     p.add_argument("--width", type=int, help="default: the base model's native size")
     p.add_argument("--height", type=int)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--start", type=int, default=d.start, help="index of the first frame")
-    p.add_argument("--stride", type=int, default=d.stride, help="take every n-th frame")
-    p.add_argument("--attention-mode", choices=ATTENTION_MODES, default=d.attention_mode)
-    p.add_argument("--group-norm", choices=GROUP_NORMS, default=d.group_norm,
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--start", type=int, help="index of the first frame")
+    p.add_argument("--stride", type=int, help="take every n-th frame")
+    p.add_argument("--attention-mode", choices=ATTENTION_MODES)
+    p.add_argument("--group-norm", choices=GROUP_NORMS,
                    help="ResNet GroupNorm statistics per frame, or per clip as the reference implementation")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+    p.add_argument("--trainable", choices=tuple(TRAINABLE_MODULES),
+                   help="paper (attn1/attn2 queries and temporal attentions) or temporal (temporal attentions only)")
+    p.add_argument("--frame-positions", choices=FRAME_POSITIONS,
+                   help="none (the paper) or sinusoidal: each frame's index added to the temporal attention's input")
+    p.add_argument("--timestep-power", type=float,
+                   help="training timesteps drawn with density ~ t ** power (0: uniform, the paper's)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"],
                    help="auto: bf16 on CUDA (fastest measured), fp32 on CPU")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
-    settings = TuneSettings(
-        frames=args.frames, width=args.width, height=args.height, steps=args.steps, lr=args.lr, seed=args.seed,
-        start=args.start, stride=args.stride, attention_mode=args.attention_mode, group_norm=args.group_norm,
-        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
-    )
     try:
-        out = tune(args.base, args.video, args.prompt, args.out, settings, args.overwrite, args.device)
-    except TuneError as e:
+        defaults = default_settings(args.base)
+        given = {k: v for k, v in vars(args).items() if k in asdict(defaults) and v is not None}
+        out = tune(args.base, args.video, args.prompt, args.out, replace(defaults, **given), args.overwrite,
+                   args.device)
+    except (BaseModelError, TuneError) as e:
         print(f"tav-tune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(out)

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TuneSettings(_message.Message):
-    __slots__ = ("steps", "frames", "width", "height", "learning_rate", "seed", "attention_mode", "group_norm", "start", "stride")
+    __slots__ = ("steps", "frames", "width", "height", "learning_rate", "seed", "attention_mode", "group_norm", "start", "stride", "trainable", "frame_positions", "timestep_power")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,9 @@ class TuneSettings(_message.Message):
     GROUP_NORM_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_FIELD_NUMBER: _ClassVar[int]
+    FRAME_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_POWER_FIELD_NUMBER: _ClassVar[int]
     steps: int
     frames: int
     width: int
@@ -32,7 +35,10 @@ class TuneSettings(_message.Message):
     group_norm: str
     start: int
     stride: int
-    def __init__(self, steps: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., attention_mode: _Optional[str] = ..., group_norm: _Optional[str] = ..., start: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
+    trainable: str
+    frame_positions: str
+    timestep_power: float
+    def __init__(self, steps: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., attention_mode: _Optional[str] = ..., group_norm: _Optional[str] = ..., start: _Optional[int] = ..., stride: _Optional[int] = ..., trainable: _Optional[str] = ..., frame_positions: _Optional[str] = ..., timestep_power: _Optional[float] = ...) -> None: ...
 
 class CreateTuneJobRequest(_message.Message):
     __slots__ = ("model_id", "base", "caption", "video", "settings")
