@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import grpc
@@ -37,6 +38,7 @@ from clients.cli import main as client_main
 from jobs.bases import HUB_PATTERNS
 from jobs.celery_app import make_app
 from tuner.artefacts import TunedModel
+from tuner.tune import default_settings
 
 REDIS = shutil.which("redis-server") or next((p for p in ("/usr/bin/redis-server",) if os.access(p, os.X_OK)), None)
 needs_redis = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (.ci/run installs Debian's)")
@@ -160,6 +162,10 @@ def test_a_tuned_clip_is_served_by_another_replica_without_a_restart(service, cl
     assert job.state == "ready", job
     assert (job.step, job.total_steps, job.attempt) == (3, 3, 1) and job.tuning_seconds > 0
     model = TunedModel.open(service.repo / "square-tuned")
+    # what the client did not choose is the tuner's default for this base (a small one: the measured rule)
+    chosen = dict(steps=3, frames=8, width=32, height=32, lr=1e-3)  # SMALL, by the tuner's names
+    assert model.config["settings"] == asdict(replace(default_settings(model.base_path), **chosen))
+    assert model.config["default_rule"]["applied"] == "small_base" and model.architecture[2] == "sinusoidal"
     assert model.config["base"]["path"].startswith("../.bases/")  # found wherever the repository is mounted
     assert model.base_id == "tiny" and model.base_path.resolve().parent == (service.repo / ".bases").resolve()
     with user(service, 1) as client:  # found at once: an unknown id makes the replica look again
@@ -307,6 +313,10 @@ def test_bad_input_is_refused_before_anything_is_queued(service, clip_path, tmp_
         (dict(height=2048), CODE.INVALID_ARGUMENT, "settings.height"),
         (dict(learning_rate=1.0), CODE.INVALID_ARGUMENT, "settings.lr"),
         (dict(attention_mode="sideways"), CODE.INVALID_ARGUMENT, "settings.attention_mode"),
+        (dict(trainable="everything"), CODE.INVALID_ARGUMENT, "settings.trainable"),
+        (dict(frame_positions="learned"), CODE.INVALID_ARGUMENT, "settings.frame_positions"),
+        (dict(timestep_power=-1.0), CODE.INVALID_ARGUMENT, "settings.timestep_power"),
+        (dict(timestep_power=float("nan")), CODE.INVALID_ARGUMENT, "settings.timestep_power"),
     ]
     with admin(service) as client:
         before = len(client.list_tune_jobs())
