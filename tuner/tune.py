@@ -84,7 +84,8 @@ def precision_for(mixed_precision: str, device: torch.device) -> str:
 # shapes model: 5.8 M). Below the threshold, these settings replace the paper's; each was measured on the shapes
 # model (benchmarks/README.md): without them the tuned weights carry almost none of the clip's motion.
 SMALL_BASE_PARAMETERS = 100_000_000
-SMALL_BASE_SETTINGS = {"lr": 1e-3, "trainable": "temporal", "frame_positions": "sinusoidal", "timestep_power": 2.0}
+SMALL_BASE_SETTINGS = {"steps": 600, "lr": 1e-3, "trainable": "temporal", "frame_positions": "sinusoidal",
+                       "timestep_power": 3.0}
 
 
 def unet_parameters(base: str | Path) -> int:
