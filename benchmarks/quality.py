@@ -72,7 +72,7 @@ METRICS = ("colour", "shape", "background", "all", "trajectory_px", "flip_rate",
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", type=Path, default=SHAPES_MODEL, help="shapes-world base model")
     p.add_argument("--work", type=Path, default=Path("runs/quality"), help="tuned models and cached scores")
-    p.add_argument("--clips", type=int, default=3, help=f"how many source clips (at most {len(SOURCES)})")
+    p.add_argument("--clips", type=int, default=len(SOURCES), help="how many source clips (default: all)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     p.add_argument("--tune-steps", type=int, help="tuning steps of every tuned method (default: its settings')")
     p.add_argument("--tune", default="", help="KEY=VALUE,... overriding the base's default tuning settings (methods "
