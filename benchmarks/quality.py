@@ -150,9 +150,10 @@ class Study:
     def tuned(self, name: str, folder: Path, caption: str, method: str) -> Path:
         """The clip tuned as `method` says (a tuning of 0 steps for the untuned methods), reused when present."""
         mode, tuning = METHODS[method]
-        settings = default_settings(self.args.base) if tuning == "default" else TuneSettings()
         if tuning == "default":
-            settings = replace(settings, **parse_overrides(self.args.tune))
+            settings = replace(default_settings(self.args.base), **parse_overrides(self.args.tune))
+        else:
+            settings = TuneSettings()
         if tuning and self.args.tune_steps is not None:
             settings = replace(settings, steps=self.args.tune_steps)
         settings = replace(settings, frames=8, width=world.SIZE, height=world.SIZE, attention_mode=mode,

@@ -12,8 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from tuner.inflate import ATTENTION_MODES, FRAME_POSITIONS, GROUP_NORMS
-from tuner.tune import TRAINABLE_MODULES, TuneSettings
+from tuner.tune import TuneSettings, invalid_choice
 
 QUEUED, TUNING, EXPORTING, READY, FAILED, CANCELLED = "queued", "tuning", "exporting", "ready", "failed", "cancelled"
 STATES = (QUEUED, TUNING, EXPORTING, READY, FAILED, CANCELLED)
@@ -64,14 +63,9 @@ def resolve_settings(requested: dict, defaults: TuneSettings, size_multiple: int
             if value % size_multiple:
                 raise InvalidField(f"settings.{name}", f"must be a multiple of {size_multiple} for this base, "
                                                        f"got {value}")
-    if s.attention_mode not in ATTENTION_MODES:
-        raise InvalidField("settings.attention_mode", f"must be one of {', '.join(ATTENTION_MODES)}")
-    if s.group_norm not in GROUP_NORMS:
-        raise InvalidField("settings.group_norm", f"must be one of {', '.join(GROUP_NORMS)}")
-    if s.trainable not in TRAINABLE_MODULES:
-        raise InvalidField("settings.trainable", f"must be one of {', '.join(TRAINABLE_MODULES)}")
-    if s.frame_positions not in FRAME_POSITIONS:
-        raise InvalidField("settings.frame_positions", f"must be one of {', '.join(FRAME_POSITIONS)}")
+    bad = invalid_choice(s)
+    if bad:
+        raise InvalidField(f"settings.{bad[0]}", bad[1])
     bounded("timestep_power", s.timestep_power, 0, MAX_TIMESTEP_POWER)
     return s
 

@@ -20,10 +20,12 @@ from tuner.components import encode_prompt, load_components
 from tuner.inflate import inflate, is_trainable
 from tuner.tune import (
     SMALL_BASE_SETTINGS,
+    TuneError,
     TuneSettings,
     default_settings,
     diffusion_loss,
     draw_timestep,
+    invalid_choice,
     is_tuned,
     main,
     mark_trainable,
@@ -209,6 +211,19 @@ def test_timesteps_are_uniform_at_power_0_and_favour_the_noisy_end_above():
     assert late.min() >= 0 and late.max() <= count - 1
     assert abs(late.mean().item() - 0.75 * count) < 15  # density ~ t^2: mean 3/4 of the range
     assert abs((late < count / 2).float().mean().item() - 0.125) < 0.02  # P(t < T/2) = (1/2)^3
+
+
+@pytest.mark.parametrize("change, setting", [
+    (dict(attention_mode="sideways"), "attention_mode"), (dict(group_norm="per_batch"), "group_norm"),
+    (dict(trainable="everything"), "trainable"), (dict(frame_positions="learned"), "frame_positions"),
+    (dict(timestep_power=-1.0), "timestep_power"), (dict(timestep_power=float("nan")), "timestep_power"),
+])
+def test_a_setting_outside_its_choices_is_named_before_anything_is_read(change, setting, tiny_base, tmp_path):
+    settings = replace(TuneSettings(), **change)
+    assert invalid_choice(settings)[0] == setting and invalid_choice(TuneSettings()) is None
+    with pytest.raises(TuneError, match=f"^--{setting.replace('_', '-')} must be"):
+        tune(tiny_base, tmp_path / "no-such-clip.mp4", "a square", tmp_path / "out", settings)
+    assert not (tmp_path / "out").exists()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -126,6 +126,19 @@ TRAINABLE_MODULES = {
 }
 
 
+def invalid_choice(s: TuneSettings) -> tuple[str, str] | None:
+    """The first of `s`'s named choices (and its timestep power) that is not one the tuner knows, as (setting,
+    what it must be); None when all are. `tune` and the tuning service's request check both use it."""
+    choices = {"attention_mode": ATTENTION_MODES, "group_norm": GROUP_NORMS, "trainable": tuple(TRAINABLE_MODULES),
+               "frame_positions": FRAME_POSITIONS}
+    for name, allowed in choices.items():
+        if getattr(s, name) not in allowed:
+            return name, f"must be one of {', '.join(allowed)}"
+    if not s.timestep_power >= 0:  # NaN too
+        return "timestep_power", "must be >= 0"
+    return None
+
+
 def mark_trainable(unet: VideoUNet, trainable: str = "paper") -> dict[str, torch.nn.Parameter]:
     """Freeze the whole UNet but the tensors `trainable` names (`TRAINABLE_MODULES`), and return them by name."""
     unet.requires_grad_(False)
@@ -189,16 +202,9 @@ def tune(
     except BaseModelError as e:
         raise TuneError(str(e)) from e
     out = Path(out)
-    if s.attention_mode not in ATTENTION_MODES:
-        raise TuneError(f"--attention-mode must be one of {', '.join(ATTENTION_MODES)}")
-    if s.group_norm not in GROUP_NORMS:
-        raise TuneError(f"--group-norm must be one of {', '.join(GROUP_NORMS)}")
-    if s.trainable not in TRAINABLE_MODULES:
-        raise TuneError(f"--trainable must be one of {', '.join(TRAINABLE_MODULES)}")
-    if s.frame_positions not in FRAME_POSITIONS:
-        raise TuneError(f"--frame-positions must be one of {', '.join(FRAME_POSITIONS)}")
-    if s.timestep_power < 0:
-        raise TuneError("--timestep-power must be >= 0")
+    bad = invalid_choice(s)
+    if bad:
+        raise TuneError(f"--{bad[0].replace('_', '-')} {bad[1]}")
     if s.frames < 1 or s.steps < 0 or s.stride < 1 or s.start < 0:
         raise TuneError("--frames and --stride must be >= 1, --steps and --start >= 0")
     if out.exists() and not overwrite:
