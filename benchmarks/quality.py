@@ -23,6 +23,10 @@ colours is reported. A length study tunes Tune-A-Video on a 64-frame clip and ge
 measure drift across the autoregressive windows. With `--clip DIR` (a local `transformers` CLIP model) the paper's
 CLIP text alignment and frame consistency are reported too.
 
+Each clip is tuned with the settings' seed, or once per seed of `--tune-seeds`: the tuning seed moves a tuned
+method's figures as much as its settings do (benchmarks/README.md, "The tuning seed"), so the means are then over
+the tuning seeds too, with the reconstruction from noise reported per tuning seed beside them.
+
 Every tuned model and every scored generation is kept under `--work`, so an interrupted run resumes.
 """
 
@@ -77,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-steps", type=int, help="tuning steps of every tuned method (default: its settings')")
     p.add_argument("--tune", default="", help="KEY=VALUE,... overriding the base's default tuning settings (methods "
                    "tuned with the default settings), e.g. lr=3e-4,frame_positions=none")
+    p.add_argument("--tune-seeds", default="", help="tune every tuned method once per seed, comma-separated, "
+                   "and average over them (default: the settings' seed, one tuning)")
     p.add_argument("--steps", type=int, default=30, help="DDIM steps (inversion and sampling)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the generations from noise")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance of the method comparison (3: every edit right "
@@ -147,8 +153,9 @@ class Study:
         name = clip_name(index)
         return name, *self.source(name, SOURCES[index], frames=8, seed=index)
 
-    def tuned(self, name: str, folder: Path, caption: str, method: str) -> Path:
-        """The clip tuned as `method` says (a tuning of 0 steps for the untuned methods), reused when present."""
+    def tuned(self, name: str, folder: Path, caption: str, method: str, seed: int | None = None) -> Path:
+        """The clip tuned as `method` says (a tuning of 0 steps for the untuned methods), with tuning seed `seed`
+        (default: the settings'), reused when present."""
         mode, tuning = METHODS[method]
         if tuning == "default":
             settings = replace(default_settings(self.args.base), **parse_overrides(self.args.tune))
@@ -156,6 +163,8 @@ class Study:
             settings = TuneSettings()
         if tuning and self.args.tune_steps is not None:
             settings = replace(settings, steps=self.args.tune_steps)
+        if seed is not None:
+            settings = replace(settings, seed=seed)
         settings = replace(settings, frames=8, width=world.SIZE, height=world.SIZE, attention_mode=mode,
                            steps=settings.steps if tuning else 0)
         out = self.work / "models" / name
@@ -204,7 +213,7 @@ def parse_overrides(text: str) -> dict:
 
 
 def mean_scores(rows: list[dict]) -> dict[str, float]:
-    keys = [k for k in rows[0] if k not in ("key", "clip", "method", "start", "edit", "seed")]
+    keys = [k for k in rows[0] if k not in ("key", "clip", "method", "start", "edit", "seed", "tune_seed")]
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
@@ -213,40 +222,54 @@ def seeds(args: argparse.Namespace, start: str) -> list[int]:
     return [int(x) for x in args.seeds.split(",") if x.strip()] if start == "noise" else [0]
 
 
+def tune_seeds(args: argparse.Namespace, method: str) -> list[int | None]:
+    """The tuning seeds of a method: `--tune-seeds` for a tuned one; None (the settings' seed) otherwise."""
+    chosen = [int(x) for x in args.tune_seeds.split(",") if x.strip()]
+    return chosen if chosen and METHODS[method][1] else [None]
+
+
+def model_name(clip: str, method: str, tune_seed: int | None) -> str:
+    return f"{clip}-{method}" + ("" if tune_seed is None else f"-seed{tune_seed}")
+
+
 def ablation(study: Study, args: argparse.Namespace, methods: list[str], bar: tqdm) -> list[dict]:
     rows = []
     for index, spec in enumerate(SOURCES[: args.clips]):
         name, video, caption, truth, folder = study.clip(index)
         study.videos[f"{name}/source"] = video
         for method in methods:
-            bar.set_description(f"{name} {method}: tuning")
-            model = study.tuned(f"{name}-{method}", folder, caption, method)
-            for start in STARTS:
-                for edit, wanted in {RECONSTRUCTION: spec[:3], **edits(*spec[:3])}.items():
-                    prompt = world.clip_caption(*wanted, spec[3])
-                    for seed in seeds(args, start):
-                        bar.set_description(f"{name} {method} {start} {edit} seed {seed}")
-                        keep = (start == "inversion" and edit != RECONSTRUCTION
-                                and (method == "tune_a_video" or index == 0))
-                        key = f"{name}/{method}/{start}/{edit}"
-                        row = study.generate(key, model, prompt, wanted, truth, 8, start == "inversion", keep,
-                                             seed=seed)
-                        rows.append({**row, "clip": name, "method": method, "start": start, "edit": edit,
-                                     "seed": seed})
-                        bar.update()
+            method_seeds = tune_seeds(args, method)
+            for tune_seed in method_seeds:
+                bar.set_description(f"{name} {method}: tuning")
+                model = study.tuned(model_name(name, method, tune_seed), folder, caption, method, tune_seed)
+                for start in STARTS:
+                    for edit, wanted in {RECONSTRUCTION: spec[:3], **edits(*spec[:3])}.items():
+                        prompt = world.clip_caption(*wanted, spec[3])
+                        for seed in seeds(args, start):
+                            bar.set_description(f"{name} {method} tuning seed {tune_seed} {start} {edit} seed {seed}")
+                            keep = (start == "inversion" and edit != RECONSTRUCTION and tune_seed == method_seeds[0]
+                                    and (method == "tune_a_video" or index == 0))
+                            key = f"{name}/{method}/{start}/{edit}"
+                            row = study.generate(key, model, prompt, wanted, truth, 8, start == "inversion", keep,
+                                                 seed=seed)
+                            rows.append({**row, "clip": name, "method": method, "start": start, "edit": edit,
+                                         "seed": seed, "tune_seed": tune_seed})
+                            bar.update()
     return rows
 
 
 def guidance_study(study: Study, args: argparse.Namespace, values: list[float], bar: tqdm) -> dict:
-    """Tune-A-Video from the inversion at several guidance scales: the four edits, and the source caption itself
-    ("reconstruction": the trajectory error any edit inherits from inversion and sampling alone; at guidance 1,
-    the inversion's own, DDIM inversion is nearly exact, and guidance amplifies its error)."""
+    """Tune-A-Video (its first tuning seed) from the inversion at several guidance scales: the four edits, and the
+    source caption itself ("reconstruction": the trajectory error any edit inherits from inversion and sampling
+    alone; at guidance 1, the inversion's own, DDIM inversion is nearly exact, and guidance amplifies its error)."""
+    tune_seed = tune_seeds(args, "tune_a_video")[0]
     result = {}
     for guidance in values:
         rows = []
         for index, spec in enumerate(SOURCES[: args.clips]):
             name, _, caption, truth, folder = study.clip(index)
-            model = study.tuned(f"{name}-tune_a_video", folder, caption, "tune_a_video")
+            model = study.tuned(model_name(name, "tune_a_video", tune_seed), folder, caption, "tune_a_video",
+                                tune_seed)
             for edit, wanted in {RECONSTRUCTION: spec[:3], **edits(*spec[:3])}.items():
                 bar.set_description(f"{name} guidance {guidance:g} {edit}")
                 row = study.generate(f"{name}/tune_a_video/inversion/{edit}", model,
@@ -344,7 +367,14 @@ def summarize(rows: list[dict]) -> dict:
             checks["tav_inversion_trajectory<t2i_per_frame"] = tav["trajectory_px"] < t2i["trajectory_px"]
     if "reconstruction_px" in table.get("tune_a_video/noise", {}):
         checks["tav_noise_reconstruction<=4px"] = table["tune_a_video/noise"]["reconstruction_px"] <= 4.0
-    return {"by_method": table, "tune_a_video_by_edit": per_edit, "checks": checks}
+    by_tune_seed = {
+        str(seed): float(np.mean([r["trajectory_px"] for r in chosen]))
+        for seed in dict.fromkeys(r["tune_seed"] for r in rows)
+        if (chosen := [r for r in rows if r["method"] == "tune_a_video" and r["start"] == "noise"
+                       and r["edit"] == RECONSTRUCTION and r["tune_seed"] == seed])
+    }
+    return {"by_method": table, "tune_a_video_by_edit": per_edit, "checks": checks,
+            "tune_a_video_reconstruction_px_by_tune_seed": by_tune_seed}
 
 
 def format_table(means: dict[str, dict], title: str = "method / start") -> str:
@@ -385,7 +415,8 @@ def run(args: argparse.Namespace) -> dict:
     study = Study(args)
     clips = min(args.clips, len(SOURCES))
     per_model = 5 * sum(len(seeds(args, start)) for start in STARTS)
-    total = clips * len(methods) * per_model + clips * len(guidances) * 5 + 2 * len(lengths)
+    tunings = clips * sum(len(tune_seeds(args, m)) for m in methods)
+    total = tunings * per_model + clips * len(guidances) * 5 + 2 * len(lengths)
     with tqdm(total=total, dynamic_ncols=True) as bar:
         rows = ablation(study, args, methods, bar)
         sweep = guidance_study(study, args, guidances, bar)

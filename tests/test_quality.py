@@ -11,6 +11,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 from benchmarks.cli import main as bench_main
 from benchmarks.clip_metrics import ClipScorer
 from benchmarks.quality import METHODS, RECONSTRUCTION, STARTS, edits, summarize
+from tuner.artefacts import TunedModel
 from tuner.shapes import world
 from tuner.shapes.pretrain import build_tokenizer
 from tuner.shapes.pretrain import main as pretrain_main
@@ -55,10 +56,11 @@ def test_edits_change_exactly_what_they_name():
 
 
 def test_checks_compare_the_method_with_each_ablation():
-    def row(method, start, edit="colour", **scores):
+    def row(method, start, edit="colour", tune_seed=None, **scores):
         base = dict(colour=1.0, shape=1.0, background=1.0, all=1.0, trajectory_px=1.0, flip_rate=0.0,
                     size_change_px=0.1)
-        return {"key": "", "clip": "c", "method": method, "start": start, "edit": edit, **{**base, **scores}}
+        return {"key": "", "clip": "c", "method": method, "start": start, "edit": edit, "tune_seed": tune_seed,
+                **{**base, **scores}}
 
     rows = [row("tune_a_video", s, e) for s in STARTS for e in ("colour", "background", RECONSTRUCTION)]
     rows += [row("t2i_per_frame", s, flip_rate=0.5, size_change_px=2.0, trajectory_px=1.5) for s in STARTS]
@@ -69,9 +71,11 @@ def test_checks_compare_the_method_with_each_ablation():
     assert summary["by_method"]["tune_a_video/noise"]["reconstruction_px"] == 1.0
 
     rows += [row("tune_a_video", "noise", trajectory_px=40.0, all=0.0)]
-    rows += [row("tune_a_video", "noise", RECONSTRUCTION, trajectory_px=9.0)]
+    rows += [row("tune_a_video", "noise", RECONSTRUCTION, tune_seed=7, trajectory_px=9.0)]
     rows += [row("tune_a_video", "inversion", "colour", trajectory_px=4.0)]
-    checks = summarize(rows)["checks"]
+    summary = summarize(rows)
+    assert summary["tune_a_video_reconstruction_px_by_tune_seed"] == {"None": 1.0, "7": 9.0}
+    checks = summary["checks"]
     assert not checks["tav_better_motion_than_untuned/noise"] and checks["tav_inversion_trajectory<=3px"]
     assert not checks["tav_noise_reconstruction<=4px"]  # (1 + 9) / 2 px
     assert not checks["tav_colour/inversion_alignment>=0.95_and_trajectory<=2px"]  # (1 + 4) / 2 px
@@ -120,6 +124,22 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
     assert (out / "quality_guidance.png").exists()
     # the guidance study adds 4 scales x 5 prompts (at the default 3 all are cached), the length study 2 x 2
     assert len((work / "scores.jsonl").read_text().splitlines()) == len(result["rows"]) + 4 * 5 + 2 * 2
+
+    # --tune-seeds: every tuned method is tuned once per seed and averaged over them; untuned ones run once
+    bench_main(["quality", "--base", str(base), "--work", str(work), "--out", str(tmp_path / "seeds"), "--clips",
+                "1", "--methods", "t2i_per_frame,tune_a_video", "--tune-steps", "2", "--steps", "2", "--seeds", "3",
+                "--tune-seeds", "5,6", "--guidance-sweep", "", "--lengths", ""])
+    result = json.loads((tmp_path / "seeds" / "quality.json").read_text())
+    assert len(result["rows"]) == (1 + 2) * 5 * 2  # t2i once, Tune-A-Video twice; 5 prompts, 2 starts
+    assert {(r["method"], r["tune_seed"]) for r in result["rows"]} == {
+        ("t2i_per_frame", None), ("tune_a_video", 5), ("tune_a_video", 6)}
+    by_seed = result["tune_a_video_reconstruction_px_by_tune_seed"]
+    assert set(by_seed) == {"5", "6"}
+    assert result["by_method"]["tune_a_video/noise"]["reconstruction_px"] == pytest.approx(np.mean(
+        list(by_seed.values())))
+    seeded = [models / f"clip0-red-circle-white-right-tune_a_video-seed{seed}" for seed in (5, 6)]
+    assert [TunedModel.open(m).config["settings"]["seed"] for m in seeded] == [5, 6]
+    assert TunedModel.open(seeded[0]).model_hash != TunedModel.open(seeded[1]).model_hash
 
 
 def test_flop_count_grows_quadratically_only_with_full_attention(tiny_base):
