@@ -232,29 +232,39 @@ def model_name(clip: str, method: str, tune_seed: int | None) -> str:
     return f"{clip}-{method}" + ("" if tune_seed is None else f"-seed{tune_seed}")
 
 
+def score_model(study: Study, args: argparse.Namespace, index: int, model: Path, method: str,
+                tune_seed: int | None, keep_edits: bool) -> list[dict]:
+    """One tuned model of clip `index`: its source caption and four edits, from the inversion and from noise."""
+    spec = SOURCES[index]
+    name, _, _, truth, _ = study.clip(index)
+    rows = []
+    for start in STARTS:
+        for edit, wanted in {RECONSTRUCTION: spec[:3], **edits(*spec[:3])}.items():
+            for seed in seeds(args, start):
+                keep = keep_edits and start == "inversion" and edit != RECONSTRUCTION
+                prompt = world.clip_caption(*wanted, spec[3])
+                row = study.generate(f"{name}/{method}/{start}/{edit}", model, prompt, wanted, truth, 8,
+                                     start == "inversion", keep, seed=seed)
+                rows.append({**row, "clip": name, "method": method, "start": start, "edit": edit, "seed": seed,
+                             "tune_seed": tune_seed})
+    return rows
+
+
 def ablation(study: Study, args: argparse.Namespace, methods: list[str], bar: tqdm) -> list[dict]:
     rows = []
-    for index, spec in enumerate(SOURCES[: args.clips]):
-        name, video, caption, truth, folder = study.clip(index)
+    for index in range(min(args.clips, len(SOURCES))):
+        name, video, caption, _, folder = study.clip(index)
         study.videos[f"{name}/source"] = video
         for method in methods:
             method_seeds = tune_seeds(args, method)
             for tune_seed in method_seeds:
-                bar.set_description(f"{name} {method}: tuning")
+                bar.set_description(f"{name} {method} tuning seed {tune_seed}")
                 model = study.tuned(model_name(name, method, tune_seed), folder, caption, method, tune_seed)
-                for start in STARTS:
-                    for edit, wanted in {RECONSTRUCTION: spec[:3], **edits(*spec[:3])}.items():
-                        prompt = world.clip_caption(*wanted, spec[3])
-                        for seed in seeds(args, start):
-                            bar.set_description(f"{name} {method} tuning seed {tune_seed} {start} {edit} seed {seed}")
-                            keep = (start == "inversion" and edit != RECONSTRUCTION and tune_seed == method_seeds[0]
-                                    and (method == "tune_a_video" or index == 0))
-                            key = f"{name}/{method}/{start}/{edit}"
-                            row = study.generate(key, model, prompt, wanted, truth, 8, start == "inversion", keep,
-                                                 seed=seed)
-                            rows.append({**row, "clip": name, "method": method, "start": start, "edit": edit,
-                                         "seed": seed, "tune_seed": tune_seed})
-                            bar.update()
+                # the grid keeps every method's edits on clip 0, Tune-A-Video's on every clip, first tuning seed
+                keep = tune_seed == method_seeds[0] and (method == "tune_a_video" or index == 0)
+                scored = score_model(study, args, index, model, method, tune_seed, keep)
+                rows += scored
+                bar.update(len(scored))
     return rows
 
 
@@ -369,7 +379,7 @@ def summarize(rows: list[dict]) -> dict:
         checks["tav_noise_reconstruction<=4px"] = table["tune_a_video/noise"]["reconstruction_px"] <= 4.0
     by_tune_seed = {
         str(seed): float(np.mean([r["trajectory_px"] for r in chosen]))
-        for seed in dict.fromkeys(r["tune_seed"] for r in rows)
+        for seed in dict.fromkeys(r["tune_seed"] for r in rows if r["tune_seed"] is not None)  # --tune-seeds'
         if (chosen := [r for r in rows if r["method"] == "tune_a_video" and r["start"] == "noise"
                        and r["edit"] == RECONSTRUCTION and r["tune_seed"] == seed])
     }
