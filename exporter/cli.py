@@ -44,7 +44,7 @@ from exporter.optimize import REWRITE_VERSION, optimize_unet_for_ort
 from tuner import artefacts
 from tuner.aoti_support import DEVICES, require_aoti
 from tuner.artefacts import ArtefactError, TunedModel, apply_adapter
-from tuner.components import BaseModelError, base_model_hash, load_components
+from tuner.components import BaseModelError, is_same_base, load_components
 from tuner.inflate import inflate, is_trainable
 from tuner.io_utils import atomic_directory, file_lock, sha256_files
 from tuner.versions import versions
@@ -187,7 +187,7 @@ def export(
         aoti_export.check_precision(device, precision)
     base = model.base_path
     try:
-        if base_model_hash(base) != model.config["base"]["sha256"]:
+        if not is_same_base(base, model.config["base"]["sha256"]):
             raise ExportError(f"the base model {base} changed since {run} was tuned (content hash differs)")
     except BaseModelError as e:
         raise ExportError(f"the base model of {run} is unusable: {e}") from e

@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner.components import BaseModelError, base_model_hash, check_base_dir
+from tuner.components import MODEL_FILE_PATTERNS, BaseModelError, base_model_files, base_model_hash, check_base_dir
 from tuner.io_utils import atomic_directory, file_lock
 from tuner.shapes import SHAPES_MODEL
 from tuner.tune import TuneSettings, default_settings
@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASES = {"shapes-sd": str(SHAPES_MODEL)}
 BASE_STORE = ".bases"
-HUB_PATTERNS = [  # what a Stable Diffusion 1.x base needs, and nothing pickled
-    "model_index.json", "scheduler/*.json", "tokenizer/*.json", "tokenizer/*.txt",
-    *(f"{part}/*.{kind}" for part in ("unet", "vae", "text_encoder") for kind in ("json", "safetensors")),
-]
 
 
 @dataclass(frozen=True)
@@ -55,14 +51,14 @@ def parse_base(arg: str) -> tuple[str, str]:
 
 def resolve(source: str) -> Path:
     """A local diffusers directory for a source: the directory itself, or a hub id's snapshot (through the
-    cache; nothing but `HUB_PATTERNS`)."""
+    cache; nothing but `MODEL_FILE_PATTERNS`)."""
     if Path(source).is_dir():
         return check_base_dir(source)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return check_base_dir(snapshot_download(source, allow_patterns=HUB_PATTERNS))
+        return check_base_dir(snapshot_download(source, allow_patterns=MODEL_FILE_PATTERNS))
     except (HFValidationError, LocalEntryNotFoundError, OSError) as e:
         raise BaseModelError(f"base {source!r} is neither a directory nor a hub id in reach ({e})") from e
 
@@ -93,16 +89,15 @@ def load_bases(specs: dict[str, str]) -> dict[str, Base]:
 
 
 def materialise(source: Path, repo: Path) -> Path:
-    """The base's copy in the repository's base store, named by its content hash: made once, atomically, under a
-    lock shared by every worker of the repository."""
+    """The base's copy in the repository's base store, named by its content hash and holding just the hashed files
+    (`base_model_files`): made once, atomically, under a lock shared by every worker of the repository."""
     store = repo / BASE_STORE
     target = store / base_model_hash(source)
     with file_lock(store / ".lock"):
         if not target.is_dir():
             with atomic_directory(target) as tmp:
-                for item in source.iterdir():
-                    if item.is_dir():
-                        shutil.copytree(item, tmp / item.name)
-                    elif not item.name.startswith("."):
-                        shutil.copy2(item, tmp / item.name)
+                for file in base_model_files(source):
+                    copy = tmp / file.relative_to(source)
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(file, copy)
     return target

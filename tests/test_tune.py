@@ -14,10 +14,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 
+from jobs.bases import materialise
 from tuner import artefacts
 from tuner.artefacts import TunedModel, load_tuned
-from tuner.components import encode_prompt, load_components
+from tuner.components import base_model_files, base_model_hash, encode_prompt, is_same_base, load_components
 from tuner.inflate import inflate, is_trainable
+from tuner.io_utils import sha256_files
 from tuner.tune import (
     SMALL_BASE_SETTINGS,
     TuneError,
@@ -132,6 +134,34 @@ def test_is_tuned_only_for_the_same_base_content_prompt_and_settings(tiny_base, 
     config = base / "unet" / "config.json"
     config.write_text(config.read_text().replace("{", '{"edited": true, ', 1))
     assert not is_tuned(run, base, "a red square", settings)  # same path, other content
+
+
+def test_the_base_hash_covers_what_loading_reads_and_the_old_whole_directory_hash_still_matches(tiny_base, tmp_path):
+    """A model card, a pickled checkpoint or a component never loaded do not change a base's hash (a hub snapshot
+    of Stable Diffusion carries gigabytes of them), and the base store copies only the hashed files. Models tuned
+    before recorded a hash over every file: it still matches the unchanged base, and neither does once a weight
+    changes."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    recorded = base_model_hash(base)
+    (base / "MODEL_CARD.md").write_text("# edited\n")
+    (base / "v1-5-pruned.ckpt").write_bytes(b"pickled")
+    (base / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickled")
+    (base / "safety_checker").mkdir()
+    (base / "safety_checker" / "model.safetensors").write_bytes(b"never loaded")
+    assert base_model_hash(base) == recorded
+    whole_directory = sha256_files([p for p in base.rglob("*") if p.is_file()], base)
+    assert is_same_base(base, recorded) and is_same_base(base, whole_directory)
+
+    copy = materialise(base, tmp_path / "repo")
+    assert copy.name == recorded and base_model_hash(copy) == recorded
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file()) == [
+        p.relative_to(base) for p in base_model_files(base)]
+    load_components(copy)  # the copy is a whole base
+
+    with open(base / "unet" / "diffusion_pytorch_model.safetensors", "ab") as f:
+        f.write(b"\0")
+    assert not is_same_base(base, recorded) and not is_same_base(base, whole_directory)
 
 
 def test_tuned_directory_contents(tuned_run, clip_path):

@@ -21,6 +21,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from tuner.io_utils import sha256_files
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+MODEL_FILE_PATTERNS = [  # what a Stable Diffusion 1.x base is made of for this project, and nothing pickled
+    "model_index.json", "scheduler/*.json", "tokenizer/*.json", "tokenizer/*.txt",
+    *(f"{part}/*.{kind}" for part in ("unet", "vae", "text_encoder") for kind in ("json", "safetensors")),
+]
 
 
 class BaseModelError(ValueError):
@@ -76,11 +80,27 @@ def check_base_dir(base: str | Path) -> Path:
     return base
 
 
-def base_model_hash(base: str | Path) -> str:
-    """Content hash of a base model: its configs, tokenizer files and weights."""
+def base_model_files(base: str | Path) -> list[Path]:
+    """The files of a base model that loading it reads (`MODEL_FILE_PATTERNS`): its configs, tokenizer files and
+    safetensors weights; not a model card, a pickled checkpoint beside them or a component this project never
+    loads (a safety checker, say)."""
     base = check_base_dir(base)
-    files = [p for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")]
-    return sha256_files(files, base)
+    return sorted({p for pattern in MODEL_FILE_PATTERNS for p in base.glob(pattern) if p.is_file()})
+
+
+def base_model_hash(base: str | Path) -> str:
+    """Content hash of a base model's files (`base_model_files`): what a tuned model records of its base."""
+    base = check_base_dir(base)
+    return sha256_files(base_model_files(base), base)
+
+
+def is_same_base(base: str | Path, recorded: str) -> bool:
+    """Whether `base` still holds the content a tuned model recorded as `recorded`. Models tuned before the hash
+    covered only `base_model_files` recorded a hash over every file of the directory; that one is accepted too."""
+    if base_model_hash(base) == recorded:
+        return True
+    base = check_base_dir(base)
+    return sha256_files([p for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")], base) == recorded
 
 
 def load_components(base: str | Path, device: str | torch.device = "cpu", dtype=torch.float32) -> Components:

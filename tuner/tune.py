@@ -36,6 +36,7 @@ from tuner.components import (
     check_base_dir,
     encode_frames,
     encode_prompt,
+    is_same_base,
     load_components,
 )
 from tuner.inflate import ATTENTION_MODES, FRAME_POSITIONS, GROUP_NORMS, VideoUNet, inflate, is_trainable
@@ -177,7 +178,7 @@ def is_tuned(out: str | Path, base: str | Path, prompt: str, settings: TuneSetti
         config = artefacts.TunedModel.open(out).config
     except artefacts.ArtefactError:
         return False
-    return (config["base"]["sha256"] == base_model_hash(base) and config["prompt"] == prompt
+    return (is_same_base(base, config["base"]["sha256"]) and config["prompt"] == prompt
             and config["settings"] == asdict(settings))
 
 
