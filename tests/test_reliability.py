@@ -214,13 +214,15 @@ def health_status(target: str, service: str = "") -> int:
                                                          timeout=10).status
 
 
-def steps_lasting(replica: Replica, seconds: float, frames: int = 8) -> int:
-    """Denoising steps that make a guided request of `frames` frames on `replica` last about `seconds` (at least,
-    up to the server's 200 steps: ask for more frames where that is not enough on a fast machine)."""
+def long_request(replica: Replica, seconds: float) -> dict[str, int]:
+    """Frames and steps of a guided request that lasts about `seconds` (at least) on `replica`: 8 frames, or more
+    8-frame windows where the server's 200 steps are not enough on a fast machine (8 frames at 200 steps took
+    only 1.9 s on a quiet one)."""
     with grpc.insecure_channel(replica.target) as channel:
-        responses = list(stub(channel).Generate(request(frames=frames, steps=2), timeout=TIMEOUT))
+        responses = list(stub(channel).Generate(request(frames=8, steps=2), timeout=TIMEOUT))
     per_step = next(r.result for r in responses if r.HasField("result")).timings["sample"] / 2
-    return max(3, min(200, math.ceil(seconds / per_step)))
+    windows = math.ceil(seconds / (200 * per_step))
+    return {"frames": 8 * windows, "steps": max(3, math.ceil(seconds / (windows * per_step)))}
 
 
 Send = Callable[[], tuple[str, str]]  # one request: (status code name, request id or "")
@@ -370,11 +372,10 @@ def test_a_stream_outlives_connection_recycling(replicas):
     """--max-connection-age recycles connections, with a grace as long as the longest request: a stream several
     connection ages long completes, and the channel carries on over a new connection."""
     b = replicas["b"]
-    frames = 32  # four 8-frame windows: at 200 steps, 8 frames took only 1.9 s on a quiet machine
-    steps = steps_lasting(b, 2.5 * CONNECTION_AGE, frames)
+    long_options = long_request(b, 2.5 * CONNECTION_AGE)
     with grpc.insecure_channel(b.target) as channel:
         started = time.monotonic()
-        responses = list(stub(channel).Generate(request(frames=frames, steps=steps), timeout=TIMEOUT))
+        responses = list(stub(channel).Generate(request(**long_options), timeout=TIMEOUT))
         lasted = time.monotonic() - started
         assert responses[-1].chunk.last and lasted > CONNECTION_AGE, lasted
         assert list(stub(channel).Generate(request(frames=1), timeout=TIMEOUT))[-1].chunk.last
@@ -388,7 +389,7 @@ def test_draining_a_replica_during_traffic_loses_no_accepted_request(replicas):
     on the other replica; behind nginx the client library retries them (bounded, so some may still fail, but
     only with UNAVAILABLE)."""
     a1, b = replicas["a1"], replicas["b"]
-    steps = steps_lasting(a1, 5.0)
+    long_options = long_request(a1, 5.0)
     with contextlib.ExitStack() as stack:
         nginx = stack.enter_context(Nginx([a1.target, b.target]))
         senders = {f"nginx-{i}": client_sender(stack.enter_context(Client(nginx.target))) for i in range(2)}
@@ -399,7 +400,7 @@ def test_draining_a_replica_during_traffic_loses_no_accepted_request(replicas):
             senders["envoy"] = client_sender(stack.enter_context(Client(envoy.target)))
         traffic = stack.enter_context(Traffic(senders))
         direct = stack.enter_context(grpc.insecure_channel(a1.target))
-        long = stub(direct).Generate(request(frames=8, steps=steps), timeout=TIMEOUT)
+        long = stub(direct).Generate(request(**long_options), timeout=TIMEOUT)
         assert [next(long).WhichOneof("event") for _ in range(3)] == ["accepted", "started", "progress"]
 
         a1.proc.send_signal(signal.SIGTERM)
@@ -439,7 +440,7 @@ def test_requests_queued_on_a_draining_replica_are_retried_elsewhere(repo, repli
     b = replicas["b"]
     c = Replica(repo, "--max-queue", "8", "--grace", "1").wait_serving()
     try:
-        steps = steps_lasting(c, 6.0)
+        long_options = long_request(c, 6.0)
         results: dict[str, tuple[str, str]] = {}
 
         def run(name: str) -> None:
@@ -450,7 +451,7 @@ def test_requests_queued_on_a_draining_replica_are_retried_elsewhere(repo, repli
                     results[name] = e.code.name, e.details
 
         with Nginx([c.target, b.target]) as nginx, grpc.insecure_channel(c.target) as direct:
-            long = stub(direct).Generate(request(frames=8, steps=steps), timeout=TIMEOUT)
+            long = stub(direct).Generate(request(**long_options), timeout=TIMEOUT)
             assert [next(long).WhichOneof("event") for _ in range(2)] == ["accepted", "started"]
             threads = [threading.Thread(target=run, args=(f"short-{i}",)) for i in range(6)]
             for thread in threads:
@@ -476,7 +477,7 @@ def test_killing_a_replica_mid_stream(replicas):
     to the frozen replica, which never accepts them), then kill it. The stream on `a2` ends UNAVAILABLE, the one
     on `b` completes, and every short request is retried by the client library and served by `b`."""
     a2, b = replicas["a2"], replicas["b"]
-    steps = steps_lasting(b, 5.0)
+    long_options = long_request(b, 5.0)
     results: dict[str, tuple[str, str]] = {}
 
     def run(name: str, client: Client, **options) -> None:
@@ -487,7 +488,7 @@ def test_killing_a_replica_mid_stream(replicas):
 
     with Nginx([a2.target, b.target]) as nginx, Client(nginx.target) as client:
         b_started = started_count(b)
-        threads = [threading.Thread(target=run, args=(f"long-{i}", client), kwargs=dict(frames=8, steps=steps))
+        threads = [threading.Thread(target=run, args=(f"long-{i}", client), kwargs=long_options)
                    for i in range(2)]  # round robin over one connection: one on each replica
         for thread in threads:
             thread.start()
