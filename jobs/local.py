@@ -17,6 +17,8 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -301,6 +303,9 @@ class PipeHooks:
 def worker_main(conn, repo: str, device: str | None, max_job_seconds: float) -> None:
     """The local worker process: run the jobs the server sends, one at a time; delete models when asked."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s tav-local-worker: %(message)s")
+    # The server stops this process with SIGTERM: end through Python's exit, so a half-written job directory is
+    # removed and the locks this process made are released (killed outright, they leak: the resource tracker warns).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     repo_path = Path(repo)
     removed = work.clean_leftovers(repo_path, lambda job_id, attempt: False)  # the only worker: nothing runs yet
     if removed:

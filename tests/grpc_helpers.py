@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -96,6 +97,15 @@ class ServeProcess:
     def _read(self) -> None:
         for line in self.proc.stderr:
             self.lines.put(line)
+        self.lines.put(None)  # the log's end: the server and every process it started have exited
+
+    def terminate(self, timeout: float = 60) -> int:
+        """Stop the server as an operator does (SIGTERM); its exit code, once its whole log has been read."""
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            self.log.append(line)
+        return code
 
     def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match:
         end = time.monotonic() + timeout
@@ -106,6 +116,8 @@ class ServeProcess:
                 if self.proc.poll() is not None:
                     break
                 continue
+            if line is None:
+                break
             self.log.append(line)
             if match := re.search(pattern, line):
                 return match

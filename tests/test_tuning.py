@@ -369,7 +369,7 @@ def test_delete_model_and_ids_reserved_at_create(service, clip_path):
 
 def test_the_embedded_default_tunes_with_its_own_worker_through_the_cli(tiny_base, clip_path, tmp_path, capsys):
     """No broker: the server's local worker process tunes, exports and publishes; `tav-client tune --wait`,
-    `jobs`, `cancel` and `delete-model` drive it."""
+    `jobs`, `cancel` and `delete-model` drive it. SIGTERM stops the server and its worker cleanly."""
     repo = tmp_path / "repo"
     repo.mkdir()
     server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5")
@@ -399,6 +399,8 @@ def test_the_embedded_default_tunes_with_its_own_worker_through_the_cli(tiny_bas
             assert [line.split("\t")[1:3] for line in listed] == [["local-b", "ready"], ["local-a", "cancelled"]]
             cli("delete-model", "--server", target, "local-b")
         assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == []
+        assert server.terminate() == 0
+        assert "leaked" not in "".join(server.log), "the worker ended through Python's exit, releasing its locks"
     finally:
         server.proc.kill()
         server.proc.wait(30)
