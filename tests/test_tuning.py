@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from grpc_helpers import ServeProcess
+from grpc_helpers import ServeProcess, make_certificates
 from prometheus_client.parser import text_string_to_metric_families
 from tuneavideo.v1 import tuning_pb2
 
@@ -65,20 +65,32 @@ def wait_until(condition, seconds: float = 60.0, every: float = 0.2):
 
 
 class RedisServer:
-    """redis-server on a loopback port with a password, persisting to an append-only file fsynced at every write
-    (as deploy/k8s/redis.yaml runs it)."""
+    """redis-server on loopback with a password, persisting to an append-only file fsynced at every write (as
+    deploy/k8s/redis.yaml runs it); plain on one port (`url`) and, where the openssl CLI can make a throwaway CA,
+    TLS on another (`tls_url`, rediss://), so the service is tested over both."""
 
     password = "tav-redis-secret"
 
     def __init__(self, directory: Path) -> None:
         self.directory, self.port = directory, free_port()
         self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        self.tls_args: list[str] = []
+        self.tls_url = None
+        if shutil.which("openssl"):
+            (directory / "tls").mkdir()
+            ca, cert, key = make_certificates(directory / "tls")
+            tls_port = free_port()
+            self.tls_args = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                             "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+            self.tls_url = (f"rediss://:{self.password}@127.0.0.1:{tls_port}/0"
+                            f"?ssl_cert_reqs=required&ssl_ca_certs={ca}")
         self.start()
 
     def start(self) -> None:
         self.proc = subprocess.Popen([REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
                                       str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-                                      "--save", "", "--requirepass", self.password], stdout=subprocess.DEVNULL)
+                                      "--save", "", "--requirepass", self.password, *self.tls_args],
+                                     stdout=subprocess.DEVNULL)
         wait_until(lambda: self._answers(), 30)
 
     def _answers(self) -> bool:
@@ -122,18 +134,22 @@ def service(tiny_base, tmp_path_factory):
     (root / "admin").write_text(ADMIN + "\n")
     (root / "users").write_text(USER + "\n")
     broker = RedisServer(root / "redis")
-    (root / "broker").write_text(broker.url + "\n")  # the password stays out of the process list
-    workers = [TuneWorker(broker.url, repo, f"w{i}", root / f"w{i}.log") for i in (1, 2)]
-    args = ["--repo", str(repo), "--broker-file", str(root / "broker"), "--admin-token-file", str(root / "admin"),
-            "--auth-token-file", str(root / "users"), "--base", f"tiny={tiny_base}", "--worker-dead-after", "8",
-            "--max-queued-jobs", "4", "--rescan-seconds", "0.5"]
+    # the first worker and replica reach Redis over TLS, the others in plain text: one registry and queue for all
+    urls = [broker.tls_url or broker.url, broker.url]
+    for i, url in enumerate(urls):
+        (root / f"broker{i}").write_text(url + "\n")  # the password stays out of the process list
+    workers = [TuneWorker(url, repo, f"w{i}", root / f"w{i}.log") for i, url in enumerate(urls, 1)]
+    args = ["--repo", str(repo), "--admin-token-file", str(root / "admin"), "--auth-token-file", str(root / "users"),
+            "--base", f"tiny={tiny_base}", "--worker-dead-after", "8", "--max-queued-jobs", "4",
+            "--rescan-seconds", "0.5"]
     replicas = []
     try:
-        replicas = [ServeProcess(*args, "--metrics-port", "0") for _ in range(2)]
+        replicas = [ServeProcess(*args, "--broker-file", str(root / f"broker{i}"), "--metrics-port", "0")
+                    for i in range(2)]
         for replica in replicas:
             replica.wait_for("tuning service serving")
         yield type("Service", (), dict(repo=repo, redis=broker, workers=workers, replicas=replicas, root=root,
-                                       broker=broker.url))
+                                       brokers=urls))
     finally:
         for replica in replicas:
             replica.proc.kill()
@@ -264,7 +280,7 @@ def test_a_worker_killed_mid_job_has_its_job_run_again(service, clip_path):
         assert TunedModel.open(service.repo / "survivor").config["steps"] == 60
         # the killed worker, restarted, cleans up after itself and takes new jobs
         index = service.workers.index(killed)
-        service.workers[index] = TuneWorker(service.broker, service.repo, killed.name, killed.log)
+        service.workers[index] = TuneWorker(service.brokers[index], service.repo, killed.name, killed.log)
         wait_until(lambda: leftovers(service.repo) == [], 60)
         busy = client.create_tune_job("keeps-the-other-busy", clip_path.read_bytes(), CAPTION, base="tiny",
                                       **{**SMALL, "steps": 2000})
