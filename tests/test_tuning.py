@@ -422,6 +422,36 @@ def test_the_embedded_default_tunes_with_its_own_worker_through_the_cli(tiny_bas
         server.proc.wait(30)
 
 
+def test_a_job_past_the_maximum_job_time_fails_and_ended_jobs_are_forgotten_after_the_retention(
+        tiny_base, clip_path, tmp_path):
+    """The embedded default with a 20 s job limit (a small job, export included, takes a few seconds) and a 6 s
+    retention: a long job fails with the reason, leaves no directory behind, the worker takes the next job, and
+    each ended job is gone from the registry once the retention has passed."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5",
+                          "--max-job-seconds", "20", "--job-retention-hours", str(6 / 3600))
+    try:
+        server.wait_for("tuning service serving")
+        with Client(f"127.0.0.1:{server.port}") as client:
+            long = client.create_tune_job("too-long", clip_path.read_bytes(), CAPTION, base="tiny",
+                                          **{**SMALL, "steps": 2000, "width": 64, "height": 64})
+            ended = client.wait_tune_job(long.id, timeout=TIMEOUT)
+            assert ended.state == "failed" and "maximum job time" in ended.failure_reason, ended
+            assert not (repo / "too-long").exists() and leftovers(repo) == []
+            short = client.tune("in-time", clip_path.read_bytes(), CAPTION, base="tiny", timeout=TIMEOUT, **SMALL)
+            assert short.state == "ready" and (repo / "in-time").is_dir(), short
+            for job in (long, short):
+                wait_until(lambda job=job: job.id not in [j.id for j in client.list_tune_jobs()], 30)
+                with pytest.raises(ServerError) as e:
+                    client.get_tune_job(job.id)
+                assert e.value.code == CODE.NOT_FOUND
+            assert (repo / "in-time").is_dir(), "forgetting a job keeps its model"
+    finally:
+        server.proc.kill()
+        server.proc.wait(30)
+
+
 def cli(*args: str) -> None:
     """`tav-client ARGS`, in this process; a non-zero exit fails the test."""
     try:
