@@ -117,6 +117,7 @@ class ServeProcess:
                     break
                 continue
             if line is None:
+                self.lines.put(None)  # for `terminate`
                 break
             self.log.append(line)
             if match := re.search(pattern, line):
