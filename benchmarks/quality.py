@@ -2,7 +2,8 @@
 
 The base is the shipped shapes-world model, so every generated frame can be scored against the prompt and the
 source clip's ground truth (`tuner.shapes.checker.score_clip`): text alignment, motion fidelity (centroid
-trajectory error) and temporal consistency. Each source clip is tuned once per method of the paper's ablation
+trajectory error, and the same with the frames in their best order: where that is much lower, the frames show
+the clip's places in the wrong order) and temporal consistency. Each source clip is tuned once per method of the paper's ablation
 (its Fig. 10), then prompted with its own caption ("reconstruction": has the model learnt the clip?) and edited
 four ways (colour, shape, background, colour + background), both from the inverted source and from seeded noise
 (`--seeds`; from the inversion the result does not depend on the seed: every frame starts from its inverted
@@ -69,8 +70,9 @@ METHODS = {  # name -> (attention mode, tuning: None for none, "paper" or "defau
 }
 STARTS = ("inversion", "noise")
 RECONSTRUCTION = "reconstruction"  # the source caption itself
-METRICS = ("colour", "shape", "background", "all", "trajectory_px", "flip_rate", "size_change_px",
-           "reconstruction_px")
+METRICS = ("colour", "shape", "background", "all", "trajectory_px", "any_order_trajectory_px", "flip_rate",
+           "size_change_px", "reconstruction_px", "reconstruction_any_order_px")
+SCORES_VERSION = 2  # in every cached score's key: 2 added `any_order_trajectory_px`
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -179,7 +181,7 @@ class Study:
         guidance = self.args.guidance if guidance is None else guidance
         tuned = TunedModel.open(model)
         model_id = f"{tuned.model_hash},{'/'.join(tuned.architecture)}"
-        key = f"{key}@{model_id},{self.args.steps}steps,guidance{guidance:g},seed{seed}"
+        key = f"{key}@{model_id},{self.args.steps}steps,guidance{guidance:g},seed{seed},scores{SCORES_VERSION}"
         if key in self.scores and not keep:
             return self.scores[key]
         options = GenerationOptions(prompt, frames=frames, steps=self.args.steps, guidance=guidance, seed=seed,
@@ -343,8 +345,10 @@ def summarize(rows: list[dict]) -> dict:
             if edited:
                 table[f"{method}/{start}"] = mean_scores(edited)
             if len(edited) < len(chosen):
-                table.setdefault(f"{method}/{start}", {})["reconstruction_px"] = float(
-                    np.mean([r["trajectory_px"] for r in chosen if r["edit"] == RECONSTRUCTION]))
+                reconstructed = [r for r in chosen if r["edit"] == RECONSTRUCTION]
+                table.setdefault(f"{method}/{start}", {}).update(
+                    reconstruction_px=float(np.mean([r["trajectory_px"] for r in reconstructed])),
+                    reconstruction_any_order_px=float(np.mean([r["any_order_trajectory_px"] for r in reconstructed])))
     per_edit = {
         f"{edit}/{start}": mean_scores(chosen)
         for start in STARTS

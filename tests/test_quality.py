@@ -57,8 +57,8 @@ def test_edits_change_exactly_what_they_name():
 
 def test_checks_compare_the_method_with_each_ablation():
     def row(method, start, edit="colour", tune_seed=None, **scores):
-        base = dict(colour=1.0, shape=1.0, background=1.0, all=1.0, trajectory_px=1.0, flip_rate=0.0,
-                    size_change_px=0.1)
+        base = dict(colour=1.0, shape=1.0, background=1.0, all=1.0, trajectory_px=1.0, any_order_trajectory_px=0.5,
+                    flip_rate=0.0, size_change_px=0.1)
         return {"key": "", "clip": "c", "method": method, "start": start, "edit": edit, "tune_seed": tune_seed,
                 **{**base, **scores}}
 
@@ -69,6 +69,7 @@ def test_checks_compare_the_method_with_each_ablation():
     assert summary["checks"] and all(summary["checks"].values()), summary["checks"]
     assert "reconstruction_px" not in summary["by_method"]["t2i_per_frame/noise"]
     assert summary["by_method"]["tune_a_video/noise"]["reconstruction_px"] == 1.0
+    assert summary["by_method"]["tune_a_video/noise"]["reconstruction_any_order_px"] == 0.5
 
     rows += [row("tune_a_video", "noise", trajectory_px=40.0, all=0.0)]
     rows += [row("tune_a_video", "noise", RECONSTRUCTION, tune_seed=7, trajectory_px=9.0)]
@@ -96,6 +97,8 @@ def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip
     assert {r["seed"] for r in result["rows"] if r["start"] == "noise"} == {3, 4}
     for values in result["by_method"].values():
         assert 0.0 <= values["all"] <= 1.0 and values["trajectory_px"] >= 0.0 and values["reconstruction_px"] >= 0
+        assert values["any_order_trajectory_px"] <= values["trajectory_px"] + 1e-9
+        assert values["reconstruction_any_order_px"] <= values["reconstruction_px"] + 1e-9
         assert -1.0 <= values["clip_text_alignment"] <= 1.0
     assert set(result["length_study"]["colour"]) == {"8", "12"}
     assert len(result["length_study"]["colour"]["12"]["segment_all"]) == 2

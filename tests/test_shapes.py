@@ -107,6 +107,19 @@ def test_score_clip_on_the_source_itself_and_on_a_broken_copy():
     assert score["colour"] == 0.0 and score["shape"] == 7 / 8 and score["background"] == 1.0
     assert score["flip_rate"] == 2 / 7  # into and out of the empty frame
     assert abs(score["trajectory_px"] - (np.hypot(64, 64) + 10.0) / 8) < 1.0
+    assert score["any_order_trajectory_px"] <= score["trajectory_px"]
+
+
+def test_a_clip_with_its_frames_out_of_order_keeps_its_places_but_not_its_path():
+    """The source's frames shuffled: every frame shows one of the clip's places, so the trajectory in the best
+    order is the source's own; as generated it is far off. The matching is one to one: eight copies of the first
+    frame do not count as the whole path."""
+    video, _, truth = world.make_clip("blue", "circle", "gray", "left", frames=8, seed=3)
+    wanted = ("blue", "circle", "gray")
+    shuffled = score_clip(check_clip(video[[4, 0, 6, 2, 7, 1, 5, 3]]), wanted, truth)
+    assert shuffled["trajectory_px"] > 10.0 and shuffled["any_order_trajectory_px"] < 1.0
+    frozen = score_clip(check_clip(video[[0] * 8]), wanted, truth)
+    assert frozen["any_order_trajectory_px"] == pytest.approx(frozen["trajectory_px"]) and frozen["trajectory_px"] > 10
 
 
 def test_checker_reads_empty_frame():

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from tuner.shapes.world import BACKGROUNDS, COLOURS, SIZE, FrameTruth
 
@@ -154,7 +155,10 @@ def score_clip(
 
     - text alignment: the fraction of frames whose colour, shape, background (and all three) match `wanted`;
     - motion fidelity: `trajectory_px`, the mean distance between generated and source centroids (an empty
-      frame counts as the frame's diagonal, 64 * sqrt(2), so losing the object is never rewarded);
+      frame counts as the frame's diagonal, 64 * sqrt(2), so losing the object is never rewarded), and
+      `any_order_trajectory_px`, the same with the generated frames in the order that fits the source best (a
+      minimum-cost matching of frames to source frames): where it is much lower, the frames show the source's
+      places in the wrong order;
     - temporal consistency: the fraction of consecutive frame pairs whose colour or shape reading changes
       (`flip_rate`), and `size_change_px`, the mean |change of size| between consecutive frames beyond the
       source's own change.
@@ -163,10 +167,9 @@ def score_clip(
     colour, shape, background = wanted
     n = min(len(readings), len(source))
     diagonal = math.hypot(SIZE, SIZE)
-    distance = [
-        diagonal if r.colour == "none" else math.hypot(r.cx - s.cx, r.cy - s.cy)
-        for r, s in zip(readings[:n], source[:n], strict=True)
-    ]
+    distance = np.array([[diagonal if r.colour == "none" else math.hypot(r.cx - s.cx, r.cy - s.cy)
+                          for s in source[:n]] for r in readings[:n]]).reshape(n, n)
+    matched = linear_sum_assignment(distance)
     pairs = list(zip(readings[:-1], readings[1:], strict=True))
     source_growth = [b.size - a.size for a, b in zip(source[:-1], source[1:], strict=True)]
     source_growth += [0.0] * (len(pairs) - len(source_growth))
@@ -177,7 +180,8 @@ def score_clip(
         "shape": float(np.mean([r.shape == shape for r in readings])),
         "background": float(np.mean([r.background == background for r in readings])),
         "all": float(np.mean([(r.colour, r.shape, r.background) == wanted for r in readings])),
-        "trajectory_px": float(np.mean(distance)),
+        "trajectory_px": float(np.mean(np.diag(distance))),
+        "any_order_trajectory_px": float(np.mean(distance[matched])),
         "flip_rate": float(np.mean(flips)) if pairs else 0.0,
         "size_change_px": float(np.mean(size_changes)) if pairs else 0.0,
     }
