@@ -3,11 +3,11 @@
 The base is the shipped shapes-world model, so every generated frame can be scored against the prompt and the
 source clip's ground truth (`tuner.shapes.checker.score_clip`): text alignment, motion fidelity (centroid
 trajectory error, and the same with the frames in their best order: where that is much lower, the frames show
-the clip's places in the wrong order) and temporal consistency. Each source clip is tuned once per method of the paper's ablation
-(its Fig. 10), then prompted with its own caption ("reconstruction": has the model learnt the clip?) and edited
-four ways (colour, shape, background, colour + background), both from the inverted source and from seeded noise
-(`--seeds`; from the inversion the result does not depend on the seed: every frame starts from its inverted
-latents and DDIM sampling adds no noise):
+the clip's places in the wrong order) and temporal consistency. Each source clip is tuned once per method of
+the paper's ablation (its Fig. 10), then prompted with its own caption ("reconstruction": has the model learnt
+the clip?) and edited four ways (colour, shape, background, colour + background), both from the inverted source
+and from seeded noise (`--seeds`; from the inversion the result does not depend on the seed: every frame starts
+from its inverted latents and DDIM sampling adds no noise):
 
   t2i_per_frame       the text-to-image model frame by frame (attention `per_frame`, no tuning)
   inflated_untuned    the inflated video UNet (sparse-causal attention, zero-initialised temporal attention)
