@@ -148,6 +148,8 @@ def service(tiny_base, tmp_path_factory):
                     for i in range(2)]
         for replica in replicas:
             replica.wait_for("tuning service serving")
+        if broker.tls_url:  # the TLS worker reached the queue, not just the plain-text one
+            wait_until(lambda: "Connected to rediss://" in workers[0].log.read_text(), 120)
         yield type("Service", (), dict(repo=repo, redis=broker, workers=workers, replicas=replicas, root=root,
                                        brokers=urls))
     finally:
