@@ -3,7 +3,8 @@ processes (`tav-tune-worker`, Celery on Redis): a client tunes a clip into a new
 serving replica generates from it without a restart; two workers run two jobs at once while a third waits; a cancel
 ends a job within one tuning step; a worker killed mid-job has its job run again by the other; a Redis restart
 loses no acknowledged job; bad input is refused at create time, before anything is queued. Then the embedded
-default (no broker: the server's own local worker) and the hub resolution of a base from a cache on disk.
+default (no broker: the server's own local worker), the job time limit and the retention on both queues, and the
+hub resolution of a base from a cache on disk.
 
 redis-server comes from Debian's package (.ci/run installs it); the tests that need it skip, saying so, where it
 is missing. One Redis, one pair of workers and two replicas are shared by the module; the tiny model tunes in
@@ -106,10 +107,10 @@ class RedisServer:
 class TuneWorker:
     """One `tav-tune-worker` process."""
 
-    def __init__(self, broker: str, repo: Path, name: str, log: Path) -> None:
+    def __init__(self, broker: str, repo: Path, name: str, log: Path, *args: str) -> None:
         self.name, self.log = name, log
         self.proc = subprocess.Popen([sys.executable, "-m", "jobs.celery_worker", "--broker", broker, "--repo",
-                                      str(repo), "--device", "cpu", "--name", name],
+                                      str(repo), "--device", "cpu", "--name", name, *args],
                                      stdout=log.open("a"), stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
@@ -424,15 +425,23 @@ def test_the_embedded_default_tunes_with_its_own_worker_through_the_cli(tiny_bas
         server.proc.wait(30)
 
 
+@pytest.mark.parametrize("queue", ["local", pytest.param("redis", marks=needs_redis)])
 def test_a_job_past_the_maximum_job_time_fails_and_ended_jobs_are_forgotten_after_the_retention(
-        tiny_base, clip_path, tmp_path):
-    """The embedded default with a 20 s job limit (a small job, export included, takes a few seconds) and a 6 s
-    retention: a long job fails with the reason, leaves no directory behind, the worker takes the next job, and
-    each ended job is gone from the registry once the retention has passed."""
+        queue, tiny_base, clip_path, tmp_path, request):
+    """A 20 s job limit (a small job, export included, takes a few seconds) and a 6 s retention, on the embedded
+    default and on Redis (a worker and a replica of their own on another database of the module's Redis): a long
+    job fails with the reason, leaves no directory behind, the worker takes the next job, and each ended job is
+    gone from the registry once the retention has passed."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5",
-                          "--max-job-seconds", "20", "--job-retention-hours", str(6 / 3600))
+    limits = ["--max-job-seconds", "20", "--job-retention-hours", str(6 / 3600)]
+    worker = None
+    if queue == "redis":
+        url = re.sub(r"/0(\?|$)", r"/1\1", request.getfixturevalue("service").redis.url)
+        (tmp_path / "broker").write_text(url + "\n")
+        worker = TuneWorker(url, repo, "w-limits", tmp_path / "worker.log", "--max-job-seconds", "20")
+        limits += ["--broker-file", str(tmp_path / "broker")]
+    server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5", *limits)
     try:
         server.wait_for("tuning service serving")
         with Client(f"127.0.0.1:{server.port}") as client:
@@ -452,6 +461,8 @@ def test_a_job_past_the_maximum_job_time_fails_and_ended_jobs_are_forgotten_afte
     finally:
         server.proc.kill()
         server.proc.wait(30)
+        if worker is not None:
+            worker.stop()
 
 
 def cli(*args: str) -> None:
