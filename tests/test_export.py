@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from exporter.cli import STORE_DIR, export
+from exporter.cli import main as export_main
 from exporter.onnx_export import ExportError, has_sdpa_pattern
 from server.engines import load_model
 from server.generate import GenerationOptions, Generator
@@ -158,20 +159,31 @@ def test_fp16_graphs_build_with_fp16_dtypes(tiny_base, clip_path, tmp_path):
     assert engines.manifest["checks"]["base"]["text_encoder"]["batch1"] < 1e-4
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True, timeout=300)
+def export_cli(capsys, *args: str) -> tuple[int, str]:
+    """`tav-export ARGS` in this process: its exit code and what it wrote to stderr."""
+    with pytest.raises(SystemExit) as exited:
+        export_main(list(args))
+    return exited.value.code, capsys.readouterr().err
 
 
-def test_bad_input_is_refused_clearly_and_writes_nothing(repo, tmp_path):
-    missing = run_cli("--model", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "not a tuned model directory" in missing.stderr
+def test_bad_input_is_refused_clearly_and_writes_nothing(repo, tmp_path, capsys):
+    code, stderr = export_cli(capsys, "--model", str(tmp_path / "nope"))
+    assert code == 2 and "not a tuned model directory" in stderr
     unfinished = tmp_path / "unfinished"
     shutil.copytree(repo / "square-a", unfinished, ignore=shutil.ignore_patterns("engines", "adapter.safetensors"))
-    result = run_cli("--model", str(unfinished))
-    assert result.returncode == 2 and "unfinished" in result.stderr and "Traceback" not in result.stderr
+    code, stderr = export_cli(capsys, "--model", str(unfinished))
+    assert code == 2 and "unfinished" in stderr and "Traceback" not in stderr
     assert not (unfinished / "engines").exists()
-    result = run_cli("--model", str(repo / "square-a"), "--out", "/proc/tav-export-test/engines")
-    assert result.returncode == 2 and "cannot write" in result.stderr, result.stderr
+    code, stderr = export_cli(capsys, "--model", str(repo / "square-a"), "--out", "/proc/tav-export-test/engines")
+    assert code == 2 and "cannot write" in stderr, stderr
+
+
+def test_the_command_itself_prints_only_the_error_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(tmp_path / "nope")],
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result
+    assert lines[0].startswith("tav-export: error: ") and "not a tuned model directory" in lines[0], lines[0]
 
 
 def test_size_mismatch_is_refused(repo, tmp_path):

@@ -256,22 +256,8 @@ def test_a_setting_outside_its_choices_is_named_before_anything_is_read(change, 
     assert not (tmp_path / "out").exists()
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tuner.tune", *args], capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.parametrize(
-    "case, message",
-    [
-        ("missing_video", "does not exist"),
-        ("corrupt_video", "not a readable video"),
-        ("too_few_frames", "--frames asks for 40"),
-        ("not_a_model", "not a diffusers model directory"),
-        ("bad_size", "multiples of 4"),
-        ("existing_out", "already exists"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, tiny_base, clip_path, tmp_path):
+def bad_input_args(case: str, tiny_base: Path, clip_path: Path, tmp_path: Path) -> list[str]:
+    """`tav-tune` arguments that are fine but for `case`."""
     out = tmp_path / "run"
     args = {"--base": str(tiny_base), "--video": str(clip_path), "--prompt": "a square", "--out": str(out),
             "--width": "32", "--height": "32", "--steps": "1"}
@@ -290,13 +276,40 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, tiny_bas
     elif case == "existing_out":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    result = run_cli(*[x for kv in args.items() for x in kv])
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return [x for kv in args.items() for x in kv]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_video", "does not exist"),
+        ("corrupt_video", "not a readable video"),
+        ("too_few_frames", "--frames asks for 40"),
+        ("not_a_model", "not a diffusers model directory"),
+        ("bad_size", "multiples of 4"),
+        ("existing_out", "already exists"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, tiny_base, clip_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        main(bad_input_args(case, tiny_base, clip_path, tmp_path))
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert message.lower() in lines[0].lower(), lines[0]
     if case == "existing_out":
         assert (out / "keep.txt").read_text() == "mine"
     else:
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_the_command_itself_prints_only_the_error_line(tiny_base, clip_path, tmp_path):
+    """As a process, loading included: no warning, log line or traceback beside the one-line error."""
+    args = bad_input_args("too_few_frames", tiny_base, clip_path, tmp_path)
+    result = subprocess.run([sys.executable, "-m", "tuner.tune", *args], capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and result.stdout == "" and len(lines) == 1, result
+    assert lines[0].startswith("tav-tune: error: ") and "--frames asks for 40" in lines[0], lines[0]
