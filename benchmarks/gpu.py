@@ -2,7 +2,7 @@
 
 Meant for an H100/H200 (about 5 minutes of measuring there; compilation is reported apart and cached in `--cache`,
 so a second run skips it), and for machines that have torch, transformers and huggingface_hub but neither
-diffusers nor PyAV installed (benchmarks/README.md says what to bring). Nothing is downloaded.
+diffusers, jsonschema nor PyAV installed (benchmarks/README.md says which wheels to bring). Nothing is downloaded.
 
 - env: the machine, and the dense matmul rate (bf16, fp16) measured in the same run;
 - base: a random Stable Diffusion 1.4-layout base built from configs on the machine and a 24-frame shapes-world

@@ -219,23 +219,27 @@ def _write_check_inputs(directory: Path, specs, records: dict, device: str) -> d
     return expected
 
 
-def _run_check(directory: Path, entry: Path) -> None:
-    """Run `exporter.aoti_check` on `directory` in a child; on a crash, keep the packages for diagnosis and raise."""
+def _run_check(directory: Path, entry: Path, timeout: float = CHECK_TIMEOUT) -> None:
+    """Run `exporter.aoti_check` on `directory` in a child; if it crashes or hangs (loading a package on an H200
+    did not return), keep the packages for diagnosis and raise, naming the phase it was in."""
     command = [sys.executable, "-m", "exporter.aoti_check", str(directory)]
     try:
-        child = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT, env=_child_env())
+        child = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_child_env())
     except subprocess.TimeoutExpired as e:
-        raise ExportError(f"the check of the AOTInductor packages did not finish within {CHECK_TIMEOUT} s") from e
-    if child.returncode == 0:
-        return
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        ending = f"did not finish within {timeout:g} s"
+    else:
+        if child.returncode == 0:
+            return
+        stderr, ending = child.stderr, f"ended the checking process with {aoti_check.describe_exit(child.returncode)}"
     failed = entry.with_name(entry.name + ".failed")
     shutil.rmtree(failed, ignore_errors=True)
     os.replace(directory, failed)
-    tail = "\n".join(child.stderr.strip().splitlines()[-15:])
+    tail = "\n".join(stderr.strip().splitlines()[-15:])
     raise ExportError(
-        f"an AOTInductor package ended the checking process with {aoti_check.describe_exit(child.returncode)} "
-        f"while {aoti_check.last_phase(child.stderr) or 'starting'}; the packages are kept in {failed} (rerun the "
-        f"check with: {sys.executable} -m exporter.aoti_check {failed}). Its last output:\n{tail}")
+        f"the check of the AOTInductor packages {ending} while {aoti_check.last_phase(stderr) or 'starting'}; the "
+        f"packages are kept in {failed} (rerun the check with: {sys.executable} -m exporter.aoti_check {failed}). "
+        f"Its last output:\n{tail}")
 
 
 def _compare(outputs: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], precision: str) -> dict:

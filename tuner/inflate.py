@@ -115,9 +115,9 @@ class VideoAttnProcessor:
         frames = self.frame_context.frames
         bf, tokens, channels = x.shape
         x = x.reshape(bf // frames, frames, tokens, channels)
-        former = [0, *range(frames - 1)]
         first = x[:, :1].expand(-1, frames, -1, -1)
-        return torch.cat([first, x[:, former]], dim=2).reshape(bf, 2 * tokens, channels)
+        former = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # slices, not an index list: no host-to-device copy
+        return torch.cat([first, former], dim=2).reshape(bf, 2 * tokens, channels)
 
 
 def sinusoidal_positions(frames: int, channels: int, like: torch.Tensor) -> torch.Tensor:
