@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
 
 from tuner import inflate
-from tuner.inflate import FrameContext, VideoAttnProcessor, is_trainable
+from tuner.inflate import FRAME_POSITIONS, FrameContext, VideoAttnProcessor, is_trainable, sinusoidal_positions
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference_unet3d"
 
@@ -98,7 +98,7 @@ def test_only_frame_positions_let_the_model_tell_identical_frames_apart(tiny_bas
     still = torch.randn(1, 4, 1, 16, 16, generator=g).expand(-1, -1, 6, -1, -1).contiguous()
     text, t = torch.randn(1, 77, 32, generator=g), torch.tensor([700.0])
     outputs = {}
-    for positions in ("none", "sinusoidal"):
+    for positions in FRAME_POSITIONS:
         torch.manual_seed(0)
         video = inflate(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet"), mode,
                         frame_positions=positions).eval()
@@ -106,11 +106,31 @@ def test_only_frame_positions_let_the_model_tell_identical_frames_apart(tiny_bas
             fresh = video(still, t, text)
             tuned_temporal_attention(video)
             outputs[positions] = fresh, video(still, t, text)
-    (fresh_none, tuned_none), (fresh_sin, tuned_sin) = outputs["none"], outputs["sinusoidal"]
-    torch.testing.assert_close(fresh_sin, fresh_none, atol=1e-6, rtol=0)
+    fresh_none, tuned_none = outputs["none"]
     assert (tuned_none - tuned_none[:, :, :1]).abs().max() < 1e-5, "frames told apart without positions"
-    spread = (tuned_sin - tuned_sin[:, :, :1]).abs().amax(dim=(0, 1, 3, 4))
-    assert (spread[1:] > 1e-3).all(), spread
+    for positions in ("sinusoidal", "sinusoidal_short_middle"):
+        fresh, tuned = outputs[positions]
+        torch.testing.assert_close(fresh, fresh_none, atol=1e-6, rtol=0)
+        spread = (tuned - tuned[:, :, :1]).abs().amax(dim=(0, 1, 3, 4))
+        assert (spread[1:] > 1e-3).all(), (positions, spread)
+    assert (outputs["sinusoidal_short_middle"][1] - outputs["sinusoidal"][1]).abs().max() > 1e-3
+
+
+def test_short_wavelengths_go_to_the_middle_block_only(tiny_base):
+    """`sinusoidal_short_middle`: the middle block's temporal attentions get wavelengths up to 100 x 2 pi (its
+    channels turn from frame to frame), every other block keeps the Transformer's."""
+    video = inflate(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet"),
+                    frame_positions="sinusoidal_short_middle")
+    middle = {id(m) for m in video.mid_block.modules()}
+    wavelengths = {(id(m) in middle, m.position_wavelength) for m in video.modules()
+                   if hasattr(m, "position_wavelength")}
+    assert wavelengths == {(True, 100.0), (False, 10000.0)}
+
+    def turning(longest: float) -> int:  # channels that change by more than 0.5 between frames 0 and 7
+        positions = sinusoidal_positions(8, 32, torch.zeros(()), longest)
+        return int(((positions[7] - positions[0]).abs() > 0.5).sum())
+
+    assert turning(100.0) > turning(10000.0)
 
 
 def cross_frame_attention(mode: str, frames: int = 5, tokens: int = 6, channels: int = 16):

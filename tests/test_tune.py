@@ -181,10 +181,10 @@ def test_tuned_directory_contents(tuned_run, clip_path):
     assert not list(tuned_run.parent.glob(".*tmp*")), "no temporary directory left behind"
 
 
-def test_format_v1_still_loads_without_frame_positions_and_v3_is_refused(tuned_run, tmp_path):
+def test_format_v1_still_loads_without_frame_positions_and_v4_is_refused(tuned_run, tmp_path):
     config = json.loads((tuned_run / artefacts.CONFIG_FILE).read_text())
-    assert config["format_version"] == 2 and config["frame_positions"] == "none"
-    for version, loads in ((1, True), (3, False)):
+    assert config["format_version"] == 3 and config["frame_positions"] == "none"
+    for version, loads in ((1, True), (4, False)):
         copy = tmp_path / f"v{version}"
         shutil.copytree(tuned_run, copy)
         old = {k: v for k, v in config.items() if k != "frame_positions"} | {"format_version": version}
@@ -192,10 +192,10 @@ def test_format_v1_still_loads_without_frame_positions_and_v3_is_refused(tuned_r
         if loads:
             model, components = load_tuned(copy)
             assert model.architecture == ("sparse_causal", "per_frame", "none")
-            assert not any(b.frame_positions != "none" for b in components.unet.modules()
-                           if hasattr(b, "frame_positions"))
+            assert all(b.position_wavelength is None for b in components.unet.modules()
+                       if hasattr(b, "position_wavelength"))
         else:
-            with pytest.raises(artefacts.ArtefactError, match="v3"):
+            with pytest.raises(artefacts.ArtefactError, match="v4"):
                 TunedModel.open(copy)
 
 
@@ -221,7 +221,7 @@ def test_tav_tune_takes_what_it_is_not_given_from_default_settings(tiny_base, cl
     main([*common, "--out", str(tmp_path / "defaults")])
     config = json.loads((tmp_path / "defaults" / artefacts.CONFIG_FILE).read_text())
     assert config["settings"] == asdict(replace(default_settings(tiny_base), width=32, height=32, steps=1))
-    assert config["frame_positions"] == "sinusoidal"
+    assert config["frame_positions"] == "sinusoidal_short_middle"
     assert config["default_rule"]["applied"] == "small_base"
     assert config["default_rule"]["unet_parameters"] == unet_parameters(tiny_base)
     main([*common, "--out", str(tmp_path / "paper"), "--lr", "3e-5", "--frame-positions", "none",

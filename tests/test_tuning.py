@@ -184,7 +184,8 @@ def test_a_tuned_clip_is_served_by_another_replica_without_a_restart(service, cl
     # what the client did not choose is the tuner's default for this base (a small one: the measured rule)
     chosen = dict(steps=3, frames=8, width=32, height=32, lr=1e-3)  # SMALL, by the tuner's names
     assert model.config["settings"] == asdict(replace(default_settings(model.base_path), **chosen))
-    assert model.config["default_rule"]["applied"] == "small_base" and model.architecture[2] == "sinusoidal"
+    assert model.config["default_rule"]["applied"] == "small_base"
+    assert model.architecture[2] == "sinusoidal_short_middle"
     assert model.config["base"]["path"].startswith("../.bases/")  # found wherever the repository is mounted
     assert model.base_id == "tiny" and model.base_path.resolve().parent == (service.repo / ".bases").resolve()
     with user(service, 1) as client:  # found at once: an unknown id makes the replica look again

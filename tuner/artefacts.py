@@ -27,13 +27,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tuner.components import Components, load_components
-from tuner.inflate import VideoUNet, inflate, is_trainable
+from tuner.inflate import FRAME_POSITIONS, VideoUNet, inflate, is_trainable
 from tuner.io_utils import sha256_files
 
 FORMAT = "tav-tuned-model"
-# v2 added `frame_positions` (a v1 model has none); v1 directories still load.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# v2 added `frame_positions` (a v1 model has none); v3 its value "sinusoidal_short_middle", which a v2 reader
+# would run as plain "sinusoidal" if it skipped the schema. v1 and v2 directories still load.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_FILE = "tav_config.json"
 ADAPTER_FILE = "adapter.safetensors"
 SOURCE_FILE = "source.safetensors"
@@ -59,7 +60,7 @@ CONFIG_SCHEMA = {
                  "properties": {"path": _STRING, "sha256": _STRING, "id": _STRING}},
         "attention_mode": {"enum": ["sparse_causal", "per_frame", "full"]},
         "group_norm": {"enum": ["per_frame", "per_clip"]},
-        "frame_positions": {"enum": ["none", "sinusoidal"]},
+        "frame_positions": {"enum": list(FRAME_POSITIONS)},
         "prompt": {"type": "string", "minLength": 1},
         "frames": _POSITIVE_INT,
         "source_frames": {"type": "integer", "minimum": 0},

@@ -10,7 +10,8 @@ subclass of the stock module it replaces, so every pretrained tensor keeps its d
   across the frames at each spatial position, output projection's weight zero-initialised). The paper gives it no
   position information (`frame_positions="none"`), so it treats the frames as an unordered set; with
   `"sinusoidal"` a fixed sinusoidal encoding of each frame's index is added to its input, which lets a tuned model
-  tie the clip's motion to frame order (docs/ARCHITECTURE.md, "Frame positions");
+  tie the clip's motion to frame order; `"sinusoidal_short_middle"` is the same with shorter wavelengths in the
+  UNet's middle block, which holds the order best on a small model (docs/ARCHITECTURE.md, "Frame positions");
 * with `group_norm="per_clip"` (the reference implementation's behaviour), the ResNet blocks' GroupNorms and
   `conv_norm_out` normalise over all frames of a clip. The default, `"per_frame"`, keeps them per frame, so an
   untuned video UNet in `per_frame` mode is exactly the image model: on a small model the clip-wide statistics
@@ -36,7 +37,11 @@ from torch import nn
 
 ATTENTION_MODES = ("sparse_causal", "per_frame", "full")
 GROUP_NORMS = ("per_frame", "per_clip")
-FRAME_POSITIONS = ("none", "sinusoidal")
+FRAME_POSITIONS = ("none", "sinusoidal", "sinusoidal_short_middle")
+# The sinusoidal encoding's longest wavelength, in multiples of 2 pi frames: the Transformer's, and the middle
+# block's under "sinusoidal_short_middle" (over an 8-frame window most of the Transformer's channels barely turn).
+LONGEST_WAVELENGTH = 10000.0
+SHORT_MIDDLE_WAVELENGTH = 100.0
 
 # The tensors one-shot tuning updates (DESIGN.md section 2): the query projections of self- and cross-attention,
 # and the whole temporal attention but its norm.
@@ -120,12 +125,14 @@ class VideoAttnProcessor:
         return torch.cat([first, former], dim=2).reshape(bf, 2 * tokens, channels)
 
 
-def sinusoidal_positions(frames: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+def sinusoidal_positions(
+    frames: int, channels: int, like: torch.Tensor, longest: float = LONGEST_WAVELENGTH
+) -> torch.Tensor:
     """`[frames, channels]`: the Transformer's sinusoidal encoding of frame indices 0..frames-1 (sines in the even
-    channels, cosines in the odd ones, wavelengths from 2 pi to 10000 * 2 pi)."""
+    channels, cosines in the odd ones, wavelengths from 2 pi to `longest` * 2 pi)."""
     index = torch.arange(frames, device=like.device, dtype=torch.float32)[:, None]
     rate = torch.exp(torch.arange(0, channels, 2, device=like.device, dtype=torch.float32)
-                     * (-math.log(10000.0) / channels))
+                     * (-math.log(longest) / channels))
     angle = index * rate
     return torch.stack([angle.sin(), angle.cos()], dim=-1).reshape(frames, -1)[:, :channels].to(like.dtype)
 
@@ -134,7 +141,7 @@ class TemporalTransformerBlock(BasicTransformerBlock):
     """A diffusers transformer block followed by Tune-A-Video's temporal attention (with residual)."""
 
     frame_context: FrameContext
-    frame_positions: str
+    position_wavelength: float | None  # the encoding's longest wavelength; None: no positions
     norm_temp: nn.LayerNorm
     attn_temp: Attention
 
@@ -146,8 +153,8 @@ class TemporalTransformerBlock(BasicTransformerBlock):
         x = hidden_states.reshape(bf // frames, frames, tokens, channels).transpose(1, 2)
         x = x.reshape(-1, frames, channels)
         h = self.norm_temp(x)
-        if self.frame_positions == "sinusoidal":
-            h = h + sinusoidal_positions(frames, channels, h)
+        if self.position_wavelength is not None:
+            h = h + sinusoidal_positions(frames, channels, h, self.position_wavelength)
         x = self.attn_temp(h) + x
         x = x.reshape(bf // frames, tokens, frames, channels).transpose(1, 2)
         return x.reshape(bf, tokens, channels)
@@ -212,10 +219,11 @@ def inflate(
     if isinstance(unet, VideoUNet):
         raise ValueError("this UNet is already inflated")
     context = FrameContext()
+    middle = set(unet.mid_block.modules()) if unet.mid_block is not None else set()
     for module in list(unet.modules()):
         if isinstance(module, BasicTransformerBlock):
             _add_temporal_attention(module, context)
-            module.frame_positions = frame_positions
+            module.position_wavelength = _position_wavelength(frame_positions, module in middle)
         elif isinstance(module, ResnetBlock2D) and group_norm == "per_clip":
             for norm in (module.norm1, module.norm2):
                 _become(norm, ClipGroupNorm, context)
@@ -224,6 +232,14 @@ def inflate(
     _become(unet, VideoUNet, context)
     unet.set_attention_mode(mode)
     return unet
+
+
+def _position_wavelength(frame_positions: str, in_middle_block: bool) -> float | None:
+    if frame_positions == "none":
+        return None
+    if frame_positions == "sinusoidal_short_middle" and in_middle_block:
+        return SHORT_MIDDLE_WAVELENGTH
+    return LONGEST_WAVELENGTH
 
 
 def _become(module: nn.Module, cls: type, context: FrameContext) -> None:

@@ -64,7 +64,7 @@ class TuneSettings:
     attention_mode: str = "sparse_causal"
     group_norm: str = "per_frame"  # "per_clip": the reference implementation's clip-wide ResNet statistics
     trainable: str = "paper"  # "temporal": tune the temporal attentions only, not the query projections
-    frame_positions: str = "none"  # "sinusoidal": the temporal attention sees each frame's index (not in the paper)
+    frame_positions: str = "none"  # "sinusoidal*": the temporal attention sees each frame's index (not in the paper)
     timestep_power: float = 0.0  # timesteps drawn with density ~ t ** power; 0: uniform, the paper's
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # "auto" | "no" | "fp16" | "bf16" (the last two CUDA only): see `precision_for`
@@ -85,8 +85,8 @@ def precision_for(mixed_precision: str, device: torch.device) -> str:
 # shapes model: 5.8 M). Below the threshold, these settings replace the paper's; each was measured on the shapes
 # model (benchmarks/README.md): without them the tuned weights carry almost none of the clip's motion.
 SMALL_BASE_PARAMETERS = 100_000_000
-SMALL_BASE_SETTINGS = {"steps": 600, "lr": 1e-3, "trainable": "temporal", "frame_positions": "sinusoidal",
-                       "timestep_power": 3.0}
+SMALL_BASE_SETTINGS = {"steps": 600, "lr": 1e-3, "trainable": "temporal",
+                       "frame_positions": "sinusoidal_short_middle", "timestep_power": 3.0}
 
 
 def unet_parameters(base: str | Path) -> int:
@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trainable", choices=tuple(TRAINABLE_MODULES),
                    help="paper (attn1/attn2 queries and temporal attentions) or temporal (temporal attentions only)")
     p.add_argument("--frame-positions", choices=FRAME_POSITIONS,
-                   help="none (the paper) or sinusoidal: each frame's index added to the temporal attention's input")
+                   help="none (the paper); sinusoidal: each frame's index added to the temporal attention's input; "
+                   "sinusoidal_short_middle: the same, with wavelengths up to 100 x 2 pi in the UNet's middle block")
     p.add_argument("--timestep-power", type=float,
                    help="training timesteps drawn with density ~ t ** power (0: uniform, the paper's)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
