@@ -11,8 +11,10 @@ diffusers, jsonschema nor PyAV installed (benchmarks/README.md says which wheels
   later steps serve, tuned a few steps at the tuner's default precision;
 - export: `tav-export --aoti` (compile seconds per package), TensorRT plans where `tensorrt` imports, fp16 ONNX
   graphs where onnxruntime has its CUDA provider;
-- probe: only when the packages crashed their check in the export: the check again under CUDA_LAUNCH_BLOCKING=1
-  and under `compute-sanitizer` where it is installed, to name the cause (the open question of issue 16);
+- probe: only when the packages failed their check in the export (a crash, or no end within `CHECK_SECONDS`): the
+  check again; if it hangs, the native stacks of its threads from cuda-gdb or gdb; if it crashes, the check under
+  CUDA_LAUNCH_BLOCKING=1 and under `compute-sanitizer` where installed, to name the cause (issue 16's open
+  question: on an H200, loading a package did not return);
 - unet: ms per video UNet call at batch 1 and 2 for each backend present and for the CUDA options of the torch
   engine (dtype, SDPA backend, channels-last, CUDA graphs), with achieved TFLOP/s against the matmul rate; and
   the VAE decoding 8 frames one by one (as the loop does) against one batched call;
@@ -37,6 +39,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +50,8 @@ from benchmarks.common import machine, save_plot, write_result
 
 STEPS = ("env", "base", "tune", "export", "probe", "unet", "e2e")
 TIMEOUTS = {"env": 180, "base": 300, "tune": 480, "export": 1500, "probe": 900, "unet": 600, "e2e": 900}
+CHECK_SECONDS = 120  # the export's check of the packages: loading and running them takes seconds when it works
+HANG_SECONDS = 60  # the probe's rerun of that check, before a debugger takes the stacks of a hung one
 PROMPT = "a blue circle is moving right on a black background"
 CAPTION = "a red circle is moving right on a white background"
 # Stable Diffusion 1.4's VAE and CLIP ViT-L/14 text encoder (the UNet's is benchmarks.params.SD14_UNET_CONFIG).
@@ -244,7 +249,7 @@ def step_export(setup: Setup) -> dict:
         started = time.perf_counter()
         try:
             export(setup.run, aoti=True, device=setup.device, precision=setup.aoti_precision,
-                   progress=messages.append)
+                   progress=messages.append, aoti_check_timeout=CHECK_SECONDS)
         except (ExportError, RuntimeError) as e:
             results["aoti"] = {"status": "failed", "error": str(e), "seconds": time.perf_counter() - started}
         else:
@@ -266,30 +271,63 @@ def step_export(setup: Setup) -> dict:
 
 
 def step_probe(setup: Setup) -> dict:
-    """Where the packages crashed their check: the check again, first with CUDA launches blocking (the faulting
-    kernel is then the last phase announced), then under compute-sanitizer's memcheck, and their outputs."""
-    from exporter.aoti_check import describe_exit, last_phase
-
+    """Where the packages failed their check in the export: the check again, and what names the cause. A check
+    that hangs (loading a package on an H200 did not return) gets the native stacks of all its threads from a
+    debugger attached to it; one that crashes runs again with CUDA launches blocking (the faulting kernel is then
+    the last phase announced) and under compute-sanitizer's memcheck."""
     failed = sorted((setup.repo / ".engines").glob("*.failed"), key=lambda p: p.stat().st_mtime)
     if not failed:
         return {"needed": False}
-    directory = failed[-1]
-    check = [sys.executable, "-m", "exporter.aoti_check", str(directory)]
-    runs = {"launch_blocking": (check, {"CUDA_LAUNCH_BLOCKING": "1"}, 300)}
+    check = [sys.executable, "-m", "exporter.aoti_check", str(failed[-1])]
+    results = {"needed": True, "directory": str(failed[-1]), "check": watch_check(check, HANG_SECONDS)}
+    setup.save(results)
+    if results["check"]["exit"].startswith("hung"):
+        return results
+    runs = {"launch_blocking": (check, {"CUDA_LAUNCH_BLOCKING": "1"})}
     sanitizer = _compute_sanitizer()
     if sanitizer:
-        runs["compute_sanitizer"] = ([sanitizer, "--tool", "memcheck", "--print-limit", "20", *check], {}, 500)
-    results = {"needed": True, "directory": str(directory)}
-    for name, (command, extra, timeout) in runs.items():
-        try:
-            child = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                   env={**os.environ, **extra})
-        except subprocess.TimeoutExpired as e:
-            results[name] = {"exit": "timeout", "output_tail": _tail(str(e.stderr or ""), 40)}
-            continue
-        results[name] = {"exit": describe_exit(child.returncode), "phase": last_phase(child.stderr),
-                         "output_tail": _tail(child.stdout + child.stderr, 40)}
+        runs["compute_sanitizer"] = ([sanitizer, "--tool", "memcheck", "--print-limit", "20", *check], {})
+    for name, (command, extra) in runs.items():
+        results[name] = watch_check(command, 300, extra)
+        setup.save(results)
     return results
+
+
+def watch_check(command: list[str], hang_seconds: float, extra_env: dict | None = None) -> dict:
+    """Run an `exporter.aoti_check` command; its exit and last phase, or, if it has not ended within
+    `hang_seconds`, the native stack of each of its threads (cuda-gdb or gdb, attached in batch mode) before it is
+    killed."""
+    from exporter.aoti_check import describe_exit, last_phase
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, **(extra_env or {})})
+        try:
+            child.wait(timeout=hang_seconds)
+            stacks = None
+        except subprocess.TimeoutExpired:
+            stacks = _native_stacks(child.pid)
+            child.kill()
+            child.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    result = {"exit": describe_exit(child.returncode) if stacks is None else f"hung (killed after {hang_seconds:g} s)",
+              "phase": last_phase(stderr), "output_tail": _tail(stdout + stderr, 40)}
+    if stacks is not None:
+        result["native_stacks"] = stacks
+    return result
+
+
+def _native_stacks(pid: int) -> str:
+    debugger = _cuda_tool("cuda-gdb") or shutil.which("gdb")
+    if debugger is None:
+        return "no debugger (cuda-gdb or gdb) on this machine"
+    try:
+        child = subprocess.run([debugger, "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+                               capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return f"{debugger} did not finish within 120 s"
+    return _tail(child.stdout + child.stderr, 200)
 
 
 def step_unet(setup: Setup) -> dict:
@@ -617,8 +655,12 @@ def _cuda_matmul_tflops(dtype: torch.dtype, size: int, repeats: int = 10) -> flo
 
 
 def _compute_sanitizer() -> str | None:
-    found = shutil.which("compute-sanitizer")
-    for candidate in (found, "/usr/local/cuda/bin/compute-sanitizer"):
+    return _cuda_tool("compute-sanitizer")
+
+
+def _cuda_tool(name: str) -> str | None:
+    """A CUDA toolkit program, on PATH or where the toolkit installs it."""
+    for candidate in (shutil.which(name), f"/usr/local/cuda/bin/{name}"):
         if candidate and Path(candidate).is_file():
             return candidate
     return None

@@ -87,7 +87,8 @@ def load_store_entry(entry: Path) -> dict | None:
         return None
 
 
-def build_store_entry(model: TunedModel, entry: Path, device: str, precision: str, progress=print) -> dict:
+def build_store_entry(model: TunedModel, entry: Path, device: str, precision: str, progress=print,
+                      check_timeout: float = CHECK_TIMEOUT) -> dict:
     """Export, compile and check the four packages into `entry` (atomically); return its index."""
     require_aoti(device, ExportError)
     check_precision(device, precision)
@@ -109,7 +110,7 @@ def build_store_entry(model: TunedModel, entry: Path, device: str, precision: st
         progress("checking the packages against PyTorch in a child process")
         expected = _write_check_inputs(tmp, specs, index["packages"], device)
         checked = time.perf_counter()
-        _run_check(tmp, entry)
+        _run_check(tmp, entry, check_timeout)
         index["check_seconds"] = round(time.perf_counter() - checked, 2)
         constants = json.loads((tmp / aoti_check.CONSTANTS_FILE).read_text())
         index["checks"] = _compare(load_file(tmp / aoti_check.OUTPUTS_FILE), expected, precision)

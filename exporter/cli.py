@@ -168,10 +168,12 @@ def export(
     check_tuned: bool = True,
     aoti: bool = False,
     device: str | None = None,
+    aoti_check_timeout: float | None = None,
 ) -> Path:
     """Export a tuned model directory to an engine directory; return its path. The base graphs are always
     checked when they are built; `check_tuned` also checks this model's UNet with its adapter (fp32 only).
-    `aoti` builds AOTInductor packages for `device` (default: cuda when available) instead of ONNX graphs."""
+    `aoti` builds AOTInductor packages for `device` (default: cuda when available) instead of ONNX graphs; their
+    check fails the export if it has not finished within `aoti_check_timeout` seconds (default: 30 minutes)."""
     try:
         model = TunedModel.open(run)
     except ArtefactError as e:
@@ -215,7 +217,8 @@ def export(
             index = aoti_export.load_store_entry(entry)
             if index is None:
                 progress(f"building shared AOTInductor packages in {entry}")
-                index = aoti_export.build_store_entry(model, entry, device, precision, progress)
+                index = aoti_export.build_store_entry(model, entry, device, precision, progress,
+                                                      aoti_check_timeout or aoti_export.CHECK_TIMEOUT)
             else:
                 progress(f"reusing shared AOTInductor packages in {entry}")
         if set(adapter) != set(index["tunable"]):

@@ -50,3 +50,22 @@ def tuned_run(tiny_base, clip_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "square"
     settings = TuneSettings(frames=8, width=32, height=32, steps=4, lr=1e-3, seed=1)
     return tune(tiny_base, clip_path, "a red square is moving right", out, settings, progress=False)
+
+
+@pytest.fixture
+def hanging_aoti_check(tmp_path) -> Path:
+    """A directory for `exporter.aoti_check` whose package is a FIFO no one writes to: loading it blocks, as loading
+    a package did on an H200."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from exporter import aoti_check
+
+    directory = tmp_path / ".key.tmp"
+    directory.mkdir()
+    os.mkfifo(directory / "vae_decoder.pt2")
+    save_file({"latents": torch.zeros(1, 4, 16, 16)}, directory / aoti_check.INPUTS_FILE)
+    (directory / aoti_check.PLAN_FILE).write_text(json.dumps({"device": "cpu", "packages": {"vae_decoder": {
+        "file": "vae_decoder.pt2", "weights": "vae_decoder.safetensors", "batches": {"1": ["latents"]}}}}))
+    return directory

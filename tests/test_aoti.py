@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import zipfile
@@ -229,19 +228,13 @@ def test_a_package_that_fails_its_check_fails_the_export_and_is_kept(aoti_repo, 
     assert (tmp_path / "key.failed" / "vae_decoder.pt2").is_file() and not checked.exists()
 
 
-def test_a_package_whose_loading_hangs_fails_the_export_and_is_kept(tmp_path):
+def test_a_package_whose_loading_hangs_fails_the_export_and_is_kept(hanging_aoti_check, tmp_path):
     """On an H200 loading a package did not return: the check's timeout names the phase it hung in and keeps the
-    packages, as a crash does. Here the package is a FIFO no one writes to, so opening it blocks."""
-    checked = tmp_path / ".key.tmp"
-    checked.mkdir()
-    os.mkfifo(checked / "vae_decoder.pt2")
-    save_file({"latents": torch.zeros(1, 4, 16, 16)}, checked / aoti_check.INPUTS_FILE)
-    (checked / aoti_check.PLAN_FILE).write_text(json.dumps({"device": "cpu", "packages": {"vae_decoder": {
-        "file": "vae_decoder.pt2", "weights": "vae_decoder.safetensors", "batches": {"1": ["latents"]}}}}))
+    packages, as a crash does."""
     with pytest.raises(ExportError, match=r"did not finish within 12 s while loading vae_decoder\.pt2; the "
                                           r"packages are kept in .*key\.failed"):
-        aoti_export._run_check(checked, tmp_path / "key", timeout=12)
-    assert (tmp_path / "key.failed" / "vae_decoder.pt2").is_fifo() and not checked.exists()
+        aoti_export._run_check(hanging_aoti_check, tmp_path / "key", timeout=12)
+    assert (tmp_path / "key.failed" / "vae_decoder.pt2").is_fifo() and not hanging_aoti_check.exists()
 
 
 def test_an_exported_model_is_served_without_its_base_directory(aoti_repo, tmp_path):

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
+
+import pytest
 
 from benchmarks.cli import main as bench
+from benchmarks.gpu import watch_check
 
 
 def test_gpu_study_runs_each_step_in_a_child_and_survives_a_timeout(tmp_path, capsys):
@@ -34,3 +39,12 @@ def test_gpu_study_runs_each_step_in_a_child_and_survives_a_timeout(tmp_path, ca
     assert "8 frames with inversion <= 400 ms/frame" in result["goals"]["torch"]
     for name in ("gpu_unet", "gpu_e2e", "gpu_tune"):
         assert (out / f"{name}.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="needs gdb (.ci/run installs it)")
+def test_the_probe_takes_the_native_stacks_of_a_check_that_hangs(hanging_aoti_check):
+    """The open CUDA question of issue 16 is a load that does not return: the probe answers it with where each
+    thread of the hung check is, from a debugger attached to it, then ends the check."""
+    result = watch_check([sys.executable, "-m", "exporter.aoti_check", str(hanging_aoti_check)], 12)
+    assert result["exit"] == "hung (killed after 12 s)" and result["phase"] == "loading vae_decoder.pt2"
+    assert "#0 " in result["native_stacks"] and "Thread" in result["native_stacks"]
