@@ -117,20 +117,20 @@ def test_only_frame_positions_let_the_model_tell_identical_frames_apart(tiny_bas
 
 
 def test_short_wavelengths_go_to_the_middle_block_only(tiny_base):
-    """`sinusoidal_short_middle`: the middle block's temporal attentions get wavelengths up to 100 x 2 pi (its
+    """`sinusoidal_short_middle`: the middle block's temporal attentions get wavelengths up to 20 x 2 pi (its
     channels turn from frame to frame), every other block keeps the Transformer's."""
     video = inflate(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet"),
                     frame_positions="sinusoidal_short_middle")
     middle = {id(m) for m in video.mid_block.modules()}
     wavelengths = {(id(m) in middle, m.position_wavelength) for m in video.modules()
                    if hasattr(m, "position_wavelength")}
-    assert wavelengths == {(True, 100.0), (False, 10000.0)}
+    assert wavelengths == {(True, 20.0), (False, 10000.0)}
 
     def turning(longest: float) -> int:  # channels that change by more than 0.5 between frames 0 and 7
         positions = sinusoidal_positions(8, 32, torch.zeros(()), longest)
         return int(((positions[7] - positions[0]).abs() > 0.5).sum())
 
-    assert turning(100.0) > turning(10000.0)
+    assert turning(20.0) > turning(10000.0)
 
 
 def cross_frame_attention(mode: str, frames: int = 5, tokens: int = 6, channels: int = 16):

@@ -41,7 +41,7 @@ FRAME_POSITIONS = ("none", "sinusoidal", "sinusoidal_short_middle")
 # The sinusoidal encoding's longest wavelength, in multiples of 2 pi frames: the Transformer's, and the middle
 # block's under "sinusoidal_short_middle" (over an 8-frame window most of the Transformer's channels barely turn).
 LONGEST_WAVELENGTH = 10000.0
-SHORT_MIDDLE_WAVELENGTH = 100.0
+SHORT_MIDDLE_WAVELENGTH = 20.0
 
 # The tensors one-shot tuning updates (DESIGN.md section 2): the query projections of self- and cross-attention,
 # and the whole temporal attention but its norm.

@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="paper (attn1/attn2 queries and temporal attentions) or temporal (temporal attentions only)")
     p.add_argument("--frame-positions", choices=FRAME_POSITIONS,
                    help="none (the paper); sinusoidal: each frame's index added to the temporal attention's input; "
-                   "sinusoidal_short_middle: the same, with wavelengths up to 100 x 2 pi in the UNet's middle block")
+                   "sinusoidal_short_middle: the same, with wavelengths up to 20 x 2 pi in the UNet's middle block")
     p.add_argument("--timestep-power", type=float,
                    help="training timesteps drawn with density ~ t ** power (0: uniform, the paper's)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
