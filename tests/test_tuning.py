@@ -7,8 +7,8 @@ default (no broker: the server's own local worker), the job time limit and the r
 hub resolution of a base from a cache on disk.
 
 redis-server comes from Debian's package (.ci/run installs it); the tests that need it skip, saying so, where it
-is missing. One Redis, one pair of workers and two replicas are shared by the module; the tiny model tunes in
-seconds.
+is missing (and fail under CI=true: tests/tools.py). One Redis, one pair of workers and two replicas are shared by
+the module; the tiny model tunes in seconds.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import pytest
 import redis
 from grpc_helpers import ServeProcess, make_certificates
 from prometheus_client.parser import text_string_to_metric_families
+from tools import find_tool, have_tool, require_tool
 from tuneavideo.v1 import tuning_pb2
 
 from clients import Client, ServerError
@@ -41,8 +42,8 @@ from tuner.artefacts import TunedModel
 from tuner.components import MODEL_FILE_PATTERNS
 from tuner.tune import default_settings
 
-REDIS = shutil.which("redis-server") or next((p for p in ("/usr/bin/redis-server",) if os.access(p, os.X_OK)), None)
-needs_redis = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (.ci/run installs Debian's)")
+REDIS = find_tool("redis-server")
+needs_redis = pytest.mark.needs_tool("redis-server")
 ADMIN, USER = "admin-token", "generation-token"
 TIMEOUT = 300
 CAPTION = "a red square is moving right"
@@ -77,7 +78,7 @@ class RedisServer:
         self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         self.tls_args: list[str] = []
         self.tls_url = None
-        if shutil.which("openssl"):
+        if have_tool("openssl"):
             (directory / "tls").mkdir()
             ca, cert, key = make_certificates(directory / "tls")
             tls_port = free_port()
@@ -126,8 +127,7 @@ class TuneWorker:
 @pytest.fixture(scope="module")
 def service(tiny_base, tmp_path_factory):
     """Redis, two workers and two replicas sharing one repository; yields a namespace of them."""
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (.ci/run installs Debian's)")
+    require_tool("redis-server")
     root = tmp_path_factory.mktemp("tuning")
     repo = root / "repo"
     repo.mkdir()
