@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 # PyTorch's OpenMP workers spin while idle; on 2 shared cores that made UNet calls 5-20x slower (measured).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,48 @@ def tuned_run(tiny_base, clip_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "square"
     settings = TuneSettings(frames=8, width=32, height=32, steps=4, lr=1e-3, seed=1)
     return tune(tiny_base, clip_path, "a red square is moving right", out, settings, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_base(tmp_path_factory) -> Path:
+    """A shapes-world model pretrained by `tav-pretrain-shapes` at its tiny size for three steps a stage, once a
+    session (tests/test_shapes.py checks what it writes; tests/test_quality.py benchmarks on it)."""
+    from tuner.shapes.pretrain import main as pretrain_main
+
+    out = tmp_path_factory.mktemp("shapes") / "tiny-sd"
+    pretrain_main(["--out", str(out), "--arch", "tiny", "--images", "48", "--vae-steps", "3", "--vae-batch", "4",
+                   "--unet-steps", "3", "--unet-batch", "4", "--seed", "1"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine_store(tiny_base, clip_path, tmp_path_factory) -> Path:
+    """A shared graph store (`REPO/.engines`) holding the tiny base's ONNX graphs for the tuning service's jobs at
+    32x32 (the tuner's defaults for the base otherwise: the architecture the store key names), exported once a
+    session. The store is content-addressed, so a test repository seeded with it (`seed_engines`) exports
+    each tuned model's adapter only, as a repository whose first job built the entry would."""
+    from exporter.cli import export
+    from tuner.tune import default_settings
+
+    repo = tmp_path_factory.mktemp("engine-store") / "repo"
+    settings = replace(default_settings(tiny_base), frames=8, width=32, height=32, steps=1, seed=1)
+    run = tune(tiny_base, clip_path, "a red square is moving right", repo / "seed", settings, progress=False)
+    export(run, progress=lambda message: None, check_tuned=False)
+    return repo / ".engines"
+
+
+@pytest.fixture(scope="session")
+def seed_engines(engine_store):
+    """`seed_engines(repo)` puts the session's `engine_store` entries into `repo/.engines`, as hard links (entries
+    are never written in place: an export replaces a whole directory); returns `repo`."""
+
+    def seed(repo: Path) -> Path:
+        for entry in engine_store.iterdir():
+            if entry.is_dir():
+                shutil.copytree(entry, repo / ".engines" / entry.name, copy_function=os.link)
+        return repo
+
+    return seed
 
 
 @pytest.fixture

@@ -125,12 +125,14 @@ class TuneWorker:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_base, tmp_path_factory):
-    """Redis, two workers and two replicas sharing one repository; yields a namespace of them."""
+def service(tiny_base, seed_engines, tmp_path_factory):
+    """Redis, two workers and two replicas sharing one repository (seeded with the session's engine store);
+    yields a namespace of them."""
     require_tool("redis-server")
     root = tmp_path_factory.mktemp("tuning")
     repo = root / "repo"
     repo.mkdir()
+    seed_engines(repo)
     (root / "redis").mkdir()
     (root / "admin").write_text(ADMIN + "\n")
     (root / "users").write_text(USER + "\n")
@@ -198,7 +200,7 @@ def test_a_tuned_clip_is_served_by_another_replica_without_a_restart(service, cl
     # every replica reports the registry's jobs by state; the finished job's durations, one replica (whichever
     # sweeps first)
     wait_until(lambda: sum(_tune_metrics(r).get(("tav_tune_seconds_count", "tuning"), 0)
-                           for r in service.replicas) == 1, 15)
+                           for r in service.replicas) == 1, 60)
     assert all(_tune_metrics(r)[("tav_tune_jobs", "ready")] >= 1 for r in service.replicas)
 
 
@@ -261,12 +263,13 @@ def test_cancel_during_tuning_ends_the_job_within_one_step(service, clip_path):
                                      **{**SMALL, "steps": 2000})
         at = wait_until(lambda: (j := client.get_tune_job(job.id)).step >= 3 and j, 60)
         client.cancel_tune_job(job.id)
-        ended = client.wait_tune_job(job.id, timeout=TIMEOUT)
+        after = client.get_tune_job(job.id)  # the step recorded once the cancel is: the worker records each step
+        ended = client.wait_tune_job(job.id, timeout=TIMEOUT)  # before it looks for a cancel
     assert ended.state == "cancelled" and ended.cancel_requested
-    steps_per_poll = 8  # the watch looks every 0.5 s; a tiny-model step takes well under that
-    assert at.step <= ended.step <= at.step + steps_per_poll + 1, (at.step, ended.step)
+    # counted in steps, not seconds: however busy the machine, at most the step under way when the cancel came
+    assert at.step <= after.step <= ended.step <= after.step + 1, (at.step, after.step, ended.step)
     assert not (service.repo / "cancelled").exists()
-    wait_until(lambda: leftovers(service.repo) == [], 10)
+    wait_until(lambda: leftovers(service.repo) == [], 60)
 
 
 @needs_redis
@@ -305,10 +308,10 @@ def test_a_redis_restart_loses_no_acknowledged_job(service, clip_path):
         with pytest.raises(ServerError) as e:
             client.get_tune_job(jobs[0].id)
         assert e.value.code == CODE.UNAVAILABLE and "Redis" in e.value.details
-        assert wait_until(lambda: client.health("tuneavideo.v1.Tuning") == "NOT_SERVING", 15)
+        assert wait_until(lambda: client.health("tuneavideo.v1.Tuning") == "NOT_SERVING", 60)
         assert client.health("tuneavideo.v1.VideoGeneration") == "SERVING" and client.health() == "SERVING"
         service.redis.start()
-        assert wait_until(lambda: client.health("tuneavideo.v1.Tuning") == "SERVING", 15)
+        assert wait_until(lambda: client.health("tuneavideo.v1.Tuning") == "SERVING", 60)
         ended = [client.wait_tune_job(job.id, timeout=TIMEOUT) for job in jobs]
     assert [job.state for job in ended] == ["ready"] * 3, ended
     assert all((service.repo / f"through-restart-{i}").is_dir() for i in range(3))
@@ -384,14 +387,16 @@ def test_delete_model_and_ids_reserved_at_create(service, clip_path):
             client.delete_model("square-tuned")
         assert e.value.code == CODE.NOT_FOUND
     with user(service, 1) as client:
-        wait_until(lambda: "square-tuned" not in [m.id for m in client.list_models().models], 10)
+        wait_until(lambda: "square-tuned" not in [m.id for m in client.list_models().models], 60)
 
 
-def test_the_embedded_default_tunes_with_its_own_worker_through_the_cli(tiny_base, clip_path, tmp_path, capsys):
+def test_the_embedded_default_tunes_with_its_own_worker_through_the_cli(tiny_base, clip_path, seed_engines, tmp_path,
+                                                                        capsys):
     """No broker: the server's local worker process tunes, exports and publishes; `tav-client tune --wait`,
     `jobs`, `cancel` and `delete-model` drive it. SIGTERM stops the server and its worker cleanly."""
     repo = tmp_path / "repo"
     repo.mkdir()
+    seed_engines(repo)
     server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5")
     target = f"127.0.0.1:{server.port}"
     try:
@@ -412,7 +417,7 @@ def test_the_embedded_default_tunes_with_its_own_worker_through_the_cli(tiny_bas
             out = capsys.readouterr().out
             assert "cancel requested" in out and "model local-b is ready" in out, out
             assert client.get_tune_job(first.id).state == "cancelled"
-            wait_until(lambda: _get_model(client, "local-b"), 15)
+            wait_until(lambda: _get_model(client, "local-b"), 60)
             assert client.generate("local-b", CAPTION, steps=1, format="png", timeout=TIMEOUT).frames == 8
             cli("jobs", "--server", target)
             listed = capsys.readouterr().out.splitlines()
@@ -426,44 +431,59 @@ def test_the_embedded_default_tunes_with_its_own_worker_through_the_cli(tiny_bas
         server.proc.wait(30)
 
 
+LIMIT, RETENTION = 5, 15  # seconds: --max-job-seconds and --job-retention-hours of the test below
+
+
 @pytest.mark.parametrize("queue", ["local", pytest.param("redis", marks=needs_redis)])
 def test_a_job_past_the_maximum_job_time_fails_and_ended_jobs_are_forgotten_after_the_retention(
         queue, tiny_base, clip_path, tmp_path, request):
-    """A 20 s job limit (a small job, export included, takes a few seconds) and a 6 s retention, on the embedded
-    default and on Redis (a worker and a replica of their own on another database of the module's Redis): a long
-    job fails with the reason, leaves no directory behind, the worker takes the next job, and each ended job is
-    gone from the registry once the retention has passed."""
+    """A 5 s job limit and a 15 s retention, on the embedded default and on Redis (a worker and a replica of their
+    own on another database of the module's Redis). Two jobs of 2000 steps, which no CPU tunes within the limit:
+    each fails with the reason, leaving no directory behind; the second, queued behind the first, shows that the
+    worker takes the next job and gives it a limit of its own (it ran for the limit by the job store's clock, half
+    of it allowed for the store's lag; a limit counted from its creation would have ended it at its first step).
+    Nothing here needs the machine to be fast: the limit is only ever passed, never raced by work that must fit in
+    it (as a 20 s limit was, by a small job at load 4). Each ended job is gone from the registry once the retention
+    has passed (a bound on waiting only)."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    limits = ["--max-job-seconds", "20", "--job-retention-hours", str(6 / 3600)]
+    limits = ["--max-job-seconds", str(LIMIT), "--job-retention-hours", str(RETENTION / 3600)]
     worker = None
     if queue == "redis":
         url = re.sub(r"/0(\?|$)", r"/1\1", request.getfixturevalue("service").redis.url)
         (tmp_path / "broker").write_text(url + "\n")
-        worker = TuneWorker(url, repo, "w-limits", tmp_path / "worker.log", "--max-job-seconds", "20")
+        worker = TuneWorker(url, repo, "w-limits", tmp_path / "worker.log", "--max-job-seconds", str(LIMIT))
         limits += ["--broker-file", str(tmp_path / "broker")]
     server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5", *limits)
     try:
         server.wait_for("tuning service serving")
         with Client(f"127.0.0.1:{server.port}") as client:
-            long = client.create_tune_job("too-long", clip_path.read_bytes(), CAPTION, base="tiny",
-                                          **{**SMALL, "steps": 2000, "width": 64, "height": 64})
-            ended = client.wait_tune_job(long.id, timeout=TIMEOUT)
-            assert ended.state == "failed" and "maximum job time" in ended.failure_reason, ended
-            assert not (repo / "too-long").exists() and leftovers(repo) == []
-            short = client.tune("in-time", clip_path.read_bytes(), CAPTION, base="tiny", timeout=TIMEOUT, **SMALL)
-            assert short.state == "ready" and (repo / "in-time").is_dir(), short
-            for job in (long, short):
-                wait_until(lambda job=job: job.id not in [j.id for j in client.list_tune_jobs()], 30)
+            jobs = [client.create_tune_job(f"too-long-{i}", clip_path.read_bytes(), CAPTION, base="tiny",
+                                           **{**SMALL, "steps": 2000}) for i in range(2)]
+            ended = [_watch_to_the_end(client, job.id) for job in jobs]
+            for job in ended:
+                assert tuning_pb2.TuneJob.State.Name(job.state) == "STATE_FAILED", job
+                assert "maximum job time" in job.failure_reason and 0 < job.step < 2000, job
+            second = ended[1]
+            assert second.end_time.ToNanoseconds() - second.start_time.ToNanoseconds() >= LIMIT * 0.5e9, second
+            assert not any((repo / f"too-long-{i}").exists() for i in range(2)) and leftovers(repo) == []
+            for job in jobs:
+                wait_until(lambda job=job: job.id not in [j.id for j in client.list_tune_jobs()], RETENTION + 120)
                 with pytest.raises(ServerError) as e:
                     client.get_tune_job(job.id)
                 assert e.value.code == CODE.NOT_FOUND
-            assert (repo / "in-time").is_dir(), "forgetting a job keeps its model"
     finally:
         server.proc.kill()
         server.proc.wait(30)
         if worker is not None:
             worker.stop()
+
+
+def _watch_to_the_end(client: Client, job_id: str) -> tuning_pb2.TuneJob:
+    """The job's last update, as the server sends it (with its timestamps)."""
+    updates = client.tuning.WatchTuneJob(tuning_pb2.WatchTuneJobRequest(id=job_id), metadata=client.metadata,
+                                         timeout=TIMEOUT)
+    return list(updates)[-1]
 
 
 def cli(*args: str) -> None:
