@@ -14,7 +14,6 @@ from benchmarks.quality import METHODS, RECONSTRUCTION, STARTS, edits, summarize
 from tuner.artefacts import TunedModel
 from tuner.shapes import world
 from tuner.shapes.pretrain import build_tokenizer
-from tuner.shapes.pretrain import main as pretrain_main
 from tuner.tune import TuneSettings, default_settings
 
 
@@ -84,10 +83,8 @@ def test_checks_compare_the_method_with_each_ablation():
     assert not checks["tav_inversion_trajectory<t2i_per_frame"]  # 2 px against 1.5 px
 
 
-def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip, capsys):
-    base = tmp_path / "shapes-tiny"
-    pretrain_main(["--out", str(base), "--arch", "tiny", "--images", "48", "--vae-steps", "2", "--unet-steps", "2",
-                   "--vae-batch", "4", "--unet-batch", "4"])
+def test_quality_benchmark_end_to_end_on_a_tiny_shapes_model(tmp_path, tiny_clip, tiny_shapes_base, capsys):
+    base = tiny_shapes_base
     work, out = tmp_path / "work", tmp_path / "out"
     bench_main(["quality", "--base", str(base), "--work", str(work), "--out", str(out), "--clips", "1",
                 "--tune-steps", "2", "--steps", "2", "--seeds", "3,4", "--lengths", "8,12", "--clip", str(tiny_clip)])

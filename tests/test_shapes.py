@@ -11,7 +11,6 @@ import torch
 from tuner.shapes import world
 from tuner.shapes.checker import check_clip, check_frame, score_clip
 from tuner.shapes.pretrain import STRUCTURE_LEVEL, build_tokenizer, latent_signature, structure_target
-from tuner.shapes.pretrain import main as pretrain_main
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
 
@@ -147,14 +146,10 @@ def test_structure_target_marks_the_object_whatever_its_colour_and_background():
     assert (target[:, 0, int(truth.cy) // 4, int(truth.cx) // 4] == STRUCTURE_LEVEL).all()
 
 
-def test_pretrain_tiny_run_loads_as_stable_diffusion(tmp_path):
+def test_pretrain_tiny_run_loads_as_stable_diffusion(tiny_shapes_base):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    out = tmp_path / "tiny-sd"
-    pretrain_main(
-        ["--out", str(out), "--arch", "tiny", "--images", "48", "--vae-steps", "3", "--vae-batch", "4"]
-        + ["--unet-steps", "3", "--unet-batch", "4", "--seed", "1"]
-    )
+    out = tiny_shapes_base
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
