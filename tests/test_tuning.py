@@ -431,13 +431,15 @@ def test_the_embedded_default_tunes_with_its_own_worker_through_the_cli(tiny_bas
         server.proc.wait(30)
 
 
-LIMIT, RETENTION = 5, 15  # seconds: --max-job-seconds and --job-retention-hours of the test below
+# Seconds: --max-job-seconds and --job-retention-hours of the test below. The retention only has to outlast a watch
+# seeing the job end (a poll every 0.5 s).
+LIMIT, RETENTION = 4, 10
 
 
 @pytest.mark.parametrize("queue", ["local", pytest.param("redis", marks=needs_redis)])
 def test_a_job_past_the_maximum_job_time_fails_and_ended_jobs_are_forgotten_after_the_retention(
         queue, tiny_base, clip_path, tmp_path, request):
-    """A 5 s job limit and a 15 s retention, on the embedded default and on Redis (a worker and a replica of their
+    """A 4 s job limit and a 10 s retention, on the embedded default and on Redis (a worker and a replica of their
     own on another database of the module's Redis). Two jobs of 2000 steps, which no CPU tunes within the limit:
     each fails with the reason, leaving no directory behind; the second, queued behind the first, shows that the
     worker takes the next job and gives it a limit of its own (it ran for the limit by the job store's clock, half
