@@ -35,6 +35,16 @@ def moving_square_clip(frames: int = 12, width: int = 48, height: int = 40) -> n
     return clip
 
 
+@pytest.fixture(scope="session", autouse=True)
+def inductor_cache(tmp_path_factory):
+    """One inductor cache for the session, the processes it starts included: AOTInductor packages of the same graphs
+    compile once a session (tests/test_aoti.py builds the tiny base's), and never come from an earlier session's
+    cache, so the suite's time is a cold cache's."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-sd")

@@ -1,6 +1,7 @@
 """The aoti backend on CPU: `tav-export --aoti` on the tiny model (its four packages built once for the session, in
-one inductor cache directory), the packages against PyTorch, generation, two tuned models of one base through one
-package without recompiling, refusing packages built elsewhere or changed, and serving over gRPC."""
+the session's inductor cache directory: conftest's `inductor_cache`), the packages against PyTorch, generation, two
+tuned models of one base through one package without recompiling, refusing packages built elsewhere or changed, and
+serving over gRPC."""
 
 from __future__ import annotations
 
@@ -49,10 +50,8 @@ def aoti_repo(tiny_base, clip_path, tmp_path_factory):
     for name, (prompt, settings) in MODELS.items():
         tune(tiny_base, clip_path, prompt, repo / name, settings, progress=False)
     messages: list[str] = []
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-        main(["--model", str(repo / "square-a"), "--aoti", "--device", "cpu"])
-        export(repo / "square-b", aoti=True, device="cpu", progress=messages.append)
+    main(["--model", str(repo / "square-a"), "--aoti", "--device", "cpu"])  # in the session's inductor cache
+    export(repo / "square-b", aoti=True, device="cpu", progress=messages.append)
     return repo, messages
 
 

@@ -68,6 +68,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def have_tool(name: str) -> bool:
     """Whether `name` is here, for a test that runs without it but covers less; under CI it must be."""
-    if find_tool(name) is None and in_ci():
+    found = find_tool(name) is not None
+    if not found and in_ci():
         pytest.fail(f"CI=true: {_missing(name)}", pytrace=False)
-    return find_tool(name) is not None
+    return found
