@@ -1,4 +1,6 @@
-"""Shared fixtures: the tiny base model, a small synthetic clip, and a tuned tiny model, each made once."""
+"""Shared fixtures, each made once a session: the tiny base model, a small synthetic clip, a tuned tiny model, the
+tiny base's ONNX engine store (seeded into test repositories), a tiny pretrained shapes model, and one inductor
+cache. The `needs_tool` marker comes from tests/tools.py."""
 
 from __future__ import annotations
 
@@ -96,7 +98,8 @@ def engine_store(tiny_base, clip_path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def seed_engines(engine_store):
     """`seed_engines(repo)` puts the session's `engine_store` entries into `repo/.engines`, as hard links (entries
-    are never written in place: an export replaces a whole directory); returns `repo`."""
+    are never written in place: an export replaces a whole directory); returns `repo`. A test that changes a store
+    file in place must copy the entry instead, or it changes every seeded repository's."""
 
     def seed(repo: Path) -> Path:
         for entry in engine_store.iterdir():
