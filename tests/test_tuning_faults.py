@@ -63,10 +63,12 @@ class Partition:
         self.heal()
 
     def heal(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        self._listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
 
     def cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (a close alone would not)
         self._listener.close()
         with self._lock:
             for pair in self._pairs:
