@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -199,13 +198,9 @@ class TuningService(pb2_grpc.TuningServicer):
         return await self._answer(context, "DeleteModel", delete())
 
     async def _in_repository(self, model_id: str) -> bool:
-        """Whether the repository holds the model (served or skipped), as this replica sees it after a rescan."""
-        def known() -> bool:
-            return model_id in self.registry.models or model_id in self.registry.skipped_models()
-
-        if not known():
-            await asyncio.to_thread(self.registry.refresh, time.monotonic())
-        return known()
+        """Whether the repository holds the model (servable or not): its directory, looked at now (the served view
+        may be a rescan old)."""
+        return await asyncio.to_thread((self.registry.repo / model_id).is_dir)
 
     async def _withdraw(self, model_ids: set[str]) -> None:
         """Stop serving the models whose deletion is pending (rescanning at once when that changes)."""

@@ -340,3 +340,40 @@ def test_sigterm_to_a_busy_worker_finishes_and_publishes_its_job(faults, clip_pa
         assert wait_until(lambda: model_served(client, "scale-down"), 30)
     assert leftovers(faults.repo) == []
     assert (db.llen(QUEUE), db.hlen("unacked"), db.llen(ACTIVE)) == (0, 0, 0)
+
+
+def test_delete_model_with_a_stalled_local_worker_is_accepted_pending_and_done_when_it_resumes(tiny_base, tmp_path):
+    """No broker, the same contract: the server's own worker, frozen (SIGSTOP), cannot answer within the wait; the
+    deletion is accepted pending, the id reserved, the model no longer served, and done once the worker resumes."""
+    import psutil
+
+    repo = tmp_path / "repo"
+    for name in ("first", "second", "third"):
+        (repo / name).mkdir(parents=True)
+        (repo / name / "tav_config.json").write_text("{}")  # a broken model: skipped, but in the repository
+    server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5")
+    try:
+        server.wait_for("tuning service serving")
+        with Client(f"127.0.0.1:{server.port}", retries=0) as client:
+            client.delete_model("first")  # starts the local worker (pending if it takes more than the wait)
+            wait_until(lambda: not (repo / "first").exists(), 120)
+            assert client.delete_model("third") is True and not (repo / "third").exists()  # a live worker: at once
+            (worker,) = [p for p in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+            worker.suspend()
+            try:
+                assert client.delete_model("second") is False
+                assert (repo / "second").is_dir()
+                assert "being deleted" in client.list_models().skipped["second"]
+                with pytest.raises(ServerError) as e:
+                    client.delete_model("second")
+                assert e.value.code == CODE.FAILED_PRECONDITION
+            finally:
+                worker.resume()
+            wait_until(lambda: not (repo / "second").exists(), 60)
+            wait_until(lambda: "second" not in client.list_models().skipped, 30)
+            with pytest.raises(ServerError) as e:
+                client.delete_model("second")
+            assert e.value.code == CODE.NOT_FOUND
+    finally:
+        server.proc.kill()
+        server.proc.wait(30)
