@@ -171,15 +171,22 @@ def ended_once(client: Client, job_id: str, model_id: str):
 
 @needs_redis
 def test_a_redis_outage_longer_than_worker_dead_after_ends_each_job_once(faults, clip_path):
-    """Redis down for 2.5x `--worker-dead-after` mid-job: an outage is not a worker death. The sweep counts only
-    heartbeats it could have seen, so the job is not run again; it ends ready, its model served."""
-    with workers(faults, "outage"), admin(faults) as client:
+    """Redis down for 2.5x `--worker-dead-after` mid-job: an outage is not a worker death. The replica sees Redis
+    back before the worker does (the worker is held still, SIGSTOP, until the replica's Tuning health says SERVING
+    again: a worker slower to reconnect, deterministically), and still does not run the job again: it counts only
+    heartbeats it could have seen. The job ends once, ready, its model served."""
+    with workers(faults, "outage") as (worker,), admin(faults) as client:
         job = client.create_tune_job("through-outage", clip_path.read_bytes(), CAPTION, base="tiny",
                                      **{**SMALL, "steps": 30})
         wait_until(lambda: client.get_tune_job(job.id).step >= 2, 120)
         faults.redis.kill()
         time.sleep(2.5 * DEAD_AFTER)
-        faults.redis.start()
+        worker.proc.send_signal(signal.SIGSTOP)
+        try:
+            faults.redis.start()
+            wait_until(lambda: client.health("tuneavideo.v1.Tuning") == "SERVING", 60)
+        finally:
+            worker.proc.send_signal(signal.SIGCONT)
         ended = ended_once(client, job.id, "through-outage")
         assert (ended.state, ended.failure_reason, ended.attempt) == ("ready", "", 1), ended
         assert wait_until(lambda: model_served(client, "through-outage"), 30)
