@@ -171,16 +171,20 @@ def ended_once(client: Client, job_id: str, model_id: str):
 
 @needs_redis
 def test_a_redis_outage_longer_than_worker_dead_after_ends_each_job_once(faults, clip_path):
-    """Redis down for 2.5x `--worker-dead-after` mid-job: an outage is not a worker death. The replica sees Redis
-    back before the worker does (the worker is held still, SIGSTOP, until the replica's Tuning health says SERVING
-    again: a worker slower to reconnect, deterministically), and still does not run the job again: it counts only
-    heartbeats it could have seen. The job ends once, ready, its model served."""
+    """Redis goes down mid-job and stays down past 2.5x `--worker-dead-after` and until the worker has tuned and
+    exported and waits for Redis to publish (or, before the fix, to record the end of a job it published). An outage
+    is not a worker death: the replica sees Redis back before the worker does (the worker is held still, SIGSTOP,
+    until the replica's Tuning health says SERVING again: a worker slower to reconnect, deterministically), and still
+    does not run the job again: it counts only heartbeats it could have seen. The job ends once, ready, its model
+    served (before: run again, the second attempt failed on the id the first had published)."""
     with workers(faults, "outage") as (worker,), admin(faults) as client:
         job = client.create_tune_job("through-outage", clip_path.read_bytes(), CAPTION, base="tiny",
-                                     **{**SMALL, "steps": 30})
+                                     **{**SMALL, "steps": 8})
         wait_until(lambda: client.get_tune_job(job.id).step >= 2, 120)
         faults.redis.kill()
-        time.sleep(2.5 * DEAD_AFTER)
+        down = time.monotonic()
+        wait_until(lambda: re.search(r"waiting to (publish|record the end of) job", worker.log.read_text()), TIMEOUT)
+        time.sleep(max(0.0, down + 2.5 * DEAD_AFTER - time.monotonic()))
         worker.proc.send_signal(signal.SIGSTOP)
         try:
             faults.redis.start()
