@@ -90,8 +90,9 @@ class JobStore(ABC):
 
     @abstractmethod
     async def sweep(self, dead_after: float, max_attempts: int, retention: float) -> list[Job]:
-        """Housekeeping, every few seconds: jobs whose worker stopped beating for `dead_after` seconds run again
-        (up to `max_attempts`) or fail; ended jobs older than `retention` seconds are forgotten. Returns the jobs
+        """Housekeeping, every few seconds: jobs whose worker stopped beating for `dead_after` seconds (while the
+        store was reachable from here: an outage of the store is not a worker death) run again (up to
+        `max_attempts`) or fail; ended jobs older than `retention` seconds are forgotten. Returns the jobs
         that ended since the last sweep, each once."""
 
     @abstractmethod

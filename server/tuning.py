@@ -45,7 +45,9 @@ STATES = {"queued": pb2.TuneJob.STATE_QUEUED, "tuning": pb2.TuneJob.STATE_TUNING
 PROTO_SETTINGS = {"lr": "learning_rate"}  # the tuner's name -> the protocol's, where they differ
 MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE = 100, 50
 WATCH_INTERVAL = 0.5  # seconds between looks at a watched job
-DELETE_WAIT = 5.0  # seconds DeleteModel waits for a worker to do an accepted deletion before answering "pending"
+# Seconds DeleteModel waits for a worker to do an accepted deletion before answering "pending" (an idle worker takes
+# it within milliseconds); below the Redis client's 5 s socket timeout, which would otherwise end the wait as an error.
+DELETE_WAIT = 3.0
 
 
 ERRORS = {  # the registry's and the checks' errors -> status codes
