@@ -132,8 +132,9 @@ def _cancel(args: argparse.Namespace) -> None:
 
 def _delete_model(args: argparse.Namespace) -> None:
     with _client(args) as client:
-        client.delete_model(args.id, timeout=args.timeout)
-    print(f"model {args.id} deleted")
+        done = client.delete_model(args.id, timeout=args.timeout)
+    print(f"model {args.id} " + ("deleted" if done else "will be deleted when a tuning worker runs (accepted; it is "
+                                                        "no longer served)"))
 
 
 def main(argv: list[str] | None = None) -> None:

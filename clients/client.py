@@ -368,8 +368,10 @@ class Client(_Base):
     def delete_tune_job(self, job_id: str, timeout: float | None = 30) -> None:
         self._unary(self.tuning.DeleteTuneJob, tuning_pb2.DeleteTuneJobRequest(id=job_id), timeout)
 
-    def delete_model(self, model_id: str, timeout: float | None = 60) -> None:
-        self._unary(self.tuning.DeleteModel, tuning_pb2.DeleteModelRequest(id=model_id), timeout, retry=False)
+    def delete_model(self, model_id: str, timeout: float | None = 60) -> bool:
+        """Delete a model; whether it is gone now (False: accepted, a tuning worker removes it when one runs)."""
+        return not self._unary(self.tuning.DeleteModel, tuning_pb2.DeleteModelRequest(id=model_id), timeout,
+                               retry=False).pending
 
     def wait_tune_job(self, job_id: str, progress: JobProgressFn | None = None, timeout: float | None = None
                       ) -> TuneJob:
@@ -502,9 +504,9 @@ class AsyncClient(_Base):
     async def delete_tune_job(self, job_id: str, timeout: float | None = 30) -> None:
         await self._unary(self.tuning.DeleteTuneJob, tuning_pb2.DeleteTuneJobRequest(id=job_id), timeout)
 
-    async def delete_model(self, model_id: str, timeout: float | None = 60) -> None:
-        await self._unary(self.tuning.DeleteModel, tuning_pb2.DeleteModelRequest(id=model_id), timeout,
-                          retry=False)
+    async def delete_model(self, model_id: str, timeout: float | None = 60) -> bool:
+        return not (await self._unary(self.tuning.DeleteModel, tuning_pb2.DeleteModelRequest(id=model_id), timeout,
+                                      retry=False)).pending
 
     async def wait_tune_job(self, job_id: str, progress: JobProgressFn | None = None,
                             timeout: float | None = None) -> TuneJob:

@@ -1,11 +1,15 @@
 """`tav-tune-worker --broker redis://... --repo DIR`: a tuning worker. One Celery worker with the solo pool runs one
 tune job at a time on this machine's GPU (or CPU), in its own process (never forked after CUDA is initialised;
 see `jobs.celery_app` for the queue settings). Beside it, a control thread takes model deletions for the
-repository, and the janitor removes what killed workers left behind (at start and after every job).
+repository (those accepted while no worker ran included), and the janitor removes what killed workers left behind
+(at start and after every job).
 
 A job's progress, heartbeat and end go to the job registry in Redis (`jobs.redis_store`); the server's sweep
 runs a job again under a new attempt when its heartbeat stops, which turns the stale message of the dead attempt
-into a no-op.
+into a no-op, and the publish of the superseded attempt, should it still run, into a refusal (the fence).
+
+SIGTERM (a scale-down) is Celery's warm shutdown: the running job is finished and published, its message
+acknowledged, then the worker exits.
 """
 
 from __future__ import annotations
@@ -93,15 +97,17 @@ class Worker:
                 time.sleep(2.0)
 
     def serve_control(self, stop: threading.Event) -> None:
-        """Take model deletions from the registry's control list until `stop`."""
+        """Do the accepted model deletions until `stop`: at once when a wake-up comes, and within 2 s those
+        recorded while no worker ran (or Redis was away). The waiting server is told once the model is gone."""
         while not stop.is_set():
             try:
                 request = self.store.next_control(timeout=2)
-                if request is not None:
-                    model_id = request["delete_model"]
+                for model_id in self.store.pending_deletions():
                     deleted = work.delete_model(self.repo, model_id)
-                    log.info("model %s %s", model_id, "deleted" if deleted else "not found, nothing deleted")
-                    self.store.reply(request["reply"], {"deleted": deleted})
+                    self.store.deleted_model(model_id)
+                    log.info("model %s %s", model_id, "deleted" if deleted else "gone already, nothing deleted")
+                if request is not None:
+                    self.store.reply(request["reply"], {"deleted": True})
             except redis.ConnectionError:
                 time.sleep(2.0)
 
@@ -129,6 +135,13 @@ class RedisHooks:
 
     def progress(self, state: str, step: int = 0, total: int = 0, loss: float = 0.0) -> None:
         self._record(**work.progress_fields(state, step, total, loss))
+
+    def may_publish(self) -> bool:
+        """The publish fence (`RedisWorkerStore.fence`), waited for while Redis is away; refused, this attempt
+        ends quietly."""
+        if not Worker._retrying("publish", lambda: self.store.fence(self.job), self.job.id):
+            self.superseded = True
+        return not self.superseded
 
     def stop_reason(self) -> work.Stopped | None:
         if self.superseded:

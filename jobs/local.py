@@ -45,7 +45,7 @@ class LocalJobStore(JobStore):
         self._jobs: dict[str, Job] = {}
         self._clips: dict[str, bytes] = {}
         self._models: dict[str, str] = {}  # model id -> the job holding it, or "deleting"
-        self._deletions: dict[str, concurrent.futures.Future] = {}
+        self._deletions: dict[str, tuple[str, concurrent.futures.Future]] = {}  # reply -> (model id, answer)
         self._observed: set[str] = set()
         self._sequence = 0
         self._lock = threading.RLock()
@@ -97,9 +97,11 @@ class LocalJobStore(JobStore):
 
     def _apply(self, message: dict) -> None:
         if "deleted" in message:
-            future = self._deletions.pop(message["reply"], None)
+            model_id, future = self._deletions.pop(message["reply"], (None, None))
             if future is not None:
                 future.set_result(message["deleted"])
+                if self._models.get(model_id) == "deleting":  # the id is free again
+                    del self._models[model_id]
             return
         job = self._jobs.get(message["job"])
         if job is None or job.attempt != message["attempt"] or job.state not in RUNNING:
@@ -128,6 +130,8 @@ class LocalJobStore(JobStore):
             if job is not None:
                 self._revive(job)
             self._start_worker()
+            for reply, (model_id, _) in self._deletions.items():  # accepted deletions it had not answered
+                self._send({"delete_model": model_id, "reply": reply})
             self._dispatch()
 
     def _revive(self, job: Job) -> None:
@@ -227,29 +231,31 @@ class LocalJobStore(JobStore):
         if self._models.get(job.model_id) == job.id:
             del self._models[job.model_id]
 
-    async def delete_model(self, model_id: str, timeout: float) -> None:
+    async def delete_model(self, model_id: str, timeout: float, present: bool) -> bool:
         with self._lock:
             holder = self._models.get(model_id)
             if holder == "deleting":
                 raise DeleteRefused(f"model {model_id!r} is being deleted already")
             if holder is not None and self._jobs.get(holder) and self._jobs[holder].state not in ENDED:
                 raise DeleteRefused(f"tune job {holder} is making model {model_id!r}; cancel it first")
-            self._models[model_id] = "deleting"
+            if not present:
+                raise ModelNotFound(model_id)
             reply = uuid.uuid4().hex
-            future = self._deletions[reply] = concurrent.futures.Future()
             if not self._send({"delete_model": model_id, "reply": reply}):
-                future.set_exception(StoreUnavailable("the local tuning worker is restarting; retry shortly"))
+                raise StoreUnavailable("the local tuning worker is restarting; retry shortly")
+            self._models[model_id] = "deleting"  # until the worker answers
+            future = concurrent.futures.Future()
+            self._deletions[reply] = (model_id, future)
         try:
-            if not await asyncio.wait_for(asyncio.wrap_future(future), timeout):
+            if not await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout):
                 raise ModelNotFound(model_id)
         except asyncio.TimeoutError:
-            raise StoreUnavailable(f"the local tuning worker did not delete {model_id!r} within {timeout:.0f} s") \
-                from None
-        finally:
-            with self._lock:
-                self._deletions.pop(reply, None)
-                if self._models.get(model_id) == "deleting":
-                    del self._models[model_id]
+            return False  # accepted: the worker does it when it gets to it (a restarted one is asked again)
+        return True
+
+    async def pending_deletions(self) -> set[str]:
+        with self._lock:
+            return {model_id for model_id, _ in self._deletions.values()}
 
     async def sweep(self, dead_after: float, max_attempts: int, retention: float) -> list[Job]:
         now, ended = time.time(), []
@@ -291,6 +297,10 @@ class PipeHooks:
     def progress(self, state: str, step: int = 0, total: int = 0, loss: float = 0.0) -> None:
         self.send({"job": self.job.id, "attempt": self.job.attempt,
                    "progress": work.progress_fields(state, step, total, loss)})
+
+    def may_publish(self) -> bool:
+        """Always: the server runs a job again only when this process has died, so a live attempt is current."""
+        return True
 
     def stop_reason(self) -> work.Stopped | None:
         if self.cancelled.is_set():

@@ -9,24 +9,29 @@ Keys (prefix `tav:`):
   jobs            sorted set of every job id, by creation time (listing)
   queue           sorted set of queued job ids, by queue order (a job's position is its rank)
   running         set of job ids a worker runs
+  active          list of the ids of every live job, queued or running (one entry each, from create to end): what
+                  the autoscaler reads (deploy/k8s/keda), as kombu's queue holds only the waiting jobs' messages
   ended           sorted set of ended job ids, by end time (retention)
   unobserved      set of ended job ids no server has counted in its metrics yet (each is popped once)
   model:<id>      who holds a model id: a job id, or "deleting"; set when a job is created, so two jobs can never
                   claim one id and a deletion cannot race a publish
   seq             the queue order counter
-  control         list of requests for any worker (model deletions); `reply:<uuid>` carries the answer back
+  deletions       set of model ids whose deletion was accepted and no worker has done yet (their `model:<id>` is
+                  "deleting" until then); every worker takes them, at start and every 2 s
+  control         list of wake-ups for the workers (a deletion to do now); `reply:<uuid>` carries the answer back
 
 Redis runs with append-only persistence (`appendfsync always`, deploy/redis): a job is acknowledged when
 CreateTuneJob returns, and from then on survives a worker crash and a Redis restart.
 
 `RedisJobStore` is the server's side (redis.asyncio, never blocking the event loop); `RedisWorkerStore` the
-worker's (claim a job, report progress, heartbeat, finish, take control requests).
+worker's (claim a job, report progress, heartbeat, take the publish fence, finish, delete models).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -72,14 +77,16 @@ def model_key(model_id: str) -> str:
 
 JOBS, QUEUE, RUNNING_SET, SEQ = PREFIX + "jobs", PREFIX + "queue", PREFIX + "running", PREFIX + "seq"
 ENDED_SET, UNOBSERVED = PREFIX + "ended", PREFIX + "unobserved"
+ACTIVE = PREFIX + "active"  # the list KEDA's redis trigger reads: one entry per queued or running job
+DELETIONS = PREFIX + "deletions"
 
 
 def end_keys(job: Job) -> list[str]:
     """The keys every script that may end a job takes first (END_JOB's)."""
-    return [job_key(job.id), clip_key(job.id), model_key(job.model_id), ENDED_SET, UNOBSERVED]
+    return [job_key(job.id), clip_key(job.id), model_key(job.model_id), ENDED_SET, UNOBSERVED, ACTIVE]
 BROKER_UNACKED = "unacked"  # kombu's Redis transport: messages delivered and not yet acknowledged
 
-# KEYS: job, clip, jobs, queue, model, seq. ARGV: id, created, max queued, clip, then field/value pairs.
+# KEYS: job, clip, jobs, queue, model, seq, active. ARGV: id, created, max queued, clip, then field/value pairs.
 CREATE = """
 if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then return {'full', ''} end
 local holder = redis.call('GET', KEYS[5])
@@ -91,6 +98,7 @@ redis.call('HSET', KEYS[1], 'sequence', seq)
 redis.call('SET', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
+redis.call('RPUSH', KEYS[7], ARGV[1])
 return {'ok', tostring(seq)}
 """
 # KEYS: job, queue, running. ARGV: id, attempt, worker, now.
@@ -113,9 +121,20 @@ end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
+# KEYS: job. ARGV: attempt, now. The publish fence: 1 while the record still names this attempt as the running one
+# (its heartbeat refreshed, so the sweep leaves the rename and the end a full `--worker-dead-after`), else 0: the job
+# was run again meanwhile (its worker was taken for dead), cancelled while queued again, or ended.
+FENCE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] or (state ~= 'tuning' and state ~= 'exporting') then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2], 'updated', ARGV[2])
+return 1
+"""
 # A job ends (in the scripts below): its state and end time, its clip dropped, its model id released unless it
-# published, and it joins the ended jobs (retention) and those not yet counted (metrics).
-# KEYS[1] job, KEYS[2] clip, KEYS[3] model, KEYS[4] ended, KEYS[5] unobserved.
+# published, it leaves the live jobs and joins the ended jobs (retention) and those not yet counted (metrics).
+# KEYS[1] job, KEYS[2] clip, KEYS[3] model, KEYS[4] ended, KEYS[5] unobserved, KEYS[6] active.
 END_JOB = """
 local function end_job(id, state, now)
   redis.call('HSET', KEYS[1], 'state', state, 'ended', now, 'updated', now)
@@ -123,25 +142,27 @@ local function end_job(id, state, now)
   if state ~= 'ready' and redis.call('GET', KEYS[3]) == id then redis.call('DEL', KEYS[3]) end
   redis.call('ZADD', KEYS[4], now, id)
   redis.call('SADD', KEYS[5], id)
+  redis.call('LREM', KEYS[6], 0, id)
 end
 """
-# KEYS: job, clip, model, ended, unobserved, running. ARGV: id, attempt, state, now, then field/value pairs.
+# KEYS: job, clip, model, ended, unobserved, active, running. ARGV: id, attempt, state, now, then field/value
+# pairs.
 FINISH = END_JOB + """
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return 0 end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'tuning' and state ~= 'exporting' then return 0 end
 if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
-redis.call('SREM', KEYS[6], ARGV[1])
+redis.call('SREM', KEYS[7], ARGV[1])
 end_job(ARGV[1], ARGV[3], ARGV[4])
 return 1
 """
-# KEYS: job, clip, model, ended, unobserved, queue. ARGV: id, now. Returns the job's state after the call.
+# KEYS: job, clip, model, ended, unobserved, active, queue. ARGV: id, now. Returns the job's state after the call.
 CANCEL = END_JOB + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return '' end
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
-  redis.call('ZREM', KEYS[6], ARGV[1])
+  redis.call('ZREM', KEYS[7], ARGV[1])
   end_job(ARGV[1], 'cancelled', ARGV[2])
   return 'cancelled'
 end
@@ -150,7 +171,7 @@ if state == 'tuning' or state == 'exporting' then
 end
 return state
 """
-# KEYS: job, clip, model, ended, unobserved, queue, running. ARGV: id, attempt, max attempts, now, stale before,
+# KEYS: job, clip, model, ended, unobserved, active, queue, running. ARGV: id, attempt, max attempts, now, stale before,
 # reason. A running job whose heartbeat is older than `stale before`: queued again under the next attempt, or
 # failed past the bound.
 REVIVE = END_JOB + """
@@ -159,7 +180,7 @@ if (state ~= 'tuning' and state ~= 'exporting') or redis.call('HGET', KEYS[1], '
    or tonumber(redis.call('HGET', KEYS[1], 'heartbeat')) >= tonumber(ARGV[5]) then
   return 'alive'
 end
-redis.call('SREM', KEYS[7], ARGV[1])
+redis.call('SREM', KEYS[8], ARGV[1])
 if tonumber(ARGV[2]) >= tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'failure_reason', ARGV[6])
   end_job(ARGV[1], 'failed', ARGV[4])
@@ -167,10 +188,10 @@ if tonumber(ARGV[2]) >= tonumber(ARGV[3]) then
 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', tostring(tonumber(ARGV[2]) + 1), 'worker', '',
            'step', '0', 'loss', '0.0', 'heartbeat', '0', 'updated', ARGV[4])
-redis.call('ZADD', KEYS[6], redis.call('HGET', KEYS[1], 'sequence'), ARGV[1])
+redis.call('ZADD', KEYS[7], redis.call('HGET', KEYS[1], 'sequence'), ARGV[1])
 return 'queued'
 """
-# KEYS: job, clip, model, ended, unobserved, jobs. ARGV: id. An ended job only.
+# KEYS: job, clip, model, ended, unobserved, active, jobs. ARGV: id. An ended job only.
 DELETE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
@@ -179,10 +200,13 @@ redis.call('DEL', KEYS[1], KEYS[2])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('SREM', KEYS[5], ARGV[1])
-redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
 return 'deleted'
 """
-# KEYS: model. ARGV: key prefix of jobs. Reserve a model id for its deletion unless a live job holds it.
+# KEYS: model, deletions, control. ARGV: key prefix of jobs, model id, wake-up message, present ("1" when the
+# repository holds the model). Accept a deletion unless a live job holds the id or there is nothing to delete:
+# reserve the id, record the deletion (durable: done by whichever worker runs, now or after a scale from zero) and
+# wake a worker, all at once or not at all.
 RESERVE_DELETE = """
 local holder = redis.call('GET', KEYS[1])
 if holder == 'deleting' then return 'deleting' end
@@ -190,8 +214,17 @@ if holder then
   local state = redis.call('HGET', ARGV[1] .. holder, 'state')
   if state == 'queued' or state == 'tuning' or state == 'exporting' then return 'busy:' .. holder end
 end
+if ARGV[4] ~= '1' then return 'missing' end
 redis.call('SET', KEYS[1], 'deleting')
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('RPUSH', KEYS[3], ARGV[3])
 return 'ok'
+"""
+# KEYS: model, deletions. ARGV: model id. A worker has taken the model out of the repository: the id is free again.
+DELETED_MODEL = """
+redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('GET', KEYS[1]) == 'deleting' then redis.call('DEL', KEYS[1]) end
+return 1
 """
 
 
@@ -212,6 +245,10 @@ class RedisJobStore(JobStore):
         self.redis = redis.asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
                                                   health_check_interval=5, retry=_retry(redis.asyncio.retry.Retry))
         self.celery = make_app(url, max_job_seconds, transport_options)
+        # When this server last failed to reach Redis (its start counts: it has seen no heartbeat before it). The
+        # sweep takes a worker for dead only after watching its job `dead_after` seconds with Redis reachable: a
+        # heartbeat missed while the store itself was away says nothing about the worker.
+        self._unreachable_at = time.time()
         self._scripts = {name: self.redis.register_script(source) for name, source in (
             ("create", CREATE), ("cancel", CANCEL), ("revive", REVIVE), ("delete", DELETE),
             ("reserve_delete", RESERVE_DELETE))}
@@ -221,17 +258,19 @@ class RedisJobStore(JobStore):
         try:
             return await coroutine
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            self._unreachable_at = time.time()
             raise StoreUnavailable(f"the job store (Redis) is unreachable: {e}") from None
 
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
         except (redis.ConnectionError, redis.TimeoutError, OSError):
+            self._unreachable_at = time.time()
             return False
 
     async def create(self, job: Job, clip: bytes, max_queued: int) -> Job:
         script = self._scripts["create"]
-        keys = [job_key(job.id), clip_key(job.id), JOBS, QUEUE, model_key(job.model_id), SEQ]
+        keys = [job_key(job.id), clip_key(job.id), JOBS, QUEUE, model_key(job.model_id), SEQ, ACTIVE]
         verdict, detail = await self._call(script(keys, [job.id, job.created, max_queued, clip,
                                                          *_fields(job.to_fields())]))
         if verdict == b"full":
@@ -295,28 +334,35 @@ class RedisJobStore(JobStore):
     async def _delete(self, job: Job) -> str:
         return (await self._call(self._scripts["delete"]([*end_keys(job), JOBS], [job.id]))).decode()
 
-    async def delete_model(self, model_id: str, timeout: float) -> None:
-        verdict = (await self._call(self._scripts["reserve_delete"]([model_key(model_id)], [PREFIX + "job:"])
-                                    )).decode()
+    async def delete_model(self, model_id: str, timeout: float, present: bool) -> bool:
+        reply = f"{PREFIX}reply:{uuid.uuid4().hex}"
+        wake = json.dumps({"delete_model": model_id, "reply": reply})
+        verdict = (await self._call(self._scripts["reserve_delete"]([model_key(model_id), DELETIONS, CONTROL],
+                                                                    [PREFIX + "job:", model_id, wake,
+                                                                     int(present)]))).decode()
         if verdict == "deleting":
             raise DeleteRefused(f"model {model_id!r} is being deleted already")
         if verdict.startswith("busy:"):
             raise DeleteRefused(f"tune job {verdict[5:]} is making model {model_id!r}; cancel it first")
-        reply = f"{PREFIX}reply:{uuid.uuid4().hex}"
-        try:
-            await self._call(self.redis.rpush(CONTROL, json.dumps({"delete_model": model_id, "reply": reply})))
-            answer = await self._call(self.redis.blpop([reply], timeout=timeout))
-        finally:
-            await self._call(self.redis.delete(model_key(model_id)))
-        if answer is None:
-            raise StoreUnavailable(f"no tuning worker answered within {timeout:.0f} s to delete {model_id!r}; "
-                                   f"is one running?")
-        if not json.loads(answer[1])["deleted"]:
+        if verdict == "missing":
             raise ModelNotFound(model_id)
+        try:
+            answer = await self._call(self.redis.blpop([reply], timeout=timeout))
+        except StoreUnavailable:
+            return False  # accepted and recorded: a worker does it once Redis is back
+        if answer is None:  # no worker now: the recorded deletion waits for one; its wake-up would only pile up
+            with contextlib.suppress(StoreUnavailable):
+                await self._call(self.redis.lrem(CONTROL, 1, wake))
+            return False
+        return True
+
+    async def pending_deletions(self) -> set[str]:
+        return {raw.decode() for raw in await self._call(self.redis.smembers(DELETIONS))}
 
     async def sweep(self, dead_after: float, max_attempts: int, retention: float) -> list[Job]:
         now = time.time()
-        for job in await self._jobs(await self._call(self.redis.smembers(RUNNING_SET))):
+        running = [] if self._unreachable_at > now - dead_after else await self._call(self.redis.smembers(RUNNING_SET))
+        for job in await self._jobs(running):
             reason = (f"its tuning worker ({job.worker}) stopped answering {max_attempts} times; the clip or the "
                       f"settings may crash the tuner (try fewer frames or a smaller size)")
             verdict = (await self._call(self._scripts["revive"](
@@ -377,7 +423,9 @@ class RedisWorkerStore:
                                           retry=_retry(redis.retry.Retry))
         self._claim = self.redis.register_script(CLAIM)
         self._update = self.redis.register_script(UPDATE)
+        self._fence = self.redis.register_script(FENCE)
         self._finish = self.redis.register_script(FINISH)
+        self._deleted_model = self.redis.register_script(DELETED_MODEL)
 
     def claim(self, job_id: str, attempt: int, worker: str) -> tuple[Job, bytes] | None:
         """Take a queued job for this attempt, with its clip; None when the message is stale (the job was
@@ -390,6 +438,10 @@ class RedisWorkerStore:
         """Record progress (and the heartbeat); False when this attempt is no longer the job's."""
         values = {**values, "heartbeat": time.time(), "updated": time.time()}
         return bool(self._update([job_key(job.id)], [job.attempt, *_fields(values)]))
+
+    def fence(self, job: Job) -> bool:
+        """Whether this attempt may publish: the record still names it (atomically; see FENCE)."""
+        return bool(self._fence([job_key(job.id)], [job.attempt, time.time()]))
 
     def cancel_requested(self, job: Job) -> bool:
         return self.redis.hget(job_key(job.id), "cancel_requested") == b"true"
@@ -407,6 +459,14 @@ class RedisWorkerStore:
     def next_control(self, timeout: float) -> dict | None:
         item = self.redis.blpop([CONTROL], timeout=timeout)
         return json.loads(item[1]) if item else None
+
+    def pending_deletions(self) -> list[str]:
+        """The accepted deletions no worker has done yet."""
+        return sorted(raw.decode() for raw in self.redis.smembers(DELETIONS))
+
+    def deleted_model(self, model_id: str) -> None:
+        """A deletion is done: forget it and free the id."""
+        self._deleted_model([model_key(model_id), DELETIONS], [model_id])
 
     def reply(self, key: str, answer: dict) -> None:
         self.redis.rpush(key, json.dumps(answer))

@@ -76,14 +76,23 @@ class JobStore(ABC):
         """Forget an ended job. Raises JobNotFound or DeleteRefused."""
 
     @abstractmethod
-    async def delete_model(self, model_id: str, timeout: float) -> None:
-        """Have a worker take a model out of the repository. Raises ModelNotFound, DeleteRefused while a live job
-        holds the id, StoreUnavailable if no worker answers within `timeout`."""
+    async def delete_model(self, model_id: str, timeout: float, present: bool) -> bool:
+        """Have a worker take a model out of the repository (replicas mount it read-only; `present`: whether the
+        caller sees it there). The deletion is accepted (recorded, the id reserved) or refused (nothing recorded) at
+        once; then True once a worker has done it within `timeout`, or False: accepted and pending, a worker does it
+        when one runs, and the id stays reserved until then. Raises DeleteRefused while a live job holds the id or
+        it is being deleted, ModelNotFound when it is not `present` (or the worker found none), StoreUnavailable
+        when the store is unreachable (nothing recorded)."""
+
+    @abstractmethod
+    async def pending_deletions(self) -> set[str]:
+        """The model ids whose accepted deletion no worker has done yet (replicas stop serving them)."""
 
     @abstractmethod
     async def sweep(self, dead_after: float, max_attempts: int, retention: float) -> list[Job]:
-        """Housekeeping, every few seconds: jobs whose worker stopped beating for `dead_after` seconds run again
-        (up to `max_attempts`) or fail; ended jobs older than `retention` seconds are forgotten. Returns the jobs
+        """Housekeeping, every few seconds: jobs whose worker stopped beating for `dead_after` seconds (while the
+        store was reachable from here: an outage of the store is not a worker death) run again (up to
+        `max_attempts`) or fail; ended jobs older than `retention` seconds are forgotten. Returns the jobs
         that ended since the last sweep, each once."""
 
     @abstractmethod

@@ -4,6 +4,11 @@ place under the model's id. Replicas ignore dot-names and the rename is atomic, 
 served. The worker's hooks report progress and say when to stop: a cancel is seen within one tuning step, and
 during export at the next stage boundary.
 
+Publishing is fenced: the rename happens only if the job store still names this attempt (`Hooks.may_publish`), so
+an attempt the store has given up on (its worker was taken for dead, the job runs again) publishes nothing and
+removes its directory. A published model names its job (`PUBLISHED_BY`): an attempt that finds its job's model
+published already, by an earlier attempt whose end was never recorded, ends `ready` without tuning again.
+
 Leftovers of killed workers are dot-directories named by job id and attempt (`.job-<id>-<attempt>`), or
 half-removed deleted models (`.deleted-*`); `clean_leftovers` removes those no live worker is working on. Deleting
 a model renames it out of the repository first (every replica drops it at its next rescan), then removes it.
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 
 JOB_DIR = re.compile(r"^\.+job-([0-9a-f]{32})-(\d+)")  # the job's directory and the tuner's temporary ones
 DELETED = ".deleted-"  # a model taken out of the repository, being removed
+PUBLISHED_BY = ".tav-job"  # in a published model: the id of the job that made it
 
 
 class Stopped(Exception):
@@ -47,6 +53,9 @@ class Hooks(Protocol):
 
     def stop_reason(self) -> Stopped | None:
         """A `Stopped` when the job must stop now (cancelled, or past its time), else None."""
+
+    def may_publish(self) -> bool:
+        """Whether the job store still names this attempt (atomically checked): only then may it publish."""
 
 
 @dataclass
@@ -79,6 +88,14 @@ def job_dir(repo: Path, job: Job) -> Path:
     return repo / f".job-{job.id}-{job.attempt}"
 
 
+def published(repo: Path, job: Job) -> bool:
+    """Whether the model in the repository under the job's model id is this job's."""
+    try:
+        return (repo / job.model_id / PUBLISHED_BY).read_text() == job.id
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = None, **worker_settings) -> Outcome:
     """Tune, export and publish `job` into `repo`; raise `Stopped`, or the tuner's and exporter's errors.
     `worker_settings` are the tuning settings that belong to the worker, not the client (mixed_precision,
@@ -91,6 +108,9 @@ def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = No
         if stopped is not None:
             raise stopped
 
+    if published(repo, job):
+        log.info("job %s: model %s was published by an earlier attempt", job.id, job.model_id)
+        return Outcome(0.0, 0.0)
     settings = replace(job.tune_settings(), **worker_settings)
     hooks.progress(TUNING, 0, settings.steps)
     base = materialise(resolve(job.base_source), repo)
@@ -109,11 +129,25 @@ def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = No
         hooks.progress(EXPORTING)
         export(work, progress=lambda message: log.info("job %s: %s", job.id, message))
         check()
-        os.rename(work, repo / job.model_id)  # fails if the id was taken meanwhile (by hand): nothing is replaced
+        (work / PUBLISHED_BY).write_text(job.id)
+        if not hooks.may_publish():
+            raise Stopped("this attempt was superseded: the job runs again elsewhere", cancelled=False)
+        _publish(work, repo, job)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return Outcome(round(tuned - started, 3), round(time.perf_counter() - tuned, 3))
+
+
+def _publish(work: Path, repo: Path, job: Job) -> None:
+    """Rename the job's directory into place; it fails if the id was taken meanwhile (by hand): nothing is
+    replaced. Taken by this very job (an earlier attempt published, then the store ran it again), it is done."""
+    try:
+        os.rename(work, repo / job.model_id)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not published(repo, job):
+            raise
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def clean_leftovers(repo: Path, running: Callable[[str, int], bool]) -> list[str]:

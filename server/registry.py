@@ -199,6 +199,7 @@ class ModelRegistry:
         self._listed: dict[str, tuple[tuple, ModelEntry | str]] = {}  # id -> (listing signature, entry or reason)
         self._failed: dict[str, tuple[tuple, str]] = {}  # id -> (files signature, why its engines failed to load)
         self._scan_started = 0.0
+        self._withdrawn: frozenset[str] = frozenset()  # ids whose deletion is pending: not served
         self.scan()
 
     def scan(self, since: float | None = None) -> None:
@@ -222,6 +223,9 @@ class ModelRegistry:
                     continue
                 if not MODEL_ID.fullmatch(name):
                     skipped[name] = f"not a model id ({MODEL_ID.pattern})"
+                    continue
+                if name in self._withdrawn:
+                    skipped[name] = "being deleted (a tuning worker removes it)"
                     continue
                 signature = _listing_signature(path)
                 known = self._listed.get(name)
@@ -254,6 +258,12 @@ class ModelRegistry:
                 self.models, self.skipped = models, skipped
                 self._listed = listed
                 self._failed = {name: failed for name, failed in self._failed.items() if name in listed}
+
+    def withdraw(self, model_ids: set[str]) -> bool:
+        """Serve none of `model_ids` (their deletion is pending) from the next scan on; whether that changed."""
+        changed = frozenset(model_ids) != self._withdrawn
+        self._withdrawn = frozenset(model_ids)
+        return changed
 
     def refresh(self, asked: float) -> None:
         """Make sure the view is no older than `asked` (a `time.monotonic()`: when a request named an id it does

@@ -45,7 +45,9 @@ STATES = {"queued": pb2.TuneJob.STATE_QUEUED, "tuning": pb2.TuneJob.STATE_TUNING
 PROTO_SETTINGS = {"lr": "learning_rate"}  # the tuner's name -> the protocol's, where they differ
 MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE = 100, 50
 WATCH_INTERVAL = 0.5  # seconds between looks at a watched job
-DELETE_TIMEOUT = 30.0  # seconds a worker has to take a model out of the repository
+# Seconds DeleteModel waits for a worker to do an accepted deletion before answering "pending" (an idle worker takes
+# it within milliseconds); below the Redis client's 5 s socket timeout, which would otherwise end the wait as an error.
+DELETE_WAIT = 3.0
 
 
 ERRORS = {  # the registry's and the checks' errors -> status codes
@@ -188,11 +190,24 @@ class TuningService(pb2_grpc.TuningServicer):
     async def DeleteModel(self, request: pb2.DeleteModelRequest, context) -> pb2.DeleteModelResponse:
         async def delete():
             check_model_id(request.id, "id")
-            await self.store.delete_model(request.id, DELETE_TIMEOUT)
-            log.info("model %s deleted", request.id)
-            return pb2.DeleteModelResponse()
+            present = await self._in_repository(request.id)
+            done = await self.store.delete_model(request.id, DELETE_WAIT, present)
+            if not done:  # this replica stops serving it now, the others at their next sweep
+                await self._withdraw(await self.store.pending_deletions() | {request.id})
+            log.info("model %s %s", request.id, "deleted" if done else "to be deleted when a tuning worker runs")
+            return pb2.DeleteModelResponse(pending=not done)
 
         return await self._answer(context, "DeleteModel", delete())
+
+    async def _in_repository(self, model_id: str) -> bool:
+        """Whether the repository holds the model (servable or not): its directory, looked at now (the served view
+        may be a rescan old)."""
+        return await asyncio.to_thread((self.registry.repo / model_id).is_dir)
+
+    async def _withdraw(self, model_ids: set[str]) -> None:
+        """Stop serving the models whose deletion is pending (rescanning at once when that changes)."""
+        if self.registry.withdraw(model_ids):
+            await asyncio.to_thread(self.registry.scan)
 
     async def sweep(self, dead_after: float, max_attempts: int, retention: float) -> bool:
         """Housekeeping and metrics (every few seconds, from the server's watch loop); whether the registry is
@@ -205,6 +220,7 @@ class TuningService(pb2_grpc.TuningServicer):
                     self.metrics.tune_seconds.labels("tuning").observe(job.tuning_seconds)
                     self.metrics.tune_seconds.labels("export").observe(job.export_seconds)
             counts = await self.store.counts()
+            await self._withdraw(await self.store.pending_deletions())
         except StoreUnavailable as e:
             log.warning("%s", e)
             return False

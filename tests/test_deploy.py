@@ -365,13 +365,13 @@ def test_keda_objects_validate_against_kedas_crd_schemas():
         jsonschema.validate(broken, crd_schema("ScaledObject"))
 
 
-def test_keda_scales_the_workers_on_the_celery_queue():
-    from jobs.celery_app import QUEUE
+def test_keda_scales_the_workers_on_the_live_jobs():
+    from jobs.redis_store import ACTIVE
 
     scaled, auth = keda_objects()
     assert scaled["spec"]["scaleTargetRef"]["name"] == "tav-tune-worker" and scaled["spec"]["minReplicaCount"] == 0
     (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == QUEUE
+    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == ACTIVE
     host, port = trigger["metadata"]["address"].split(":")
     service = the("Service", host)
     assert int(port) in [p["port"] for p in service["spec"]["ports"]]

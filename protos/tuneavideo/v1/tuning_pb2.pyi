@@ -105,8 +105,10 @@ class DeleteModelRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class DeleteModelResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("pending",)
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    pending: bool
+    def __init__(self, pending: _Optional[bool] = ...) -> None: ...
 
 class TuneJob(_message.Message):
     __slots__ = ("id", "model_id", "base", "caption", "state", "queue_position", "step", "total_steps", "loss", "settings", "create_time", "start_time", "update_time", "end_time", "failure_reason", "cancel_requested", "attempt", "worker", "tuning_seconds", "export_seconds")

@@ -5,7 +5,7 @@ import warnings
 
 from tuneavideo.v1 import tuning_pb2 as tuneavideo_dot_v1_dot_tuning__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -134,7 +134,13 @@ class TuningServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Remove a model from the repository: every replica stops serving it at its next rescan.
+        """Remove a model from the repository (a tuning worker does it: replicas mount the repository read-only). An OK
+        answer means the deletion is accepted and will happen: done already (pending false; every replica stops
+        serving the model at its next rescan), or recorded for the next tuning worker to run (pending true: the
+        workers are scaled to zero or busy; the replicas stop serving it meanwhile and the id stays reserved, so no
+        job can re-create it before it is gone). Any error means nothing was recorded and nothing will happen later:
+        NOT_FOUND (no such model), FAILED_PRECONDITION (a live tune job is making it, or its deletion is pending
+        already), UNAVAILABLE (the job store is unreachable).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
