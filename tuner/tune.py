@@ -16,7 +16,6 @@ clip's motion out of the tuned weights.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ from tuner.components import (
     load_components,
 )
 from tuner.inflate import ATTENTION_MODES, FRAME_POSITIONS, GROUP_NORMS, VideoUNet, inflate, is_trainable
-from tuner.io_utils import atomic_directory
+from tuner.io_utils import atomic_directory, read_json_file
 from tuner.versions import versions
 from tuner.video_io import VideoError, read_video, resize_center_crop, sample_frames
 
@@ -91,7 +90,7 @@ SMALL_BASE_SETTINGS = {"steps": 600, "lr": 1e-3, "trainable": "temporal",
 
 def unet_parameters(base: str | Path) -> int:
     """The base UNet's parameter count, from its config alone (built on the meta device: no weights are read)."""
-    config = json.loads((check_base_dir(base) / "unet" / "config.json").read_text())
+    config = read_json_file(check_base_dir(base) / "unet" / "config.json", f"{base}/unet/config.json")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     return sum(p.numel() for p in unet.parameters())
