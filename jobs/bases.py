@@ -17,8 +17,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner.components import MODEL_FILE_PATTERNS, BaseModelError, base_model_files, base_model_hash, check_base_dir
-from tuner.io_utils import atomic_directory, file_lock, read_json_file
+from tuner.components import (
+    MODEL_FILE_PATTERNS,
+    BaseModelError,
+    base_model_files,
+    base_model_hash,
+    base_sizes,
+    check_base_dir,
+)
+from tuner.io_utils import atomic_directory, file_lock
 from tuner.shapes import SHAPES_MODEL
 from tuner.tune import TuneSettings, default_settings
 
@@ -65,11 +72,8 @@ def resolve(source: str) -> Path:
 def load_base(base_id: str, source: str) -> Base:
     """Resolve an allowed base and read its size rules (from its configs: no weights are loaded)."""
     path = resolve(source)
-    vae = read_json_file(path / "vae" / "config.json", f"{path}/vae/config.json")
-    unet = read_json_file(path / "unet" / "config.json", f"{path}/unet/config.json")
-    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    size_multiple = vae_factor * 2 ** (len(unet["block_out_channels"]) - 1)
-    return Base(base_id, source, path, size_multiple, int(unet["sample_size"]) * vae_factor, default_settings(path))
+    size_multiple, default_size = base_sizes(path)
+    return Base(base_id, source, path, size_multiple, default_size, default_settings(path))
 
 
 def load_bases(specs: dict[str, str]) -> dict[str, Base]:

@@ -9,7 +9,9 @@ import contextlib
 import re
 import shutil
 import socket
+import struct
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -228,6 +230,45 @@ def test_refused_large_requests_leave_the_server_s_memory_where_the_first_left_i
         assert server.terminate() == 0
 
 
+# 4. The tuner decodes an upload at the job's size, keeping only the frames it tunes on.
+
+def gif_bomb(width: int, height: int, frames: int) -> bytes:
+    """A GIF of a few hundred bytes whose frames are each a width x height canvas holding one 1x1 image."""
+    screen = b"GIF89a" + struct.pack("<HH", width, height) + bytes([0x80, 0, 0]) + b"\0\0\0\xff\xff\xff"
+    loop = b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
+    frame = (b"\x21\xf9\x04\x00\x0a\x00\x00\x00" + b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1) + b"\0"
+             + b"\x02\x02\x44\x01\x00")
+    return screen + loop + frame * frames + b"\x3b"
+
+
+TUNE_PEAK = """
+import resource, sys
+from pathlib import Path
+from tuner.tune import TuneSettings, tune
+clip = Path(sys.argv[2]).read_bytes()
+settings = TuneSettings(frames=8, width=32, height=32, steps=1)
+tune(sys.argv[1], clip, "a white dot", sys.argv[3], settings, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_an_upload_declaring_huge_frames_is_tuned_from_frames_decoded_at_the_job_s_size(tiny_base, tmp_path):
+    """A 407-byte GIF declaring 16 frames of 4096x4096 (805 MB decoded, within the decoding bounds) tunes at
+    32x32 with the peak memory of a 16-frame 64x64 GIF, give or take 400 MB (it took 1.6 GB more before: every
+    frame was decoded and kept at full size)."""
+    peaks = {}
+    for name, size in (("small", 64), ("bomb", 4096)):
+        clip = tmp_path / f"{name}.gif"
+        clip.write_bytes(gif_bomb(size, size, 16))
+        done = subprocess.run([sys.executable, "-c", TUNE_PEAK, str(tiny_base), str(clip), str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        peaks[name] = int(done.stdout.split()[-1])
+    assert len(gif_bomb(4096, 4096, 16)) == 407
+    assert peaks["bomb"] - peaks["small"] < 400, peaks
+    print(f"peak resident MiB of tuning: {peaks}")
+
+
 # 5. Numeric flags: a mistake is exit 2 and one line naming the flag, never a traceback.
 
 @pytest.mark.parametrize("args, message", [
@@ -236,7 +277,8 @@ def test_refused_large_requests_leave_the_server_s_memory_where_the_first_left_i
     (["--engine-cache-gb", "inf"], "--engine-cache-gb must be positive and finite, got inf"),
     (["--engine-cache-gb", "nan"], "--engine-cache-gb must be positive and finite, got nan"),
     (["--worker-dead-after", "0"], "--worker-dead-after must be positive and finite, got 0.0"),
-    (["--max-job-seconds", "inf"], "--max-job-seconds must be positive and finite, got inf"),
+    (["--max-job-seconds", "inf", "--broker", "redis://127.0.0.1:1/0"],
+     "--max-job-seconds must be positive and finite, got inf"),
     (["--rescan-seconds", "nan"], "--rescan-seconds must be positive and finite, got nan"),
 ])
 def test_a_bad_number_for_the_server_exits_2_naming_the_flag(tmp_path, args, message, capsys):

@@ -81,6 +81,19 @@ def check_base_dir(base: str | Path) -> Path:
     return base
 
 
+def base_sizes(base: str | Path) -> tuple[int, int]:
+    """A base's (size multiple, default size) in pixels, as `Components` has them, from its UNet and VAE configs
+    alone (no weights are read): what a clip is decoded to before the model is loaded."""
+    base = Path(base)
+    try:
+        vae = read_json_file(base / "vae" / "config.json", f"{base}/vae/config.json")
+        unet = read_json_file(base / "unet" / "config.json", f"{base}/unet/config.json")
+        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return vae_factor * 2 ** (len(unet["block_out_channels"]) - 1), int(unet["sample_size"]) * vae_factor
+    except (JsonError, KeyError, TypeError, ValueError) as e:
+        raise BaseModelError(f"{base}: the UNet and VAE configs do not give the model's sizes ({e})") from None
+
+
 def base_model_files(base: str | Path) -> list[Path]:
     """The files of a base model that loading it reads (`MODEL_FILE_PATTERNS`): its configs, tokenizer files and
     safetensors weights; not a model card, a pickled checkpoint beside them or a component this project never
