@@ -6,6 +6,7 @@ the code before its fix; servers are real `tav-serve` processes where the proces
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 import shutil
 import socket
@@ -19,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from grpc_helpers import MODEL, OTHER_MODEL, ServeProcess, request, stub
+from grpc_helpers import MODEL, OTHER_MODEL, ServeProcess, ServerThread, request, stub
 from tuneavideo.v1 import tuneavideo_pb2 as pb2
 from tuneavideo.v1 import tuning_pb2, tuning_pb2_grpc
 
@@ -28,6 +29,7 @@ from jobs.bases import load_base
 from jobs.spec import Job
 from server import serve
 from server.registry import ModelRegistry
+from server.serve import ServerConfig
 from tuner.components import BaseModelError, check_base_dir
 
 DEEP = b"[" * 200_000 + b"]" * 200_000  # 400 kB: under the 1 MiB bound on JSON files, 200 000 levels deep
@@ -228,6 +230,33 @@ def test_refused_large_requests_leave_the_server_s_memory_where_the_first_left_i
         print(f"idle RSS after the first round {first:.0f} MiB, after the last {rss:.0f} MiB")
     finally:
         assert server.terminate() == 0
+
+
+def test_nothing_keeps_a_refused_request_alive(tuned_run, tmp_path):
+    """With the garbage collector off, no request message of a refused call outlives its call: before, the abort
+    raised while handling the refusal kept the request in a reference cycle with grpc's call state."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / MODEL).symlink_to(tuned_run, target_is_directory=True)
+    server = ServerThread(ServerConfig(repo=repo, port=0))
+    try:
+        server.wait_ready()
+        sent = [request(frames=0, source_video=b"\0" * 1024),
+                tuning_pb2.CreateTuneJobRequest(model_id="refused", caption=" ", video=b"\0" * 1024)]
+        gc.collect()
+        gc.disable()
+        with grpc.insecure_channel(server.target) as channel:
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError):
+                    list(stub(channel).Generate(sent[0], timeout=60))
+                with pytest.raises(grpc.RpcError):
+                    tuning_pb2_grpc.TuningStub(channel).CreateTuneJob(sent[1], timeout=60)
+        kinds = (pb2.GenerateRequest, tuning_pb2.CreateTuneJobRequest)
+        alive = [o for o in gc.get_objects() if type(o) in kinds and not any(o is m for m in sent)]
+        assert not alive, f"{len(alive)} refused requests are still alive"
+    finally:
+        gc.enable()
+        server.stop()
 
 
 # 4. The tuner decodes an upload at the job's size, keeping only the frames it tunes on.
