@@ -104,6 +104,9 @@ class Worker:
                     self.store.reply(request["reply"], {"deleted": deleted})
             except redis.ConnectionError:
                 time.sleep(2.0)
+            except Exception:  # a bad request or a failed deletion must not end the loop: it logs and goes on
+                log.exception("a control request failed")
+                time.sleep(2.0)
 
 
 class RedisHooks:

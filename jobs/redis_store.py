@@ -51,6 +51,7 @@ from jobs.store import (
     QueueFull,
     StoreUnavailable,
 )
+from tuner.io_utils import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ class RedisJobStore(JobStore):
         if answer is None:
             raise StoreUnavailable(f"no tuning worker answered within {timeout:.0f} s to delete {model_id!r}; "
                                    f"is one running?")
-        if not json.loads(answer[1])["deleted"]:
+        if not parse_json(answer[1], "a worker's answer")["deleted"]:
             raise ModelNotFound(model_id)
 
     async def sweep(self, dead_after: float, max_attempts: int, retention: float) -> list[Job]:
@@ -406,7 +407,7 @@ class RedisWorkerStore:
 
     def next_control(self, timeout: float) -> dict | None:
         item = self.redis.blpop([CONTROL], timeout=timeout)
-        return json.loads(item[1]) if item else None
+        return parse_json(item[1], "a control request") if item else None
 
     def reply(self, key: str, answer: dict) -> None:
         self.redis.rpush(key, json.dumps(answer))

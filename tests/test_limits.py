@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import re
 import shutil
 import socket
@@ -181,6 +182,25 @@ def test_a_failing_background_round_is_logged_and_counted_and_the_loops_go_on(tu
     finally:
         assert server.terminate() == 0
     assert any(f"job record field settings {DEEP_REASON}" in line for line in server.log)
+
+
+def test_a_tuning_worker_s_control_loop_outlives_requests_it_cannot_read(tmp_path, redis_url):
+    """A control request of deeply nested JSON, then one without its fields, then a deletion: the worker answers
+    the deletion (before, the first ended its control loop with a RecursionError: no deletion was answered again)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "jobs.celery_worker", "--broker", redis_url, "--repo", str(repo),
+                               "--device", "cpu", "--name", "w"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        with redis.Redis.from_url(redis_url) as client:
+            client.rpush("tav:control", DEEP, b"{}", b'{"delete_model": "absent", "reply": "tav:reply:t"}')
+            answer = wait_until(lambda: client.lpop("tav:reply:t"), 300)  # the worker starts (imports torch) meanwhile
+        assert json.loads(answer) == {"deleted": False}
+        assert f"a control request {DEEP_REASON}" in log.read_text()
+    finally:
+        worker.terminate()
+        worker.wait(60)
 
 
 # 3. A refused request leaves nothing behind, however large it was.
