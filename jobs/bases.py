@@ -12,13 +12,19 @@ repository loads what a worker tuned, wherever the repository is mounted.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuner.components import MODEL_FILE_PATTERNS, BaseModelError, base_model_files, base_model_hash, check_base_dir
+from tuner.components import (
+    MODEL_FILE_PATTERNS,
+    BaseModelError,
+    base_model_files,
+    base_model_hash,
+    base_sizes,
+    check_base_dir,
+)
 from tuner.io_utils import atomic_directory, file_lock
 from tuner.shapes import SHAPES_MODEL
 from tuner.tune import TuneSettings, default_settings
@@ -66,11 +72,8 @@ def resolve(source: str) -> Path:
 def load_base(base_id: str, source: str) -> Base:
     """Resolve an allowed base and read its size rules (from its configs: no weights are loaded)."""
     path = resolve(source)
-    vae = json.loads((path / "vae" / "config.json").read_text())
-    unet = json.loads((path / "unet" / "config.json").read_text())
-    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    size_multiple = vae_factor * 2 ** (len(unet["block_out_channels"]) - 1)
-    return Base(base_id, source, path, size_multiple, int(unet["sample_size"]) * vae_factor, default_settings(path))
+    size_multiple, default_size = base_sizes(path)
+    return Base(base_id, source, path, size_multiple, default_size, default_settings(path))
 
 
 def load_bases(specs: dict[str, str]) -> dict[str, Base]:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -110,6 +110,9 @@ class Worker:
                     self.store.reply(request["reply"], {"deleted": True})
             except redis.ConnectionError:
                 time.sleep(2.0)
+            except Exception:  # a bad request or a failed deletion must not end the loop: it logs and goes on
+                log.exception("a control request failed")
+                time.sleep(2.0)
 
 
 class RedisHooks:
@@ -176,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.repo.is_dir():
-        print(f"tav-tune-worker: error: {args.repo} is not a directory", file=sys.stderr)
-        raise SystemExit(2)
+        p.error(f"{args.repo} is not a directory")
+    if not 0 < args.max_job_seconds < math.inf:  # nan and inf too: they reach the broker's int() timeout
+        p.error(f"--max-job-seconds must be positive and finite, got {args.max_job_seconds}")
     url = args.broker_file.read_text().strip() if args.broker_file else args.broker
     settings = {"mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing}
     worker = Worker(RedisWorkerStore(url), args.repo, args.name, args.device, args.max_job_seconds, settings)

@@ -56,6 +56,7 @@ from jobs.store import (
     QueueFull,
     StoreUnavailable,
 )
+from tuner.io_utils import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +459,7 @@ class RedisWorkerStore:
 
     def next_control(self, timeout: float) -> dict | None:
         item = self.redis.blpop([CONTROL], timeout=timeout)
-        return json.loads(item[1]) if item else None
+        return parse_json(item[1], "a control request") if item else None
 
     def pending_deletions(self) -> list[str]:
         """The accepted deletions no worker has done yet."""

@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from tuner.io_utils import parse_json
 from tuner.tune import TuneSettings, invalid_choice
 
 QUEUED, TUNING, EXPORTING, READY, FAILED, CANCELLED = "queued", "tuning", "exporting", "ready", "failed", "cancelled"
@@ -119,7 +120,7 @@ class Job:
                 continue
             raw = text[f.name]
             if f.type in ("dict", "bool"):
-                values[f.name] = json.loads(raw)
+                values[f.name] = parse_json(raw, f"job record field {f.name}")
             elif f.type == "int":
                 values[f.name] = int(raw)
             elif f.type == "float":

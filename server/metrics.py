@@ -4,7 +4,8 @@ served over plain HTTP by prometheus_client's `start_http_server`.
 Exposed: calls by method, final status code and model (those refused before their handler ran too), calls
 refused for a missing or wrong token, queue depth, running requests, per-phase latency histograms (queue wait,
 text, encode, invert, sample, decode, output encoding, total) and latency per frame; and for the tuning service,
-tune jobs by state (the queue length is the `queued` count) and the tuning and export seconds of finished jobs.
+tune jobs by state (the queue length is the `queued` count) and the tuning and export seconds of finished jobs;
+errors of the background loops (the repository rescan, the tune jobs' sweep), which log, count and go on.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Metrics:
         self.tune_seconds = Histogram("tav_tune_seconds", "Seconds of the tuning and export stages of jobs that "
                                       "published a model (each job observed once, by one replica)", ["stage"],
                                       buckets=TUNE_BUCKETS, registry=self.registry)
+        self.background_errors = Counter("tav_background_errors", "Rounds of a background loop that failed (logged; "
+                                         "the loop goes on)", ["loop"], registry=self.registry)
         self._http = None
 
     def count(self, method: str, code: grpc.StatusCode, model: str = "-") -> None:

@@ -236,6 +236,9 @@ class ModelRegistry:
                         found = read_entry(path, self.backend)
                     except ArtefactError as e:
                         found = str(e)
+                    except Exception:  # a bug reading one model must not hide the others
+                        log.exception("model %s cannot be read", name)
+                        found = "its files cannot be read (details in the server log)"
                 listed[name] = (signature, found)
                 if isinstance(found, str):
                     skipped[name] = found

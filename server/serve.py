@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,6 +44,7 @@ from server.tuning import TuningService
 from server.worker import NOT_STARTED, Failed, FairQueue, Worker
 
 log = logging.getLogger("tav-serve")
+T = TypeVar("T")
 
 MAX_RECEIVE_BYTES = MAX_SOURCE_BYTES + (1 << 20)  # the largest source clip, plus room for the other fields
 MAX_SEND_BYTES = 4 << 20  # result chunks are at most 1 MiB
@@ -97,9 +101,10 @@ class ServerConfig:
                             ("max-connection-age", self.max_connection_age),
                             ("engine-cache-gb", self.engine_cache_bytes), ("rescan-seconds", self.rescan_seconds),
                             ("max-job-seconds", self.max_job_seconds),
-                            ("job-retention-hours", self.job_retention_hours), ("dead-after", self.dead_after)]:
-            if not value > 0:
-                raise ValueError(f"--{name} must be positive, got {value}")
+                            ("job-retention-hours", self.job_retention_hours),
+                            ("worker-dead-after", self.dead_after)]:
+            if not 0 < value < math.inf:  # nan and inf too: they reach int() and timers
+                raise ValueError(f"--{name} must be positive and finite, got {value}")
         for name, value in [("max-queue", self.max_queue), ("max-calls", self.max_calls),
                             ("max-connections", self.max_connections), ("max-streams", self.max_streams),
                             ("max-queued-jobs", self.max_queued_jobs), ("max-job-attempts", self.max_job_attempts)]:
@@ -162,8 +167,8 @@ class TavServer:
         loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
         self._closed = asyncio.Event()
-        admission = AdmissionInterceptor(config.tokens, config.admin_tokens, config.limits, self.metrics)
-        self.server = grpc.aio.server(interceptors=[admission], options=grpc_options(config))
+        self.admission = AdmissionInterceptor(config.tokens, config.admin_tokens, config.limits, self.metrics)
+        self.server = grpc.aio.server(interceptors=[self.admission], options=grpc_options(config))
         self.store = self._job_store()
         self.tuning = TuningService(self.store, self.registry, self.bases, self.metrics, config.max_queued_jobs)
         pb2_grpc.add_VideoGenerationServicer_to_server(self.service, self.server)
@@ -225,20 +230,32 @@ class TavServer:
 
     async def _watch(self) -> None:
         """Every `rescan_seconds`: look at the repository again (off the event loop), check that the worker is
-        alive, and keep the tune jobs' registry (housekeeping, metrics, the Tuning health entry)."""
+        alive, keep the tune jobs' registry (housekeeping, metrics, the Tuning health entry) and give memory that
+        large requests left free back to the system."""
         config, tuning_status = self.config, None
         while not self.draining:
-            reachable = await self.tuning.sweep(config.dead_after, config.max_job_attempts,
-                                                config.job_retention_hours * 3600)
+            reachable = await self._round("job_sweep", self.tuning.sweep(
+                config.dead_after, config.max_job_attempts, config.job_retention_hours * 3600))
             if (SERVING if reachable else NOT_SERVING) != tuning_status:
                 tuning_status = SERVING if reachable else NOT_SERVING
                 await self.health.set(TUNING_SERVICE_NAME, tuning_status)
                 log.log(logging.INFO if reachable else logging.ERROR, "tuning service %s",
-                        "serving" if reachable else "not serving: its job store is unreachable")
+                        "serving" if reachable else "not serving: its job store is unreachable or its sweep failed")
             await asyncio.sleep(config.rescan_seconds)
-            await asyncio.to_thread(self.registry.scan)
+            await self._round("rescan", asyncio.to_thread(self.registry.scan))
+            await self._round("memory", self.admission.give_back_memory())
             if not self.worker.is_alive() and not self.draining:
                 self._failed("the worker thread is gone")
+
+    async def _round(self, loop: str, work: Awaitable[T]) -> T | None:
+        """One round of a background loop: an error is logged and counted (`tav_background_errors_total`), and the
+        loop goes on (None for its result)."""
+        try:
+            return await work
+        except Exception:
+            log.exception("the background %s failed; it runs again in %g s", loop, self.config.rescan_seconds)
+            self.metrics.background_errors.labels(loop).inc()
+            return None
 
     def _failed(self, reason: str) -> None:
         """The worker cannot serve any more: say so in health, stop, exit 1."""
@@ -379,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds without a heartbeat (workers beat every 2 s) before a job's worker counts as "
                              "dead and the job runs again")
     args = p.parse_args(argv)
+    if not 0 < args.engine_cache_gb < math.inf:
+        p.error(f"--engine-cache-gb must be positive and finite, got {args.engine_cache_gb}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ServerConfig(

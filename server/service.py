@@ -32,6 +32,7 @@ from server.generate import (
     check_source_video,
     resolve,
 )
+from server.interceptors import end_call
 from server.metrics import Metrics
 from server.registry import ModelEntry, ModelRegistry, ModelUnavailable, check_model_id
 from server.worker import Done, Failed, FairQueue, Job, Progress, QueueClosed, QueueFull, Started
@@ -112,6 +113,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
                        ) -> AsyncIterator[pb2.GenerateResponse]:
         label = request.model if request.model in self.registry.models else "-"
         code = grpc.StatusCode.CANCELLED  # unless the call ends otherwise: the client went away
+        refusal = None  # the message of a RequestFailed, answered once nothing refers to its exception
         self._active += 1
         self._idle.clear()
         try:
@@ -120,8 +122,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
                     yield response
             code = grpc.StatusCode.OK
         except RequestFailed as e:
-            code = e.code
-            await context.abort(e.code, e.message)
+            code, refusal = e.code, e.message
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             if remaining is not None and remaining < DEADLINE_SLACK:
@@ -132,6 +133,8 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
             self._active -= 1
             if not self._active:
                 self._idle.set()
+        if refusal is not None:
+            end_call(context, code, refusal)
 
     async def _generate(self, request: pb2.GenerateRequest, context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[pb2.GenerateResponse]:

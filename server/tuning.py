@@ -31,6 +31,7 @@ from jobs.store import (
     StoreUnavailable,
 )
 from server.generate import MAX_FRAMES, MAX_SOURCE_BYTES, MAX_SOURCE_PIXELS, InvalidRequest
+from server.interceptors import end_call
 from server.metrics import Metrics
 from server.registry import ModelRegistry, check_model_id
 from tuner.video_io import VideoError, probe_video
@@ -99,14 +100,21 @@ class TuningService(pb2_grpc.TuningServicer):
         try:
             result = await call
         except tuple(ERRORS) as e:
-            await self._abort(context, rpc, e)
-        self.metrics.count(rpc, grpc.StatusCode.OK)
-        return result
+            code, message = self._refusal(e)
+        else:
+            self.metrics.count(rpc, grpc.StatusCode.OK)
+            return result
+        self._refuse(context, rpc, code, message)  # outside the handler: nothing keeps the request alive
+        return None
 
-    async def _abort(self, context: grpc.aio.ServicerContext, rpc: str, error: Exception) -> None:
+    @staticmethod
+    def _refusal(error: Exception) -> tuple[grpc.StatusCode, str]:
         code = next(code for kind, code in ERRORS.items() if isinstance(error, kind))
+        return code, f"model_id: {error}" if isinstance(error, IdTaken) else str(error)
+
+    def _refuse(self, context: grpc.aio.ServicerContext, rpc: str, code: grpc.StatusCode, message: str) -> None:
         self.metrics.count(rpc, code)
-        await context.abort(code, f"model_id: {error}" if isinstance(error, IdTaken) else str(error))
+        end_call(context, code, message)
 
     async def CreateTuneJob(self, request: pb2.CreateTuneJobRequest, context) -> pb2.TuneJob:
         return await self._answer(context, "CreateTuneJob", self._create(request))
@@ -178,7 +186,8 @@ class TuningService(pb2_grpc.TuningServicer):
                 job = await self.store.get(request.id)
                 update = await self._proto(job)
             except tuple(ERRORS) as e:
-                await self._abort(context, "WatchTuneJob", e)
+                code, message = self._refusal(e)
+                break
             if update != last:
                 last = update
                 yield update
@@ -186,6 +195,7 @@ class TuningService(pb2_grpc.TuningServicer):
                 self.metrics.count("WatchTuneJob", grpc.StatusCode.OK)
                 return
             await asyncio.sleep(WATCH_INTERVAL)
+        self._refuse(context, "WatchTuneJob", code, message)
 
     async def DeleteModel(self, request: pb2.DeleteModelRequest, context) -> pb2.DeleteModelResponse:
         async def delete():
@@ -210,8 +220,8 @@ class TuningService(pb2_grpc.TuningServicer):
             await asyncio.to_thread(self.registry.scan)
 
     async def sweep(self, dead_after: float, max_attempts: int, retention: float) -> bool:
-        """Housekeeping and metrics (every few seconds, from the server's watch loop); whether the registry is
-        reachable."""
+        """Housekeeping and metrics (every few seconds, from the server's watch loop, which logs and counts any other
+        error); whether the registry is reachable."""
         try:
             for job in await self.store.sweep(dead_after, max_attempts, retention):
                 log.info("tune job %s ended %s%s", job.id, job.state,
@@ -223,9 +233,6 @@ class TuningService(pb2_grpc.TuningServicer):
             await self._withdraw(await self.store.pending_deletions())
         except StoreUnavailable as e:
             log.warning("%s", e)
-            return False
-        except Exception:  # a bug must not stop the server's housekeeping loop
-            log.exception("the tune jobs' sweep failed")
             return False
         for state in STATES:
             self.metrics.tune_jobs.labels(state).set(counts.get(state, 0))

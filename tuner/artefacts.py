@@ -9,7 +9,7 @@ RUN/
 ```
 
 Everything is safetensors or JSON; nothing is unpickled. Directories are written whole or not at all. Every JSON
-file is read through `read_json`, bounded in size and checked against its schema, so a broken file is an
+file is read through `read_json`, bounded in size and depth and checked against its schema, so a broken file is an
 `ArtefactError` naming the file (relative to its directory) and what is wrong with it, never anything else.
 """
 
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from tuner.components import Components, load_components
 from tuner.inflate import FRAME_POSITIONS, VideoUNet, inflate, is_trainable
-from tuner.io_utils import sha256_files
+from tuner.io_utils import JsonError, read_json_file, sha256_files
 
 FORMAT = "tav-tuned-model"
 # v2 added `frame_positions` (a v1 model has none); v3 its value "sinusoidal_short_middle", which a v2 reader
@@ -39,7 +39,6 @@ CONFIG_FILE = "tav_config.json"
 ADAPTER_FILE = "adapter.safetensors"
 SOURCE_FILE = "source.safetensors"
 MAX_SOURCE_FRAMES = 128
-MAX_JSON_BYTES = 1 << 20  # no artefact's JSON file comes near this
 
 _POSITIVE_INT = {"type": "integer", "minimum": 1}
 _STRING = {"type": "string"}
@@ -81,23 +80,12 @@ class ArtefactError(ValueError):
 
 
 def read_json(path: Path, name: str, schema: dict) -> dict:
-    """A JSON file of an artefact, checked: at most MAX_JSON_BYTES, UTF-8, and valid against `schema`. `name` is
-    how messages call the file (relative to the model directory)."""
+    """A JSON file of an artefact, checked: bounded in size and depth (`parse_json`), UTF-8, and valid against
+    `schema`. `name` is how messages call the file (relative to the model directory)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_JSON_BYTES + 1)
-    except FileNotFoundError:
-        raise ArtefactError(f"{name} is missing") from None
-    except OSError as e:
-        raise ArtefactError(f"{name} cannot be read ({e.strerror})") from None
-    if len(data) > MAX_JSON_BYTES:
-        raise ArtefactError(f"{name} is larger than {MAX_JSON_BYTES} bytes")
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ArtefactError(f"{name} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ArtefactError(f"{name} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        value = read_json_file(path, name)
+    except JsonError as e:
+        raise ArtefactError(str(e)) from None
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
     if error is not None:
         where = "/".join(map(str, error.absolute_path)) or "the document"

@@ -7,7 +7,6 @@ with the stock `from_pretrained` and safetensors only (no pickle is ever loaded)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from tuner.io_utils import sha256_files
+from tuner.io_utils import JsonError, read_json_file, sha256_files
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 MODEL_FILE_PATTERNS = [  # what a Stable Diffusion 1.x base is made of for this project, and nothing pickled
@@ -69,15 +68,30 @@ def check_base_dir(base: str | Path) -> Path:
     if missing:
         raise BaseModelError(f"{base} lacks the Stable Diffusion subfolder(s) {', '.join(missing)}")
     try:
-        unet_config = json.loads((base / "unet" / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BaseModelError(f"{base}/unet/config.json is unreadable: {e}") from e
+        unet_config = read_json_file(base / "unet" / "config.json", f"{base}/unet/config.json")
+    except JsonError as e:
+        raise BaseModelError(str(e)) from None
+    if not isinstance(unet_config, dict):
+        raise BaseModelError(f"{base}/unet/config.json is not a JSON object")
     if unet_config.get("_class_name") != "UNet2DConditionModel":
         raise BaseModelError(f"{base}/unet is a {unet_config.get('_class_name')}, not a UNet2DConditionModel")
     for part in ("unet", "vae", "text_encoder"):
         if not list((base / part).glob("*.safetensors")):
             raise BaseModelError(f"{base}/{part} has no .safetensors weights (pickled weights are never loaded)")
     return base
+
+
+def base_sizes(base: str | Path) -> tuple[int, int]:
+    """A base's (size multiple, default size) in pixels, as `Components` has them, from its UNet and VAE configs
+    alone (no weights are read): what a clip is decoded to before the model is loaded."""
+    base = Path(base)
+    try:
+        vae = read_json_file(base / "vae" / "config.json", f"{base}/vae/config.json")
+        unet = read_json_file(base / "unet" / "config.json", f"{base}/unet/config.json")
+        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return vae_factor * 2 ** (len(unet["block_out_channels"]) - 1), int(unet["sample_size"]) * vae_factor
+    except (JsonError, KeyError, TypeError, ValueError) as e:
+        raise BaseModelError(f"{base}: the UNet and VAE configs do not give the model's sizes ({e})") from None
 
 
 def base_model_files(base: str | Path) -> list[Path]:
@@ -115,9 +129,10 @@ def load_components(base: str | Path, device: str | torch.device = "cpu", dtype=
             vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs),
             text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs),
             tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
-            scheduler_config=json.loads((base / "scheduler" / "scheduler_config.json").read_text()),
+            scheduler_config=read_json_file(base / "scheduler" / "scheduler_config.json",
+                                            f"{base}/scheduler/scheduler_config.json"),
         )
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JsonError is a ValueError
         raise BaseModelError(f"cannot load the model in {base}: {e}") from e
     for module in (components.unet, components.vae, components.text_encoder):
         module.to(device).eval().requires_grad_(False)

@@ -1,16 +1,27 @@
-"""Small filesystem helpers shared by every writer of artefacts: atomic directories, locks between the processes
-that write one repository, and content hashes."""
+"""Small filesystem helpers shared by every writer and reader of artefacts: atomic directories, locks between the
+processes that write one repository, content hashes, and the one bounded JSON parser every JSON file and record
+goes through."""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAX_JSON_BYTES = 1 << 20  # no artefact's or job record's JSON comes near this
+MAX_JSON_DEPTH = 64  # nor this (the deepest, an engine manifest, nests 5 levels)
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPENERS, _CLOSERS = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
 
 
 @contextmanager
@@ -71,3 +82,44 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class JsonError(ValueError):
+    """A JSON document that is unreadable, too large, too deep or not JSON; the message names it."""
+
+
+def json_depth(data: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest, counted without parsing it (Python's parser recurses
+    once per level, so a deep document would raise RecursionError wherever it is parsed)."""
+    brackets = np.frombuffer(_JSON_STRING.sub(b"", data), np.uint8)
+    steps = np.isin(brackets, _OPENERS).astype(np.int32) - np.isin(brackets, _CLOSERS)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def parse_json(data: bytes | str, name: str) -> Any:
+    """A JSON document (UTF-8 bytes or text) of at most MAX_JSON_BYTES and MAX_JSON_DEPTH levels, or JsonError
+    naming it as `name`."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if len(data) > MAX_JSON_BYTES:
+        raise JsonError(f"{name} is larger than {MAX_JSON_BYTES} bytes")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise JsonError(f"{name} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise JsonError(f"{name} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise JsonError(f"{name} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_json_file(path: Path, name: str) -> Any:
+    """The JSON document in the file `path` (see `parse_json`), or JsonError naming it as `name`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except FileNotFoundError:
+        raise JsonError(f"{name} is missing") from None
+    except OSError as e:
+        raise JsonError(f"{name} cannot be read ({e.strerror})") from None
+    return parse_json(data, name)

@@ -16,7 +16,6 @@ clip's motion out of the tuned weights.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from tuner import artefacts
 from tuner.components import (
     BaseModelError,
     base_model_hash,
+    base_sizes,
     check_base_dir,
     encode_frames,
     encode_prompt,
@@ -40,9 +40,9 @@ from tuner.components import (
     load_components,
 )
 from tuner.inflate import ATTENTION_MODES, FRAME_POSITIONS, GROUP_NORMS, VideoUNet, inflate, is_trainable
-from tuner.io_utils import atomic_directory
+from tuner.io_utils import atomic_directory, read_json_file
 from tuner.versions import versions
-from tuner.video_io import VideoError, read_video, resize_center_crop, sample_frames
+from tuner.video_io import VideoError, read_video
 
 
 class TuneError(ValueError):
@@ -91,7 +91,7 @@ SMALL_BASE_SETTINGS = {"steps": 600, "lr": 1e-3, "trainable": "temporal",
 
 def unet_parameters(base: str | Path) -> int:
     """The base UNet's parameter count, from its config alone (built on the meta device: no weights are read)."""
-    config = json.loads((check_base_dir(base) / "unet" / "config.json").read_text())
+    config = read_json_file(check_base_dir(base) / "unet" / "config.json", f"{base}/unet/config.json")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     return sum(p.numel() for p in unet.parameters())
@@ -222,9 +222,16 @@ def tune(
 
     try:
         check_base_dir(base)
-        clip = sample_frames(read_video(video, max_frames=s.start + s.stride * artefacts.MAX_SOURCE_FRAMES),
-                             None, s.start, s.stride)
-    except (BaseModelError, VideoError) as e:
+        multiple, default_size = base_sizes(base)
+    except BaseModelError as e:
+        raise TuneError(str(e)) from e
+    width, height = s.width or default_size, s.height or default_size
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise TuneError(f"--width/--height {width}x{height} must be positive multiples of {multiple} for this model")
+    try:  # at the tuning size, and only the frames kept: the upload's own size never reaches memory
+        clip = read_video(video, max_frames=s.start + s.stride * artefacts.MAX_SOURCE_FRAMES, size=(width, height),
+                          start=s.start, stride=s.stride)
+    except VideoError as e:
         raise TuneError(str(e)) from e
     if len(clip) < s.frames:
         raise TuneError(f"{source_name} gives only {len(clip)} frames from index {s.start} at stride {s.stride}; "
@@ -235,12 +242,7 @@ def tune(
     except BaseModelError as e:
         raise TuneError(str(e)) from e
     parameters = sum(p.numel() for p in components.unet.parameters())
-    width = s.width or components.default_size
-    height = s.height or components.default_size
-    multiple = components.size_multiple
-    if width % multiple or height % multiple or width <= 0 or height <= 0:
-        raise TuneError(f"--width/--height {width}x{height} must be positive multiples of {multiple} for this model")
-    frames = resize_center_crop(clip.frames[: artefacts.MAX_SOURCE_FRAMES], width, height)
+    frames = clip.frames
 
     torch.manual_seed(s.seed)
     unet = inflate(components.unet, s.attention_mode, s.group_norm, s.frame_positions)

@@ -66,18 +66,22 @@ def read_video(
     max_pixels: int = MAX_DECODED_PIXELS,
     size: tuple[int, int] | None = None,
     check: Callable[[], None] | None = None,
+    start: int = 0,
+    stride: int = 1,
 ) -> Clip:
     """Read the frames (all, or the first `max_frames`) of a video file, encoded video bytes or image folder.
 
     Anything FFmpeg decodes works (MP4, WebM, GIF, MOV, ...); a folder is read in file-name order at 8 fps. A
     source over the pixel bounds (`max_pixels` in all, `MAX_FRAME_PIXELS` a frame) is a VideoError. `size`
-    (width, height): resize and centre-crop each frame as it is read. `check` is called before each frame;
-    raise from it to stop the read (a cancelled request).
+    (width, height): resize and centre-crop each frame as it is read. `start`, `stride`: keep only frames start,
+    start + stride, ... of those read (the others are decoded and dropped; the clip plays at fps / stride). `check`
+    is called before each frame; raise from it to stop the read (a cancelled request).
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    _check_sampling(None, start, stride)
     name, frames, fps = _open(source, max_frames, max_pixels)
-    out = []
+    out, read = [], 0
     with contextlib.closing(frames):
         while True:
             if check is not None:
@@ -85,10 +89,12 @@ def read_video(
             frame = next(frames, None)
             if frame is None:
                 break
-            out.append(frame if size is None else resize_center_crop(frame[None], *size)[0])
+            if read >= start and (read - start) % stride == 0:
+                out.append(frame if size is None else resize_center_crop(frame[None], *size)[0])
+            read += 1
     if not out:
-        raise VideoError(f"{name} has no frames")
-    return Clip(np.stack(out), fps)
+        raise VideoError(f"{name} has only {read} frames: none from index {start}" if read else f"{name} has no frames")
+    return Clip(np.stack(out), fps / stride)
 
 
 @dataclass(frozen=True)
@@ -261,16 +267,21 @@ def load_clip(
     stride: int = 1,
     max_frames: int | None = None,
 ) -> Clip:
-    """Read a video (path, folder or encoded bytes), sample `n` frames and resize/crop them to width x height.
+    """Read a video (path, folder or encoded bytes), sample `n` frames (all from `start` at `stride` when None)
+    and resize/crop them to width x height.
 
-    Decoding stops once the last frame that sampling needs has been read.
+    Decoding stops once the last frame that sampling needs has been read, and memory holds the sampled frames at
+    width x height only, whatever the source's size and length.
     """
     _check_sampling(n, start, stride)
     if n is not None:
         frames_needed = start + (n - 1) * stride + 1
         max_frames = frames_needed if max_frames is None else min(max_frames, frames_needed)
-    clip = sample_frames(read_video(path, max_frames=max_frames), n, start=start, stride=stride)
-    return Clip(resize_center_crop(clip.frames, width, height), clip.fps)
+    clip = read_video(path, max_frames=max_frames, size=(width, height), start=start, stride=stride)
+    if n is not None and len(clip) < n:
+        raise VideoError(f"asked for {n} frames from index {start} at stride {stride}, but the clip gives only "
+                         f"{len(clip)}")
+    return clip
 
 
 def encode_video(frames: np.ndarray, fps: float, fmt: str) -> bytes:
