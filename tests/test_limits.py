@@ -185,18 +185,21 @@ def test_a_failing_background_round_is_logged_and_counted_and_the_loops_go_on(tu
 
 
 def test_a_tuning_worker_s_control_loop_outlives_requests_it_cannot_read(tmp_path, redis_url):
-    """A control request of deeply nested JSON, then one without its fields, then a deletion: the worker answers
-    the deletion (before, the first ended its control loop with a RecursionError: no deletion was answered again)."""
+    """A control request of deeply nested JSON, then one without its fields, then the wake-up of a recorded
+    deletion: the worker does the deletion and answers it (before, the first ended its control loop with a
+    RecursionError: no deletion was done or answered again)."""
     repo = tmp_path / "repo"
-    repo.mkdir()
+    (repo / "doomed").mkdir(parents=True)
     log = tmp_path / "worker.log"
     worker = subprocess.Popen([sys.executable, "-m", "jobs.celery_worker", "--broker", redis_url, "--repo", str(repo),
                                "--device", "cpu", "--name", "w"], stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         with redis.Redis.from_url(redis_url) as client:
-            client.rpush("tav:control", DEEP, b"{}", b'{"delete_model": "absent", "reply": "tav:reply:t"}')
+            client.sadd("tav:deletions", "doomed")
+            client.rpush("tav:control", DEEP, b"{}", b'{"delete_model": "doomed", "reply": "tav:reply:t"}')
             answer = wait_until(lambda: client.lpop("tav:reply:t"), 300)  # the worker starts (imports torch) meanwhile
-        assert json.loads(answer) == {"deleted": False}
+        assert json.loads(answer) == {"deleted": True}
+        assert not (repo / "doomed").exists()
         assert f"a control request {DEEP_REASON}" in log.read_text()
     finally:
         worker.terminate()
