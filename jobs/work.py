@@ -93,7 +93,7 @@ def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = No
 
     settings = replace(job.tune_settings(), **worker_settings)
     hooks.progress(TUNING, 0, settings.steps)
-    base = materialise(resolve(job.base_source), repo)
+    base = materialise(*resolve(job.base_source), repo)
     work = job_dir(repo, job)
     shutil.rmtree(work, ignore_errors=True)  # a leftover of this very attempt
     started = time.perf_counter()

@@ -153,7 +153,7 @@ def test_the_base_hash_covers_what_loading_reads_and_the_old_whole_directory_has
     whole_directory = sha256_files([p for p in base.rglob("*") if p.is_file()], base)
     assert is_same_base(base, recorded) and is_same_base(base, whole_directory)
 
-    copy = materialise(base, tmp_path / "repo")
+    copy = materialise(base, None, tmp_path / "repo")
     assert copy.name == recorded and base_model_hash(copy) == recorded
     assert sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file()) == [
         p.relative_to(base) for p in base_model_files(base)]

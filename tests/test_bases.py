@@ -1,0 +1,159 @@
+"""The base store: one weights variant of a base is fetched, hashed and copied (a Stable Diffusion 1.x hub
+repository holds three), and `tav-export --gc` removes the engine and base store entries nothing refers to."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub.utils import filter_repo_objects
+from safetensors.torch import load_file, save_file
+
+from jobs.bases import materialise, parse_base, resolve
+from tuner.components import (
+    WEIGHT_NAMES,
+    base_model_files,
+    base_model_hash,
+    is_same_base,
+    load_components,
+    model_file_patterns,
+    weights_file,
+)
+from tuner.io_utils import sha256_files
+
+# The files of runwayml/stable-diffusion-v1-5 (revision 39593d5; the tree the diffusers docs' "loading" page shows,
+# and the root checkpoints of the repository's file list). CompVis/stable-diffusion-v1-4 has the same diffusers
+# folders, with sd-v1-4.ckpt / sd-v1-4-full-ema.ckpt at its root.
+SD15_FILES = [
+    ".gitattributes", "README.md", "model_index.json", "v1-inference.yaml",
+    "v1-5-pruned-emaonly.ckpt", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json", "safety_checker/model.fp16.safetensors", "safety_checker/model.safetensors",
+    "safety_checker/pytorch_model.bin", "safety_checker/pytorch_model.fp16.bin",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "text_encoder/model.safetensors",
+    "text_encoder/pytorch_model.bin", "text_encoder/pytorch_model.fp16.bin",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.bin",
+    "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.bin",
+    "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.bin",
+    "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+]
+CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "tokenizer/merges.txt",
+           "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+           "unet/config.json", "vae/config.json"]
+
+
+@pytest.mark.parametrize("variant, weights", [
+    (None, ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors"]),
+    ("fp16", ["text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+              "vae/diffusion_pytorch_model.fp16.safetensors"]),
+])
+def test_the_hub_fetch_takes_one_weights_variant_of_a_stable_diffusion_repository(variant, weights):
+    """What `snapshot_download` fetches of the real SD 1.5 file list: the configs and one variant's weights; no
+    other variant (fp16, non_ema), no pickle, no root checkpoint, no safety checker or feature extractor."""
+    fetched = sorted(filter_repo_objects(SD15_FILES, allow_patterns=model_file_patterns(variant)))
+    assert fetched == sorted(CONFIGS + weights)
+
+
+def with_every_variant(tiny: Path, where: Path) -> Path:
+    """The tiny base laid out as an SD 1.x hub repository is: fp16 and non_ema safetensors beside the main
+    weights, pickled copies, a safety checker and a feature extractor."""
+    shutil.copytree(tiny, where)
+    for part in WEIGHT_NAMES:
+        main = load_file(where / weights_file(part, None))
+        save_file({k: v.half() for k, v in main.items()}, where / weights_file(part, "fp16"))
+        (where / part / f"{WEIGHT_NAMES[part]}.bin").write_bytes(b"pickled")
+    unet = load_file(where / weights_file("unet", None))
+    save_file({k: v + 0.01 for k, v in unet.items()}, where / weights_file("unet", "non_ema"))
+    for name in ("safety_checker/model.safetensors", "safety_checker/model.fp16.safetensors",
+                 "feature_extractor/preprocessor_config.json", "v1-5-pruned.ckpt"):
+        (where / name).parent.mkdir(exist_ok=True)
+        (where / name).write_bytes(b"never loaded")
+    return where
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def loaded_files(base: Path) -> list[str]:
+    return sorted(str(p.relative_to(base)) for p in base_model_files(base))
+
+
+def test_a_local_base_with_every_variant_hashes_and_copies_one(tiny_base, tmp_path):
+    """A directory holding every variant: the main weights by default (the same hash as the base without the
+    other variants), `@fp16` the fp16 files alone; each store copy holds just its variant and loads as it."""
+    base = with_every_variant(tiny_base, tmp_path / "sd")
+    repo = tmp_path / "repo"
+
+    main = materialise(*resolve(str(base)), repo)
+    assert main.name == base_model_hash(tiny_base)
+    assert files(main) == loaded_files(tiny_base)
+
+    fp16 = materialise(*resolve(f"{base}@fp16"), repo)
+    assert fp16.name == base_model_hash(base, "fp16") != main.name
+    assert files(fp16) == sorted(p.replace(".safetensors", ".fp16.safetensors") if p.endswith(".safetensors") else p
+                                 for p in loaded_files(tiny_base))
+    assert [p.name for p in base_model_files(fp16)] == [p.name for p in base_model_files(base, "fp16")]
+    unet = load_components(fp16).unet  # diffusers' variant="fp16", found in the copy
+    stored = load_file(base / weights_file("unet", "fp16"))
+    name, tensor = next(iter(unet.state_dict().items()))
+    assert torch.equal(tensor, stored[name].float())
+    assert sorted(p.name for p in (repo / ".bases").iterdir() if not p.name.startswith(".")) == sorted(
+        [main.name, fp16.name])
+    # a model tuned before recorded a hash over every variant's weights: it still names this base
+    every_variant = [base / f for f in files(base) if f in CONFIGS or f.split("/")[0] in WEIGHT_NAMES
+                     and f.endswith(".safetensors")]
+    assert is_same_base(base, sha256_files(every_variant, base))
+
+
+def test_a_hub_cache_with_every_variant_gives_one(tiny_base, tmp_path):
+    """A hub id, offline, from a huggingface_hub cache on disk (blobs, snapshot links, refs) holding every
+    variant: each of `ID` and `ID@fp16` is hashed and copied as its one variant."""
+    layout = with_every_variant(tiny_base, tmp_path / "layout")
+    cache = tmp_path / "hub"
+    model = cache / "models--tav-test--sd"
+    commit = "1" * 40
+    for name in files(layout):
+        data = (layout / name).read_bytes()
+        blob = model / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = model / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (model / "refs").mkdir()
+    (model / "refs" / "main").write_text(commit)
+    code = """
+import json, sys
+from pathlib import Path
+from jobs.bases import materialise, resolve
+repo = Path(sys.argv[1])
+print(json.dumps({s: str(materialise(*resolve(s), repo)) for s in ("tav-test/sd", "tav-test/sd@fp16")}))
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "repo")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    copies = {source: Path(path) for source, path in json.loads(result.stdout).items()}
+    assert files(copies["tav-test/sd"]) == loaded_files(tiny_base)
+    assert copies["tav-test/sd"].name == base_model_hash(tiny_base)
+    assert [f for f in files(copies["tav-test/sd@fp16"]) if f.endswith(".safetensors")] == sorted(
+        weights_file(part, "fp16") for part in WEIGHT_NAMES)
+
+
+@pytest.mark.parametrize("arg", ["sd=org/model@", "sd=org/model@fp-16", "sd=@fp16"])
+def test_a_malformed_variant_is_refused_naming_the_flag(arg):
+    with pytest.raises(ValueError, match="--base"):
+        parse_base(arg)
