@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,17 +117,23 @@ def load_bases(specs: dict[str, str]) -> dict[str, Base]:
     return bases
 
 
-def materialise(source: Path, variant: str | None, repo: Path) -> Path:
+@contextmanager
+def base_in_use(source: Path, variant: str | None, repo: Path) -> Iterator[Path]:
     """The base's copy in the repository's base store, named by its content hash and holding just the hashed files
-    (`base_model_files` of the one `variant`): made once, atomically, under a lock shared by every worker of the
-    repository. A copy of a variant holds no other weights, so it loads as that variant (`weights_variant`)."""
+    (`base_model_files` of the one `variant`; so it loads as that variant, `weights_variant`): made once,
+    atomically, under a lock shared by every worker of the repository. The copy is held in use until the block
+    ends (a shared lock on `.bases/.<hash>.lock`): `tav-export --gc` never removes an entry so held, so a job holds
+    it from before the copy is made until its model, which refers to it, is published."""
     store = repo / BASE_STORE
     target = store / base_model_hash(source, variant)
-    with file_lock(store / ".lock"):
-        if not target.is_dir():
-            with atomic_directory(target) as tmp:
-                for file in base_model_files(source, variant):
-                    copy = tmp / file.relative_to(source)
-                    copy.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(file, copy)
-    return target
+    with file_lock(store / f".{target.name}.lock", shared=True):
+        with file_lock(store / ".lock"):
+            if target.is_dir():
+                os.utime(target)  # last used: the janitor's grace period counts from here
+            else:
+                with atomic_directory(target) as tmp:
+                    for file in base_model_files(source, variant):
+                        copy = tmp / file.relative_to(source)
+                        copy.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(file, copy)
+        yield target

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
 
-from jobs.bases import materialise, parse_base, resolve
+from jobs.bases import base_in_use, parse_base, resolve
 from tuner.components import (
     WEIGHT_NAMES,
     base_model_files,
@@ -97,11 +98,13 @@ def test_a_local_base_with_every_variant_hashes_and_copies_one(tiny_base, tmp_pa
     base = with_every_variant(tiny_base, tmp_path / "sd")
     repo = tmp_path / "repo"
 
-    main = materialise(*resolve(str(base)), repo)
+    with base_in_use(*resolve(str(base)), repo) as main:
+        pass
     assert main.name == base_model_hash(tiny_base)
     assert files(main) == loaded_files(tiny_base)
 
-    fp16 = materialise(*resolve(f"{base}@fp16"), repo)
+    with base_in_use(*resolve(f"{base}@fp16"), repo) as fp16:
+        pass
     assert fp16.name == base_model_hash(base, "fp16") != main.name
     assert files(fp16) == sorted(p.replace(".safetensors", ".fp16.safetensors") if p.endswith(".safetensors") else p
                                  for p in loaded_files(tiny_base))
@@ -138,9 +141,12 @@ def test_a_hub_cache_with_every_variant_gives_one(tiny_base, tmp_path):
     code = """
 import json, sys
 from pathlib import Path
-from jobs.bases import materialise, resolve
-repo = Path(sys.argv[1])
-print(json.dumps({s: str(materialise(*resolve(s), repo)) for s in ("tav-test/sd", "tav-test/sd@fp16")}))
+from jobs.bases import base_in_use, resolve
+copies = {}
+for source in ("tav-test/sd", "tav-test/sd@fp16"):
+    with base_in_use(*resolve(source), Path(sys.argv[1])) as copy:
+        copies[source] = str(copy)
+print(json.dumps(copies))
 """
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "repo")], env=env, capture_output=True,
@@ -157,3 +163,111 @@ print(json.dumps({s: str(materialise(*resolve(s), repo)) for s in ("tav-test/sd"
 def test_a_malformed_variant_is_refused_naming_the_flag(arg):
     with pytest.raises(ValueError, match="--base"):
         parse_base(arg)
+
+
+def store_entry(repo: Path, store: str, name: str, age: float = 7200.0) -> Path:
+    """A store entry with a file in it, last changed `age` seconds ago."""
+    entry = repo / store / name
+    entry.mkdir(parents=True)
+    (entry / "weights.bin").write_bytes(b"\0" * 1024)
+    then = time.time() - age
+    os.utime(entry, (then, then))
+    return entry
+
+
+def refer(directory: Path, base: str, engines: str) -> None:
+    """A tuned model's (or a job's) files as the tuner and the exporter write them, naming a base store entry
+    and an engine store entry."""
+    (directory / "engines").mkdir(parents=True)
+    (directory / "tav_config.json").write_text(json.dumps(
+        {"format": "tav-tuned-model", "base": {"path": f"../.bases/{base}", "sha256": base, "id": "sd"}}))
+    (directory / "engines" / "manifest.json").write_text(json.dumps(
+        {"format": "tav-engines", "store": {"key": engines, "path": f"../../.engines/{engines}"}}))
+
+
+def gc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporter.cli", "--gc", str(repo), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+class LockHolder:
+    """Another process holding an entry's lock the way the product does: `file_lock` (an export building an
+    engine store entry) or `base_in_use` (a tune job using its base), until stopped."""
+
+    CODE = """
+import sys
+from pathlib import Path
+from jobs.bases import base_in_use
+from tuner.io_utils import file_lock
+how, where, repo = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+with file_lock(where) if how == "build" else base_in_use(where, None, repo) as held:
+    print(held, flush=True)
+    sys.stdin.read()
+"""
+
+    def __init__(self, how: str, where: Path, repo: Path) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", self.CODE, how, str(where), str(repo)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.held = self.process.stdout.readline().strip()
+        assert self.held, "the lock holder failed"
+
+    def stop(self) -> None:
+        self.process.communicate("", timeout=60)
+
+
+def test_gc_removes_only_the_entries_no_model_or_job_uses(tiny_base, tmp_path):
+    """Two models sharing an engine entry and a base, a job in progress (its `.job-*` directory), an export
+    building an entry (its lock held), a job using its base (`base_in_use`), an entry made within the grace period,
+    one named only by a file that does not parse: all kept; the orphan engine entry, the orphan base and a killed
+    writer's leftovers go. Without the grace period, and once the locks are released, what they held goes too."""
+    repo = tmp_path / "repo"
+    shared, orphan, building, in_job, fresh, named = (c * 20 for c in "abcdef")
+    base, orphan_base, job_base = (c * 64 for c in "123")
+    for name in (shared, orphan, building, in_job, named):
+        store_entry(repo, ".engines", name)
+    store_entry(repo, ".engines", fresh, age=10)
+    store_entry(repo, ".engines", f"{orphan}.failed")
+    store_entry(repo, ".engines", f".{orphan}.tmp-x1y2")
+    for name in (base, orphan_base, job_base):
+        store_entry(repo, ".bases", name)
+    refer(repo / "model-a", base, shared)
+    refer(repo / "model-b", base, shared)
+    refer(repo / f".job-{'0' * 32}-1", job_base, in_job)  # a job exporting, not yet published
+    (repo / "model-broken").mkdir()
+    (repo / "model-broken" / "tav_config.json").write_text("[" * 100_000 + f'"{named}"')
+
+    def entries(store: str) -> list[str]:
+        names = os.listdir(repo / store)
+        assert not [n for n in names if ".tmp-" in n or ".gc-" in n]
+        return sorted(n for n in names if not n.startswith("."))
+
+    builder = LockHolder("build", repo / ".engines" / f".{building}.lock", repo)
+    user = LockHolder("use", tiny_base, repo)  # copies the tiny base into .bases/ and holds it
+    in_use = Path(user.held).name
+    try:
+        result = gc(repo)
+        assert result.returncode == 0, result.stderr
+        assert entries(".engines") == sorted([shared, building, in_job, fresh, named])
+        assert entries(".bases") == sorted([base, job_base, in_use])
+        assert f"removed .engines/{orphan} " in result.stdout and f"removed .bases/{orphan_base} " in result.stdout
+
+        assert gc(repo, "--grace", "0").returncode == 0  # no grace: the locks keep what is in use
+        assert entries(".engines") == sorted([shared, building, in_job, named])
+        assert entries(".bases") == sorted([base, job_base, in_use])
+    finally:
+        builder.stop()
+        user.stop()
+    assert gc(repo, "--grace", "0").returncode == 0
+    assert entries(".engines") == sorted([shared, in_job, named])
+    assert entries(".bases") == sorted([base, job_base])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gc", "/nonexistent/repo"], "/nonexistent/repo is not a directory"),
+    (["--gc", ".", "--grace", "nan"], "--grace must be"),
+    (["--gc", ".", "--model", "x"], "not allowed with argument"),
+])
+def test_gc_bad_input_is_one_line_exit_2(args, message):
+    result = subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and message in result.stderr and not result.stdout
