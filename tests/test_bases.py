@@ -28,6 +28,7 @@ from tuner.components import (
     weights_file,
 )
 from tuner.io_utils import sha256_files
+from tuner.threads import OPENMP, cpu_budget
 
 # The files of runwayml/stable-diffusion-v1-5 (revision 39593d5; the tree the diffusers docs' "loading" page shows,
 # and the root checkpoints of the repository's file list). CompVis/stable-diffusion-v1-4 has the same diffusers
@@ -271,3 +272,50 @@ def test_gc_bad_input_is_one_line_exit_2(args, message):
     result = subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2 and message in result.stderr and not result.stdout
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({}, None),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu.max": "150000 100000\n"}, 2),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+])
+def test_the_cpu_budget_is_the_affinity_bounded_by_the_cgroup_quota(files, expected, tmp_path):
+    """A Kubernetes CPU limit (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`) bounds the tuning threads; without one,
+    the CPU affinity does."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_budget(tmp_path) == (cores if expected is None else min(cores, expected))
+
+
+def test_every_tuning_process_starts_with_the_tuning_openmp_settings(tmp_path):
+    """The server's local worker is spawned with `tuner.threads.OPENMP` and a thread count from the CPU budget,
+    whatever the server's own environment (its serving policy, an inherited spin count); the two tuning commands
+    set them before torch loads (the `tuner` package and `tuner.threads` import no torch)."""
+    code = """
+import json, os, sys
+os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="300000")  # what a parent may have set
+os.environ.pop("OMP_NUM_THREADS", None)
+import tuner.threads
+assert "torch" not in sys.modules
+from pathlib import Path
+from jobs.local import LocalJobStore
+store = LocalJobStore(Path(sys.argv[1]), "cpu", 60.0)
+store._start_worker()
+environ = dict(v.split("=", 1) for v in open(f"/proc/{store._process.pid}/environ").read().split("\\0") if v)
+store._process.terminate()
+store._process.join(60)
+print(json.dumps({k: environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}))
+"""
+    (tmp_path / "repo").mkdir()
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "repo")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {**OPENMP, "OMP_NUM_THREADS": str(cpu_budget())}
+    scripts = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert 'tav-tune = "tuner.threads:tav_tune"' in scripts
+    assert 'tav-tune-worker = "tuner.threads:tav_tune_worker"' in scripts

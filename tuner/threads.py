@@ -1,13 +1,50 @@
-"""How many cores a tuning process may use, and the OpenMP settings it runs with (`tav-bench threads` measured
-them; docs/ARCHITECTURE.md, "Runtime details")."""
+"""The OpenMP settings every tuning process runs with (`tav-tune`, `tav-tune-worker`, the server's local worker),
+in one place, and the cores it may use.
+
+OpenMP reads its settings once, when torch loads, so they must be in the environment before that: the two
+commands set them here before they import anything else (this module and the `tuner` package import no torch);
+the server sets them in its environment before it spawns its local worker. `tav-bench threads` measured the
+choices (benchmarks/README.md); docs/ARCHITECTURE.md, "Runtime details", says why this one.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
+# The choice of `tav-bench threads`: WAIT_POLICY_PLACEHOLDER
+OPENMP = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}  # None: unset (a value inherited is dropped)
+
+
+def tuning_environment(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Put the tuning processes' OpenMP settings into `environ` (this process's, by default): the wait policy
+    `OPENMP` (replacing what a parent set, such as the server's), and `OMP_NUM_THREADS` from `cpu_budget` where
+    the operator has not set it."""
+    for name, value in OPENMP.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    environ.setdefault("OMP_NUM_THREADS", str(cpu_budget()))
+
+
+def tav_tune() -> None:
+    """`tav-tune`, with the tuning processes' OpenMP settings."""
+    tuning_environment()
+    from tuner.tune import main
+
+    main()
+
+
+def tav_tune_worker() -> None:
+    """`tav-tune-worker`, with the tuning processes' OpenMP settings."""
+    tuning_environment()
+    from jobs.celery_worker import main
+
+    main()
 
 
 def cpu_budget(cgroup: Path = CGROUP) -> int:
