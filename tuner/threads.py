@@ -15,7 +15,10 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
-# The choice of `tav-bench threads`: WAIT_POLICY_PLACEHOLDER
+# The choice of `tav-bench threads` on 2 shared cores: idle OpenMP threads sleep at once. Any spin (OpenMP's
+# default of ~300k, or 10000) made a step 2-8x slower beside one busy process, and 3-10x slower than passive under
+# the machine's ordinary load; passive kept its speed beside the busy process (x1.1). A short spin (3000) did as
+# well in one round and worse in others; one thread fewer than the cores doubled the step beside the busy process.
 OPENMP = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}  # None: unset (a value inherited is dropped)
 
 
