@@ -16,7 +16,8 @@ changed leaves the old ones; nothing else ever removes them. An entry is kept wh
 Each removal takes the entry's lock without waiting, looks again, renames the entry to a dot-name (replicas never
 see half of it under its name) and removes it. Writers' leftovers in the stores (`.<name>.tmp-*`, `.old-*`,
 `.gc-*`, an AOTInductor `<key>.failed/` kept for diagnosis) go the same way once past the grace period. Lock files
-stay: removing one while another process opens it would let two processes hold "the" lock.
+stay: removing one while another process opens it would let two processes hold "the" lock. An engine directory
+written outside the repository (`tav-export --out`) is not seen: its store entries are kept only while young.
 """
 
 from __future__ import annotations

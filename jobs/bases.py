@@ -31,6 +31,7 @@ from tuner.components import (
     base_model_hash,
     check_base_dir,
     model_file_patterns,
+    weights_variant,
 )
 from tuner.io_utils import atomic_directory, file_lock
 from tuner.shapes import SHAPES_MODEL
@@ -81,15 +82,19 @@ def resolve(source: str) -> tuple[Path, str | None]:
     or a hub id's snapshot (through the cache; nothing but `model_file_patterns` of that variant)."""
     where, variant = split_variant(source)
     if Path(where).is_dir():
-        return check_base_dir(where, variant), variant
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+        path = check_base_dir(where, variant)
+    else:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    try:
-        path = snapshot_download(where, allow_patterns=model_file_patterns(variant))
-    except (HFValidationError, LocalEntryNotFoundError, OSError) as e:
-        raise BaseModelError(f"base {where!r} is neither a directory nor a hub id in reach ({e})") from e
-    return check_base_dir(path, variant), variant
+        try:
+            path = check_base_dir(snapshot_download(where, allow_patterns=model_file_patterns(variant)), variant)
+        except (HFValidationError, LocalEntryNotFoundError, OSError) as e:
+            raise BaseModelError(f"base {where!r} is neither a directory nor a hub id in reach ({e})") from e
+    found = weights_variant(path, variant)
+    if found != variant:  # the main weights are the default, never a variant found in their place
+        raise BaseModelError(f"{where} holds no main weights, only the {found} variant: give it as {where}@{found}")
+    return path, variant
 
 
 def load_base(base_id: str, source: str) -> Base:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from jobs.bases import base_in_use, parse_base, resolve
 from tuner.components import (
     WEIGHT_NAMES,
+    BaseModelError,
     base_model_files,
     base_model_hash,
     is_same_base,
@@ -158,6 +159,17 @@ print(json.dumps(copies))
     assert copies["tav-test/sd"].name == base_model_hash(tiny_base)
     assert [f for f in files(copies["tav-test/sd@fp16"]) if f.endswith(".safetensors")] == sorted(
         weights_file(part, "fp16") for part in WEIGHT_NAMES)
+
+
+def test_the_main_weights_are_the_default_never_a_variant_in_their_place(tiny_base, tmp_path):
+    """A source holding only fp16 weights is refused without `@fp16`, naming what to give; with it, it resolves."""
+    base = with_every_variant(tiny_base, tmp_path / "sd")
+    for part in WEIGHT_NAMES:
+        (base / weights_file(part, None)).unlink()
+        (base / weights_file(part, "non_ema")).unlink(missing_ok=True)
+    with pytest.raises(BaseModelError, match=f"only the fp16 variant: give it as {base}@fp16"):
+        resolve(str(base))
+    assert resolve(f"{base}@fp16") == (base, "fp16")
 
 
 @pytest.mark.parametrize("arg", ["sd=org/model@", "sd=org/model@fp-16", "sd=@fp16"])
