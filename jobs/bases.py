@@ -70,7 +70,7 @@ def parse_base(arg: str) -> tuple[str, str]:
 def split_variant(source: str) -> tuple[str, str | None]:
     """`DIR_OR_HUB_ID[@VARIANT]` -> (directory or hub id, variant or None for the main weights)."""
     where, sep, variant = source.rpartition("@")
-    if not sep:
+    if not sep or Path(source).is_dir():  # a directory whose name holds an @ is that directory
         return source, None
     if not where or not VARIANT.fullmatch(variant):
         raise BaseModelError(f"{source!r}: expected DIR_OR_HUB_ID[@VARIANT], VARIANT as diffusers names it (fp16)")

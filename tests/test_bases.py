@@ -17,6 +17,7 @@ import torch
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
 
+from exporter.cli import main as export_main
 from jobs.bases import base_in_use, parse_base, resolve
 from tuner.components import (
     WEIGHT_NAMES,
@@ -280,10 +281,11 @@ def test_gc_removes_only_the_entries_no_model_or_job_uses(tiny_base, tmp_path):
     (["--gc", ".", "--grace", "nan"], "--grace must be"),
     (["--gc", ".", "--model", "x"], "not allowed with argument"),
 ])
-def test_gc_bad_input_is_one_line_exit_2(args, message):
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 2 and message in result.stderr and not result.stdout
+def test_gc_bad_input_is_one_line_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        export_main(args)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and message in err and not out
 
 
 @pytest.mark.parametrize("files, expected", [
@@ -309,7 +311,7 @@ def test_every_tuning_process_starts_with_the_tuning_openmp_settings(tmp_path):
     whatever the server's own environment (its serving policy, an inherited spin count); the two tuning commands
     set them before torch loads (the `tuner` package and `tuner.threads` import no torch)."""
     code = """
-import json, os, sys
+import json, os, sys, time
 os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="300000")  # what a parent may have set
 os.environ.pop("OMP_NUM_THREADS", None)
 import tuner.threads
@@ -318,6 +320,8 @@ from pathlib import Path
 from jobs.local import LocalJobStore
 store = LocalJobStore(Path(sys.argv[1]), "cpu", 60.0)
 store._start_worker()
+while b"spawn_main" not in open(f"/proc/{store._process.pid}/cmdline", "rb").read():  # until it has exec'd
+    time.sleep(0.01)
 environ = dict(v.split("=", 1) for v in open(f"/proc/{store._process.pid}/environ").read().split("\\0") if v)
 store._process.terminate()
 store._process.join(60)
