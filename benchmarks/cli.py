@@ -6,12 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import backends, export_sd, floor, gpu, latency, models, params, quality, scaling, tune_speed
+from benchmarks import backends, export_sd, floor, gpu, latency, models, params, quality, scaling, threads, tune_speed
 
 STUDIES = {
     "backends": (backends, "PyTorch vs ONNX Runtime here: ms per UNet call and per frame, and which is faster"),
     "latency": (latency, "ms per UNet call, per phase and per generated frame vs length, per backend"),
     "tune": (tune_speed, "seconds per tuning step and peak memory"),
+    "threads": (threads, "tuning s/step per OpenMP/thread setting, alone and beside a busy process"),
     "scaling": (scaling, "ms per frame vs length: sparse-causal windows vs full cross-frame attention"),
     "floor": (floor, "FLOPs per UNet call and per frame, machine matmul rate, GPU floors for SD 1.4"),
     "models": (models, "resident memory vs number of tuned models of one base; model switch time"),

@@ -28,6 +28,7 @@ import onnx
 import torch
 from safetensors.torch import save_file
 
+from exporter import gc
 from exporter.onnx_export import (
     GRAPHS,
     OPSET,
@@ -221,6 +222,7 @@ def export(
                                                       aoti_check_timeout or aoti_export.CHECK_TIMEOUT)
             else:
                 progress(f"reusing shared AOTInductor packages in {entry}")
+                os.utime(entry)  # last used: `--gc` keeps it through its grace period, until the manifest names it
         if set(adapter) != set(index["tunable"]):
             raise ExportError(f"{run}: the adapter's tensors are not the UNet package's tunable tensors "
                               f"({len(adapter)} vs {len(index['tunable'])})")
@@ -257,6 +259,7 @@ def export_onnx(model: TunedModel, adapter: dict[str, torch.Tensor], store_root:
             index = build_store_entry(model, entry, precision, progress)
         else:
             progress(f"reusing shared base graphs in {entry}")
+            os.utime(entry)  # last used: `--gc` keeps it through its grace period, until the manifest names it
 
     unet_path = entry / index["graphs"]["unet_adapter_inputs"]["file"]
     graph = onnx.load(str(entry / index["graphs"]["unet"]["file"]), load_external_data=False).graph
@@ -368,7 +371,12 @@ def _check_writable(directory: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tav-export", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="tuned model directory (RUN)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="tuned model directory (RUN)")
+    what.add_argument("--gc", type=Path, metavar="REPO",
+                      help="remove the .engines/ and .bases/ entries no model or job of REPO uses (exporter/gc.py)")
+    p.add_argument("--grace", type=float, default=gc.DEFAULT_GRACE,
+                   help="--gc: keep entries made or used within this many seconds (default %(default)s)")
     p.add_argument("--out", help="engine directory (default RUN/engines)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="fp32 | fp16 (ONNX, or --aoti on cuda) | bf16 (--aoti on cuda)")
@@ -378,6 +386,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=list(DEVICES), help="--aoti: device to compile for (default: cuda if present)")
     p.add_argument("--store", help="shared graph store (default: REPO/.engines beside the model)")
     args = p.parse_args(argv)
+    if args.gc:
+        if not args.grace >= 0:
+            p.error(f"--grace must be a number of seconds >= 0, got {args.grace}")
+        try:
+            gc.collect(args.gc, args.grace)
+        except gc.GcError as e:
+            print(f"tav-export: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     if args.device and not args.aoti:
         p.error("--device goes with --aoti (ONNX graphs are not compiled for a device)")
     try:

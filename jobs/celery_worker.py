@@ -1,8 +1,8 @@
 """`tav-tune-worker --broker redis://... --repo DIR`: a tuning worker. One Celery worker with the solo pool runs one
 tune job at a time on this machine's GPU (or CPU), in its own process (never forked after CUDA is initialised;
 see `jobs.celery_app` for the queue settings). Beside it, a control thread takes model deletions for the
-repository (those accepted while no worker ran included), and the janitor removes what killed workers left behind
-(at start and after every job).
+repository (those accepted while no worker ran included), and the janitor removes what killed workers left
+behind and the store entries no model or job uses (`tav-export --gc`), at start and after every job.
 
 A job's progress, heartbeat and end go to the job registry in Redis (`jobs.redis_store`); the server's sweep
 runs a job again under a new attempt when its heartbeat stops, which turns the stale message of the dead attempt
@@ -52,6 +52,12 @@ class Worker:
                                                                                                DEAD_AFTER))
         if removed:
             log.info("removed what killed workers left: %s", ", ".join(removed))
+        from exporter import gc  # not at the top: the exporter package sets OMP_WAIT_POLICY before torch would load
+
+        try:
+            gc.collect(self.repo, progress=log.info)  # store entries no model or job uses any more
+        except gc.GcError as e:
+            log.warning("store entries not collected: %s", e)
 
     def run(self, job_id: str, attempt: int) -> None:
         """The `tav.tune` task: claim the job's attempt (a stale message claims nothing), run it, record its end."""

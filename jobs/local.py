@@ -15,7 +15,6 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
-import os
 import queue
 import signal
 import sys
@@ -35,6 +34,7 @@ from jobs.store import (
     QueueFull,
     StoreUnavailable,
 )
+from tuner.threads import tuning_environment
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,7 @@ class LocalJobStore(JobStore):
     # The worker process.
 
     def _start_worker(self) -> None:
-        # The worker inherits the server's OMP_WAIT_POLICY=PASSIVE (set before torch loads), under which a tuning
-        # step of the shapes model took 0.19-0.24 s instead of 0.12-0.13 s on 2 cores. GOMP_SPINCOUNT, read when
-        # the child's torch loads (this process's OpenMP has long read its own), gives its workers OpenMP's
-        # default spin of about 3 ms before they sleep: fast in a loop of steps, idle between jobs.
-        os.environ.setdefault("GOMP_SPINCOUNT", "300000")
+        tuning_environment()  # read when the child's torch loads (this process's OpenMP has long read its own)
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(target=worker_main, args=(child, str(self.repo), self.device,

@@ -28,8 +28,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from jobs.bases import materialise, resolve
+from jobs.bases import base_in_use, resolve
 from jobs.spec import EXPORTING, TUNING, Job
+from tuner.tune import TuneSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,18 @@ def published(repo: Path, job: Job) -> bool:
 def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = None, **worker_settings) -> Outcome:
     """Tune, export and publish `job` into `repo`; raise `Stopped`, or the tuner's and exporter's errors.
     `worker_settings` are the tuning settings that belong to the worker, not the client (mixed_precision,
-    gradient_checkpointing)."""
+    gradient_checkpointing). The base's store copy is held in use (`base_in_use`) until the model is published."""
+    if published(repo, job):
+        log.info("job %s: model %s was published by an earlier attempt", job.id, job.model_id)
+        return Outcome(0.0, 0.0)
+    settings = replace(job.tune_settings(), **worker_settings)
+    hooks.progress(TUNING, 0, settings.steps)
+    with base_in_use(*resolve(job.base_source), repo) as base:
+        return _run(job, clip, repo, hooks, device, settings, base)
+
+
+def _run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None, settings: TuneSettings,
+         base: Path) -> Outcome:
     from exporter.cli import export
     from tuner.tune import tune
 
@@ -108,12 +120,6 @@ def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = No
         if stopped is not None:
             raise stopped
 
-    if published(repo, job):
-        log.info("job %s: model %s was published by an earlier attempt", job.id, job.model_id)
-        return Outcome(0.0, 0.0)
-    settings = replace(job.tune_settings(), **worker_settings)
-    hooks.progress(TUNING, 0, settings.steps)
-    base = materialise(resolve(job.base_source), repo)
     work = job_dir(repo, job)
     shutil.rmtree(work, ignore_errors=True)  # a leftover of this very attempt
     started = time.perf_counter()

@@ -384,8 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     tuning.add_argument("--broker-file", type=Path, help="read the broker URL from this file (keeps a password "
                         "out of the process list)")
     tuning.add_argument("--admin-token-file", type=Path, help="tokens (one a line) that may tune and delete models")
-    tuning.add_argument("--base", action="append", default=[], metavar="ID=DIR_OR_HUB_ID",
-                        help="a base model jobs may tune from (repeatable; shapes-sd is always allowed)")
+    tuning.add_argument("--base", action="append", default=[], metavar="ID=DIR_OR_HUB_ID[@VARIANT]",
+                        help="a base model jobs may tune from (repeatable; shapes-sd is always allowed); @fp16 takes "
+                             "its fp16 weights variant, by default the main weights")
     tuning.add_argument("--max-queued-jobs", type=int, default=d.max_queued_jobs)
     tuning.add_argument("--max-job-seconds", type=float, default=d.max_job_seconds)
     tuning.add_argument("--max-job-attempts", type=int, default=d.max_job_attempts,

@@ -11,8 +11,14 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
 
-from tuner import inflate
-from tuner.inflate import FRAME_POSITIONS, FrameContext, VideoAttnProcessor, is_trainable, sinusoidal_positions
+from tuner.inflate import (
+    FRAME_POSITIONS,
+    FrameContext,
+    VideoAttnProcessor,
+    inflate,
+    is_trainable,
+    sinusoidal_positions,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference_unet3d"
 

@@ -39,7 +39,7 @@ from clients import Client, ServerError
 from clients.cli import main as client_main
 from jobs.celery_app import make_app
 from tuner.artefacts import TunedModel
-from tuner.components import MODEL_FILE_PATTERNS
+from tuner.components import model_file_patterns
 from tuner.tune import default_settings
 
 REDIS = find_tool("redis-server")
@@ -527,7 +527,7 @@ except BaseModelError as e:
     found, missing = result.stdout.splitlines()[:2]
     assert Path(found) == snapshot, result.stderr
     assert "neither a directory nor a hub id in reach" in missing
-    assert not any(Path(name).match(pattern) for pattern in MODEL_FILE_PATTERNS
+    assert not any(Path(name).match(pattern) for pattern in model_file_patterns()
                    for name in ("unet/diffusion_pytorch_model.bin", "model.ckpt", "unet/model.pt"))
 
 

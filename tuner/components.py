@@ -7,6 +7,7 @@ with the stock `from_pretrained` and safetensors only (no pickle is ever loaded)
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,23 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from tuner.io_utils import JsonError, read_json_file, sha256_files
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-MODEL_FILE_PATTERNS = [  # what a Stable Diffusion 1.x base is made of for this project, and nothing pickled
-    "model_index.json", "scheduler/*.json", "tokenizer/*.json", "tokenizer/*.txt",
-    *(f"{part}/*.{kind}" for part in ("unet", "vae", "text_encoder") for kind in ("json", "safetensors")),
-]
+# What a Stable Diffusion 1.x base is made of for this project, and nothing pickled: configs, tokenizer files and
+# ONE variant of each network's safetensors weights (a hub repository also holds `.fp16` and `.non_ema` copies).
+CONFIG_PATTERNS = ("model_index.json", "scheduler/*.json", "tokenizer/*.json", "tokenizer/*.txt", "unet/*.json",
+                   "vae/*.json", "text_encoder/*.json")
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+VARIANT = re.compile(r"[A-Za-z0-9_]+")  # diffusers' `variant=`: `fp16`, `non_ema`
+
+
+def weights_file(part: str, variant: str | None) -> str:
+    """The weights file of a network for a variant, as diffusers names it: `unet/diffusion_pytorch_model.fp16.
+    safetensors` (None: the main weights, `unet/diffusion_pytorch_model.safetensors`)."""
+    return f"{part}/{WEIGHT_NAMES[part]}{f'.{variant}' if variant else ''}.safetensors"
+
+
+def model_file_patterns(variant: str | None = None) -> list[str]:
+    """The files of a base that this project reads (the hub fetch's allow-list), with the weights of `variant`."""
+    return [*CONFIG_PATTERNS, *(weights_file(part, variant) for part in WEIGHT_NAMES)]
 
 
 class BaseModelError(ValueError):
@@ -59,8 +73,9 @@ class Components:
         return int(self.unet.config.sample_size) * self.vae_factor
 
 
-def check_base_dir(base: str | Path) -> Path:
-    """Raise BaseModelError unless `base` looks like an SD 1.x diffusers directory; return it as a Path."""
+def check_base_dir(base: str | Path, variant: str | None = None) -> Path:
+    """Raise BaseModelError unless `base` looks like an SD 1.x diffusers directory with weights to load
+    (`weights_variant`); return it as a Path."""
     base = Path(base)
     if not (base / "model_index.json").is_file():
         raise BaseModelError(f"{base} is not a diffusers model directory (no model_index.json)")
@@ -75,9 +90,7 @@ def check_base_dir(base: str | Path) -> Path:
         raise BaseModelError(f"{base}/unet/config.json is not a JSON object")
     if unet_config.get("_class_name") != "UNet2DConditionModel":
         raise BaseModelError(f"{base}/unet is a {unet_config.get('_class_name')}, not a UNet2DConditionModel")
-    for part in ("unet", "vae", "text_encoder"):
-        if not list((base / part).glob("*.safetensors")):
-            raise BaseModelError(f"{base}/{part} has no .safetensors weights (pickled weights are never loaded)")
+    weights_variant(base, variant)
     return base
 
 
@@ -94,35 +107,68 @@ def base_sizes(base: str | Path) -> tuple[int, int]:
         raise BaseModelError(f"{base}: the UNet and VAE configs do not give the model's sizes ({e})") from None
 
 
-def base_model_files(base: str | Path) -> list[Path]:
-    """The files of a base model that loading it reads (`MODEL_FILE_PATTERNS`): its configs, tokenizer files and
-    safetensors weights; not a model card, a pickled checkpoint beside them or a component this project never
-    loads (a safety checker, say)."""
-    base = check_base_dir(base)
-    return sorted({p for pattern in MODEL_FILE_PATTERNS for p in base.glob(pattern) if p.is_file()})
+def weights_variant(base: Path, variant: str | None = None) -> str | None:
+    """Which weights of `base` load: those of `variant` when given, else the main weights, else the one variant
+    that a directory holds alone (the base store's copy of a base given with a variant). BaseModelError naming the
+    missing files otherwise."""
+    if variant is not None and not VARIANT.fullmatch(variant):
+        raise BaseModelError(f"variant {variant!r} is not a weights variant name (letters, digits, _)")
+    if variant is None and not _missing_weights(base, None):
+        return None
+    if variant is None:
+        held = sorted({p.name.split(".")[-2] for p in (base / "unet").glob(f"{WEIGHT_NAMES['unet']}.*.safetensors")})
+        held = [v for v in held if VARIANT.fullmatch(v) and not _missing_weights(base, v)]
+        if len(held) == 1:
+            return held[0]
+        if held:
+            raise BaseModelError(f"{base} holds no main weights but the variants {', '.join(held)}: name one")
+    missing = _missing_weights(base, variant)
+    if missing:
+        raise BaseModelError(f"{base} lacks {', '.join(missing)} (the {f'{variant} variant' if variant else 'main'} "
+                             "safetensors weights; pickled weights are never loaded)")
+    return variant
 
 
-def base_model_hash(base: str | Path) -> str:
+def _missing_weights(base: Path, variant: str | None) -> list[str]:
+    return [weights_file(part, variant) for part in WEIGHT_NAMES if not (base / weights_file(part, variant)).is_file()]
+
+
+def base_model_files(base: str | Path, variant: str | None = None) -> list[Path]:
+    """The files of a base model that loading it reads (`model_file_patterns`): its configs, tokenizer files and
+    one variant's safetensors weights (`weights_variant`); not a model card, a pickled checkpoint or another
+    variant beside them, nor a component this project never loads (a safety checker, say)."""
+    base = check_base_dir(base, variant)
+    patterns = model_file_patterns(weights_variant(base, variant))
+    return sorted({p for pattern in patterns for p in base.glob(pattern) if p.is_file()})
+
+
+def base_model_hash(base: str | Path, variant: str | None = None) -> str:
     """Content hash of a base model's files (`base_model_files`): what a tuned model records of its base."""
-    base = check_base_dir(base)
-    return sha256_files(base_model_files(base), base)
+    base = check_base_dir(base, variant)
+    return sha256_files(base_model_files(base, variant), base)
 
 
 def is_same_base(base: str | Path, recorded: str) -> bool:
-    """Whether `base` still holds the content a tuned model recorded as `recorded`. Models tuned before the hash
-    covered only `base_model_files` recorded a hash over every file of the directory; that one is accepted too."""
+    """Whether `base` still holds the content a tuned model recorded as `recorded`. Models tuned by earlier
+    versions recorded a hash over every safetensors file of the three networks (every variant), or before that
+    over every file of the directory; those are accepted too."""
     if base_model_hash(base) == recorded:
         return True
     base = check_base_dir(base)
-    return sha256_files([p for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")], base) == recorded
+    every_variant = (*CONFIG_PATTERNS, *(f"{part}/*.safetensors" for part in WEIGHT_NAMES))
+    earlier = ({p for pattern in every_variant for p in base.glob(pattern) if p.is_file()},
+               {p for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")})
+    return any(sha256_files(list(files), base) == recorded for files in earlier)
 
 
-def load_components(base: str | Path, device: str | torch.device = "cpu", dtype=torch.float32) -> Components:
-    """Load a base model's UNet, VAE, text encoder, tokenizer and scheduler config, frozen, in eval mode."""
-    base = check_base_dir(base)
+def load_components(base: str | Path, device: str | torch.device = "cpu", dtype=torch.float32,
+                    variant: str | None = None) -> Components:
+    """Load a base model's UNet, VAE, text encoder, tokenizer and scheduler config, frozen, in eval mode: the
+    weights of `variant` (diffusers' `variant=`), by default those `weights_variant` finds."""
+    base = check_base_dir(base, variant)
     transformers.utils.logging.disable_progress_bar()  # keep CLI output to our own progress and errors
     diffusers.utils.logging.disable_progress_bar()
-    kwargs = dict(torch_dtype=dtype, use_safetensors=True)
+    kwargs = dict(torch_dtype=dtype, use_safetensors=True, variant=weights_variant(base, variant))
     try:
         components = Components(
             unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs),

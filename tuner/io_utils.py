@@ -4,6 +4,7 @@ goes through."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -52,14 +53,22 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if missing) against every other process that takes it: a POSIX
-    record lock, which NFS (a ReadWriteMany volume shared by tuning workers) carries between machines."""
+def file_lock(path: Path, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+    """Hold a lock on `path` (created if missing) against every other process that takes it: a POSIX record
+    lock, which NFS (a ReadWriteMany volume shared by tuning workers) carries between machines. Exclusive, or
+    `shared` with other shared holders (a store entry in use, which the janitor must not remove). With `wait`
+    False, yield False at once (holding nothing) where another process holds a conflicting lock; else yield True."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        fcntl.lockf(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.lockf(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            if wait or e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.lockf(f, fcntl.LOCK_UN)
 
