@@ -212,7 +212,10 @@ class TavServer:
             return RedisJobStore(config.broker, config.max_job_seconds)
         from jobs.local import LocalJobStore
 
-        check_exports(parse_exports(config.exports), config.device)  # at start, not at the first job
+        try:
+            check_exports(parse_exports(config.exports), config.device)  # at start, not at the first job
+        except ValueError as e:
+            raise ValueError(f"--export: {e}") from None
         return LocalJobStore(config.repo, config.device, config.max_job_seconds, config.max_job_attempts,
                              config.exports)
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny base model, a small synthetic clip, and a tuned tiny model, each made once."""
+"""Shared fixtures: the tiny base model, a small synthetic clip, a tuned tiny model, and two tuned models exported as
+AOTInductor packages (compiled once for the session), each made once."""
 
 from __future__ import annotations
 
@@ -69,3 +70,27 @@ def hanging_aoti_check(tmp_path) -> Path:
     (directory / aoti_check.PLAN_FILE).write_text(json.dumps({"device": "cpu", "packages": {"vae_decoder": {
         "file": "vae_decoder.pt2", "weights": "vae_decoder.safetensors", "batches": {"1": ["latents"]}}}}))
     return directory
+
+
+MODELS = {"square-a": ("a red square is moving right", TuneSettings(frames=8, width=32, height=32, steps=4, lr=1e-3,
+                                                                      seed=1)),
+          "square-b": ("a red square is sliding right", TuneSettings(frames=8, width=32, height=32, steps=4, lr=1e-2,
+                                                                       seed=2))}
+
+
+@pytest.fixture(scope="session")
+def aoti_repo(tiny_base, clip_path, tmp_path_factory):
+    """Two tuned models of the tiny base; the first exported by `tav-export --aoti`, which builds the packages, the
+    second by the API, which reuses them. Returns the repository and the second export's messages."""
+    from exporter.cli import export, main
+
+    root = tmp_path_factory.mktemp("aoti")
+    repo = root / "repo"
+    for name, (prompt, settings) in MODELS.items():
+        tune(tiny_base, clip_path, prompt, repo / name, settings, progress=False)
+    messages: list[str] = []
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+        main(["--model", str(repo / "square-a"), "--aoti", "--device", "cpu"])
+        export(repo / "square-b", aoti=True, device="cpu", progress=messages.append)
+    return repo, messages
