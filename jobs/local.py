@@ -5,8 +5,8 @@ create, a bounded FIFO queue with positions, progress, cancel within one tuning 
 again up to the bound on attempts (the dead process is seen at once and a new one started), ended jobs kept for
 the retention period.
 
-Each job is a directory `REPO/.jobs/<id>/`: its record (`job.json`, the Redis hash's fields) and, until the job
-ends, its clip (`clip`). Both are written beside and renamed into place (fsynced), so a record is whole or absent;
+Each job is a directory `REPO/.tune-jobs/<id>/`: its record (`job.json`, the Redis hash's fields) and, until the
+job ends, its clip (`clip`). Both are written beside and renamed into place (fsynced), so a record is whole or absent;
 the clip is on disk before the record names the job, and `CreateTuneJob` returns after both. The server keeps
 only the records in memory, never a clip (the worker reads it from disk), and it writes a record at every change
 of state. A server started on the repository again (after a crash, `kill -9`, a reboot) reads the records back:
@@ -49,7 +49,7 @@ from jobs.store import (
 
 log = logging.getLogger(__name__)
 
-JOBS_DIR = ".jobs"  # in the repository: a dot-name, never served
+JOBS_DIR = ".tune-jobs"  # in the repository: a dot-name, never served
 RECORD, CLIP = "job.json", "clip"
 # What the store relies on in a record (every value a string, as `Job.to_fields` writes them).
 RECORD_SCHEMA = {"type": "object", "required": ["id", "model_id", "state", "sequence", "attempt"],
@@ -108,7 +108,10 @@ class LocalJobStore(JobStore):
                 self._models[job.model_id] = job.id
             if job.state in RUNNING:
                 log.warning("tune job %s was %s when the server stopped", job.id, job.state)
-                self._revive(job)
+                if job.cancel_requested:
+                    self._end(job, CANCELLED)
+                else:
+                    self._revive(job)
         if self._jobs:
             log.info("tune jobs read back from %s: %s", self.root, ", ".join(
                 f"{count} {state}" for state, count in sorted(_count(self._jobs.values()).items())))
