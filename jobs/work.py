@@ -161,9 +161,9 @@ def job_dir(repo: Path, job: Job) -> Path:
 
 def run(job: Job, clip: bytes | Path, repo: Path, hooks: Hooks, device: str | None = None,
         exports: tuple[ExportTarget, ...] = (ExportTarget("onnx"),), **worker_settings) -> Outcome:
-    """Tune, export and publish `job` into `repo`; raise `Stopped`, or the tuner's and exporter's errors.
-    `worker_settings` are the tuning settings that belong to the worker, not the client (mixed_precision,
-    gradient_checkpointing)."""
+    """Tune, export (what `exports` names: the worker's --export) and publish `job` into `repo`; raise `Stopped`, or
+    the tuner's and exporter's errors. `worker_settings` are the tuning settings that belong to the worker, not the
+    client (mixed_precision, gradient_checkpointing)."""
     from tuner.tune import tune
 
     def check() -> None:
