@@ -94,3 +94,19 @@ def aoti_repo(tiny_base, clip_path, tmp_path_factory):
         main(["--model", str(repo / "square-a"), "--aoti", "--device", "cpu"])
         export(repo / "square-b", aoti=True, device="cpu", progress=messages.append)
     return repo, messages
+
+
+@pytest.fixture(scope="session")
+def engine_store(tuned_run, tmp_path_factory) -> tuple[Path, str]:
+    """An engine store (`.engines/`) with the ONNX entry of the tiny base at 32x32 in `tuned_run`'s architecture
+    (frame positions "none"), built once for the session to be copied into test repositories; and the entry's key."""
+    import json
+    import shutil
+
+    from exporter.cli import export
+
+    root = tmp_path_factory.mktemp("seed")
+    shutil.copytree(tuned_run, root / "square")
+    export(root / "square", progress=lambda message: None)
+    manifest = json.loads((root / "square" / "engines" / "manifest.json").read_text())
+    return root / ".engines", manifest["store"]["key"]

@@ -4,8 +4,8 @@ restart; a hung export fails its job at the job time limit and the worker takes 
 the replicas serve (`--export onnx,aoti`: a `--backend aoti` server serves the model it tuned), and refuses at
 start an export it cannot build (TensorRT without a GPU).
 
-Exports of the tiny base are seeded into each repository from one module-scoped engine store (and the session's
-AOTInductor packages, conftest's `aoti_repo`), so no test here builds the base graphs or compiles a package again.
+Exports of the tiny base are seeded into each repository from the session's engine store and AOTInductor packages
+(conftest's `engine_store` and `aoti_repo`), so no test here builds the base graphs or compiles a package again.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from grpc_helpers import ServeProcess
 from test_tuning import CAPTION, SMALL, TIMEOUT, leftovers, wait_until
 
 from clients import Client
-from exporter.cli import export
 from jobs.local import CLIP, JOBS_DIR, RECORD
 from server.registry import read_entry
 from tuner.artefacts import ArtefactError
@@ -34,16 +33,6 @@ from tuner.io_utils import file_lock
 # The architecture of the suite's tuned models (`tuned_run`, test_aoti's), so the seeded store entries fit.
 TINY = {**SMALL, "frame_positions": "none"}
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def engine_store(tuned_run, tmp_path_factory) -> tuple[Path, str]:
-    """`.engines/` with the ONNX entry of the tiny base at 32x32 (built once here), and that entry's key."""
-    root = tmp_path_factory.mktemp("seed")
-    shutil.copytree(tuned_run, root / "square")
-    export(root / "square", progress=lambda message: None)
-    manifest = json.loads((root / "square" / "engines" / "manifest.json").read_text())
-    return root / ".engines", manifest["store"]["key"]
 
 
 def seeded_repo(tmp_path: Path, *stores: Path) -> Path:
