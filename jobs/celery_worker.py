@@ -46,6 +46,7 @@ class Worker:
     device: str | None
     max_job_seconds: float
     settings: dict  # the tuning settings that belong to the worker (precision, gradient checkpointing)
+    exports: tuple[work.ExportTarget, ...] = (work.ExportTarget("onnx"),)  # what it exports of each model
 
     def clean_leftovers(self) -> None:
         removed = work.clean_leftovers(self.repo, lambda job_id, attempt: self.store.running(job_id, attempt,
@@ -69,8 +70,9 @@ class Worker:
         job, clip = claimed
         log.info("job %s (attempt %d): tuning model %s", job.id, job.attempt, job.model_id)
         hooks = RedisHooks(self.store, job, time.monotonic() + self.max_job_seconds)
+        hooks.record(exports=",".join(map(str, self.exports)))
         try:
-            outcome = work.run(job, clip, self.repo, hooks, self.device, **self.settings)
+            outcome = work.run(job, clip, self.repo, hooks, self.device, self.exports, **self.settings)
             self._finish(job, READY, tuning_seconds=outcome.tuning_seconds, export_seconds=outcome.export_seconds)
             log.info("job %s: model %s published", job.id, job.model_id)
         except work.Stopped as e:
@@ -131,7 +133,8 @@ class RedisHooks:
         self._beat = threading.Thread(target=self._beating, name=f"heartbeat-{job.id}", daemon=True)
         self._beat.start()
 
-    def _record(self, **values) -> None:
+    def record(self, **values) -> None:
+        """Write `values` into the job's record (with the heartbeat); a lost Redis skips it."""
         try:
             if not self.store.update(self.job, **values):
                 self.superseded = True
@@ -140,10 +143,10 @@ class RedisHooks:
 
     def _beating(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            self._record()
+            self.record()
 
     def progress(self, state: str, step: int = 0, total: int = 0, loss: float = 0.0) -> None:
-        self._record(**work.progress_fields(state, step, total, loss))
+        self.record(**work.progress_fields(state, step, total, loss))
 
     def may_publish(self) -> bool:
         """The publish fence (`RedisWorkerStore.fence`), waited for while Redis is away; refused, this attempt
@@ -182,15 +185,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
                    help="tuning precision (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less GPU memory, slower steps")
+    p.add_argument("--export", type=work.export_argument, default=work.parse_exports(work.DEFAULT_EXPORTS),
+                   metavar="KIND[:PRECISION],...", help="what to export of every tuned model, as the replicas serve "
+                   "it: onnx (onnxruntime; fp32 or fp16), tensorrt (plans; needs a GPU and tensorrt), aoti "
+                   "(AOTInductor packages for --device and this machine's compile target); default onnx (fp32)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.repo.is_dir():
         p.error(f"{args.repo} is not a directory")
     if not 0 < args.max_job_seconds < math.inf:  # nan and inf too: they reach the broker's int() timeout
         p.error(f"--max-job-seconds must be positive and finite, got {args.max_job_seconds}")
+    try:
+        work.check_exports(args.export, args.device)
+    except ValueError as e:
+        p.error(f"--export: {e}")
     url = args.broker_file.read_text().strip() if args.broker_file else args.broker
     settings = {"mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing}
-    worker = Worker(RedisWorkerStore(url), args.repo, args.name, args.device, args.max_job_seconds, settings)
+    worker = Worker(RedisWorkerStore(url), args.repo, args.name, args.device, args.max_job_seconds, settings,
+                    args.export)
     app = make_app(url, args.max_job_seconds)
     app.task(name=TUNE_TASK)(worker.run)
     try:

@@ -1,21 +1,33 @@
-"""The embedded default, with no broker: the job registry in the server's memory, and one local worker process
+"""The embedded default, with no broker: the job registry on disk in the repository, and one local worker process
 that the server starts itself when the first job or deletion comes (spawned: a fresh interpreter that imports the
-tuner and the exporter; the server process never does). Jobs live as long as the server process. The same
-semantics as the Redis registry: ids reserved at create, a bounded FIFO queue with positions, progress, cancel
-within one tuning step, a job whose worker died run again up to the bound on attempts (the dead process is seen
-at once and a new one started), ended jobs kept for the retention period.
+tuner and the exporter; the server process never does). The same semantics as the Redis registry: ids reserved at
+create, a bounded FIFO queue with positions, progress, cancel within one tuning step, a job whose worker died run
+again up to the bound on attempts (the dead process is seen at once and a new one started), ended jobs kept for
+the retention period.
 
-Server and worker talk over one `multiprocessing` pipe: the server sends `run`, `cancel` and `delete_model`; the
-worker sends a job's progress and its end, and the answers to deletions.
+Each job is a directory `REPO/.tune-jobs/<id>/`: its record (`job.json`, the Redis hash's fields) and, until the
+job ends, its clip (`clip`). Both are written beside and renamed into place (fsynced), so a record is whole or absent;
+the clip is on disk before the record names the job, and `CreateTuneJob` returns after both. The server keeps
+only the records in memory, never a clip (the worker reads it from disk), and it writes a record at every change
+of state. A server started on the repository again (after a crash, `kill -9`, a reboot) reads the records back:
+queued jobs keep their place, a job that was tuning or exporting runs again under its next attempt (or fails past
+the bound on attempts), ended jobs keep their retention. Progress within a state (step, loss) is not written.
+
+Server and worker talk over one `multiprocessing` pipe: the server sends `run` (with the clip's path), `cancel`
+and `delete_model`; the worker sends a job's progress and its end, and the answers to deletions. The worker ends
+when the pipe closes, so a killed server's worker does not run on beside its successor's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import multiprocessing
+import os
 import queue
+import shutil
 import signal
 import sys
 import threading
@@ -38,12 +50,30 @@ from tuner.threads import tuning_environment
 
 log = logging.getLogger(__name__)
 
+JOBS_DIR = ".tune-jobs"  # in the repository: a dot-name, never served
+RECORD, CLIP = "job.json", "clip"
+# What the store relies on in a record (every value a string, as `Job.to_fields` writes them).
+RECORD_SCHEMA = {"type": "object", "required": ["id", "model_id", "state", "sequence", "attempt"],
+                 "additionalProperties": {"type": "string"}}
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """`path` with `data`, whole or not at all: written beside, fsynced, renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 
 class LocalJobStore(JobStore):
-    def __init__(self, repo: Path, device: str | None, max_job_seconds: float, max_attempts: int = 3) -> None:
+    def __init__(self, repo: Path, device: str | None, max_job_seconds: float, max_attempts: int = 3,
+                 exports: str = work.DEFAULT_EXPORTS) -> None:
         self.repo, self.device, self.max_job_seconds, self.max_attempts = repo, device, max_job_seconds, max_attempts
+        self.exports = ",".join(map(str, work.parse_exports(exports)))  # the local worker's, recorded in each job
+        self.root = repo / JOBS_DIR
         self._jobs: dict[str, Job] = {}
-        self._clips: dict[str, bytes] = {}
         self._models: dict[str, str] = {}  # model id -> the job holding it, or "deleting"
         self._deletions: dict[str, tuple[str, concurrent.futures.Future]] = {}  # reply -> (model id, answer)
         self._observed: set[str] = set()
@@ -52,6 +82,52 @@ class LocalJobStore(JobStore):
         self._running: str | None = None  # the job the worker runs
         self._closed = False
         self._process = None
+        self._load()
+
+    # The records on disk.
+
+    def _load(self) -> None:
+        """Read the records a previous server left; run again (or fail) the jobs it was running."""
+        from tuner.artefacts import ArtefactError, read_json
+
+        self.root.mkdir(exist_ok=True)
+        for directory in sorted(self.root.iterdir()):
+            name = f"{JOBS_DIR}/{directory.name}/{RECORD}"
+            if not (directory / RECORD).exists():  # its create never returned: the client was told nothing
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            try:
+                job = Job.from_fields(read_json(directory / RECORD, name, RECORD_SCHEMA))
+                if job.id != directory.name:
+                    raise ArtefactError(f"{name}: id: is not the directory's name")
+            except (ArtefactError, ValueError, TypeError) as e:
+                log.error("tune job record skipped: %s", e)
+                continue
+            self._jobs[job.id] = job
+            self._sequence = max(self._sequence, job.sequence)
+            if job.state not in (FAILED, CANCELLED):
+                self._models[job.model_id] = job.id
+            if job.state in RUNNING:
+                log.warning("tune job %s was %s when the server stopped", job.id, job.state)
+                if job.cancel_requested:
+                    self._end(job, CANCELLED)
+                else:
+                    self._revive(job)
+        if self._jobs:
+            log.info("tune jobs read back from %s: %s", self.root, ", ".join(
+                f"{count} {state}" for state, count in sorted(_count(self._jobs.values()).items())))
+        self._dispatch()
+
+    def _save(self, job: Job) -> None:
+        _write_file(self.root / job.id / RECORD, json.dumps(job.to_fields()).encode())
+
+    def _clip(self, job_id: str) -> Path:
+        return self.root / job_id / CLIP
+
+    @staticmethod
+    def _write_clip(directory: Path, clip: bytes) -> None:
+        directory.mkdir()
+        _write_file(directory / CLIP, clip)
 
     # The worker process.
 
@@ -60,8 +136,8 @@ class LocalJobStore(JobStore):
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(target=worker_main, args=(child, str(self.repo), self.device,
-                                                                  self.max_job_seconds), name="tav-local-worker",
-                                        daemon=True)
+                                                                  self.max_job_seconds, self.exports),
+                                        name="tav-local-worker", daemon=True)
         self._process.start()
         child.close()
         self._send_lock = threading.Lock()
@@ -104,13 +180,17 @@ class LocalJobStore(JobStore):
             return
         job.updated = job.heartbeat = time.time()
         if "progress" in message:
+            state = job.state
             for name, value in message["progress"].items():
                 setattr(job, name, value)
+            if job.state != state:
+                self._save(job)
             return
         job.state, job.ended = message["state"], time.time()
         for name, value in message["values"].items():
             setattr(job, name, value)
-        self._clips.pop(job.id, None)
+        self._save(job)
+        self._clip(job.id).unlink(missing_ok=True)
         if job.state != READY and self._models.get(job.model_id) == job.id:
             del self._models[job.model_id]
         self._running = None
@@ -138,11 +218,13 @@ class LocalJobStore(JobStore):
             return
         job.attempt += 1
         job.state, job.worker, job.step, job.loss, job.updated = QUEUED, "", 0, 0.0, time.time()
+        self._save(job)
 
     def _end(self, job: Job, state: str, reason: str = "") -> None:
         job.state, job.failure_reason, job.ended = state, reason, time.time()
         job.updated = job.ended
-        self._clips.pop(job.id, None)
+        self._save(job)
+        self._clip(job.id).unlink(missing_ok=True)
         if self._models.get(job.model_id) == job.id:
             del self._models[job.model_id]
 
@@ -154,10 +236,11 @@ class LocalJobStore(JobStore):
         if not queued:
             return
         job = queued[0]
-        if not self._send({"run": {**job.to_fields(), "state": TUNING}, "clip": self._clips.get(job.id, b"")}):
+        if not self._send({"run": {**job.to_fields(), "state": TUNING}, "clip": str(self._clip(job.id))}):
             return
         job.state, job.worker, job.started = TUNING, f"local-{self._process.pid}", time.time()
         job.updated = job.heartbeat = job.started
+        self._save(job)  # a server started after this one stops runs it again under its next attempt
         self._running = job.id
 
     # The JobStore interface.
@@ -166,18 +249,24 @@ class LocalJobStore(JobStore):
         return True  # the registry is in this process
 
     async def create(self, job: Job, clip: bytes, max_queued: int) -> Job:
-        with self._lock:
-            if sum(j.state == QUEUED for j in self._jobs.values()) >= max_queued:
-                raise QueueFull(max_queued)
-            if job.model_id in self._models:
-                raise IdTaken(job.model_id, self._models[job.model_id])
-            self._sequence += 1
-            job.sequence = self._sequence
-            self._models[job.model_id] = job.id
-            self._jobs[job.id] = job
-            self._clips[job.id] = clip
-            self._dispatch()
-            return Job.from_fields(job.to_fields())
+        directory = self.root / job.id
+        await asyncio.to_thread(self._write_clip, directory, clip)  # off the event loop: up to 64 MiB
+        try:
+            with self._lock:
+                if sum(j.state == QUEUED for j in self._jobs.values()) >= max_queued:
+                    raise QueueFull(max_queued)
+                if job.model_id in self._models:
+                    raise IdTaken(job.model_id, self._models[job.model_id])
+                job.sequence, job.exports = self._sequence + 1, self.exports
+                self._save(job)  # from here the job is stored
+                self._sequence = job.sequence
+                self._models[job.model_id] = job.id
+                self._jobs[job.id] = job
+                self._dispatch()
+                return Job.from_fields(job.to_fields())
+        finally:
+            if job.id not in self._jobs:
+                shutil.rmtree(directory, ignore_errors=True)
 
     async def get(self, job_id: str) -> Job:
         with self._lock:
@@ -209,6 +298,7 @@ class LocalJobStore(JobStore):
                 self._end(job, CANCELLED)
             elif job.state in RUNNING:
                 job.cancel_requested, job.updated = True, time.time()
+                self._save(job)
                 self._send({"cancel": job.id})
         return await self.get(job_id)
 
@@ -223,7 +313,7 @@ class LocalJobStore(JobStore):
 
     def _forget(self, job: Job) -> None:
         del self._jobs[job.id]
-        self._clips.pop(job.id, None)
+        shutil.rmtree(self.root / job.id, ignore_errors=True)
         if self._models.get(job.model_id) == job.id:
             del self._models[job.model_id]
 
@@ -269,10 +359,7 @@ class LocalJobStore(JobStore):
 
     async def counts(self) -> dict[str, int]:
         with self._lock:
-            counts: dict[str, int] = {}
-            for job in self._jobs.values():
-                counts[job.state] = counts.get(job.state, 0) + 1
-            return counts
+            return _count(self._jobs.values())
 
     async def close(self) -> None:
         with self._lock:
@@ -281,6 +368,14 @@ class LocalJobStore(JobStore):
             self._process.terminate()
             await asyncio.to_thread(self._process.join, 30)
             self._conn.close()
+
+
+def _count(jobs) -> dict[str, int]:
+    """Jobs by state."""
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.state] = counts.get(job.state, 0) + 1
+    return counts
 
 
 class PipeHooks:
@@ -306,7 +401,8 @@ class PipeHooks:
         return None
 
 
-def worker_main(conn, repo: str, device: str | None, max_job_seconds: float) -> None:
+def worker_main(conn, repo: str, device: str | None, max_job_seconds: float, exports: str = work.DEFAULT_EXPORTS
+                ) -> None:
     """The local worker process: run the jobs the server sends, one at a time; delete models when asked."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s tav-local-worker: %(message)s")
     # The server stops this process with SIGTERM: end through Python's exit, so a half-written job directory is
@@ -329,7 +425,8 @@ def worker_main(conn, repo: str, device: str | None, max_job_seconds: float) -> 
         while True:
             try:
                 message = conn.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError):  # the server is gone (stopped, or killed): so is this worker
+                os.kill(os.getpid(), signal.SIGTERM)
                 jobs.put(None)
                 return
             if "run" in message:
@@ -341,13 +438,14 @@ def worker_main(conn, repo: str, device: str | None, max_job_seconds: float) -> 
             elif "delete_model" in message:
                 send({"deleted": work.delete_model(repo_path, message["delete_model"]), "reply": message["reply"]})
 
+    targets = work.parse_exports(exports)
     threading.Thread(target=read, name="reader", daemon=True).start()
     while (item := jobs.get()) is not None:
         job, clip = item
         hooks = PipeHooks(send, job, cancelled[job.id], time.monotonic() + max_job_seconds)
         values: dict = {}
         try:
-            outcome = work.run(job, clip, repo_path, hooks, device)
+            outcome = work.run(job, Path(clip), repo_path, hooks, device, targets)
             state, values = READY, {"tuning_seconds": outcome.tuning_seconds, "export_seconds": outcome.export_seconds}
         except work.Stopped as e:
             state = CANCELLED if e.cancelled else FAILED

@@ -97,6 +97,7 @@ class Job:
     heartbeat: float = 0.0
     tuning_seconds: float = 0.0
     export_seconds: float = 0.0
+    exports: str = ""  # what its worker exports (the worker's --export, e.g. "onnx:fp32,aoti:fp32")
 
     @property
     def ended_state(self) -> bool:

@@ -1,7 +1,7 @@
 """The server's view of the job registry: one interface, two stores with the same semantics. `RedisJobStore`
 (`jobs.redis_store`) when the server is given a broker, shared by every replica and every Celery worker;
-`LocalJobStore` (`jobs.local`) otherwise, in the server's memory with one local worker process of its own (the
-embedded default, so `make demo` needs nothing else installed).
+`LocalJobStore` (`jobs.local`) otherwise, in the repository's `.tune-jobs/` directory with one local worker process
+of the server's own (the embedded default, so `make demo` needs nothing else installed).
 """
 
 from __future__ import annotations

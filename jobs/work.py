@@ -2,7 +2,13 @@
 repository's base store, tune into a dot-directory beside the models, export its engines, and rename it into
 place under the model's id. Replicas ignore dot-names and the rename is atomic, so a half-written model is never
 served. The worker's hooks report progress and say when to stop: a cancel is seen within one tuning step, and
-during export at the next stage boundary.
+during export within a second. The export runs in a child process that is killed at the job's deadline or its
+cancel, so a hung export (a store entry whose lock is never released, a native call that never returns) cannot
+hold the worker past `--max-job-seconds`: the job fails with the reason and nothing of it is published.
+
+A worker exports what the deployment serves (`--export`, `parse_exports`): ONNX graphs (the default; the
+onnxruntime backend), TensorRT plans built from them, AOTInductor packages compiled for the worker's device and
+machine (the replicas must be of the same kind), each at its precision.
 
 Publishing is fenced: the rename happens only if the job store still names this attempt (`Hooks.may_publish`), so
 an attempt the store has given up on (its worker was taken for dead, the job runs again) publishes nothing and
@@ -16,11 +22,16 @@ a model renames it out of the repository first (every replica drops it at its ne
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
 import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -37,6 +48,75 @@ log = logging.getLogger(__name__)
 JOB_DIR = re.compile(r"^\.+job-([0-9a-f]{32})-(\d+)")  # the job's directory and the tuner's temporary ones
 DELETED = ".deleted-"  # a model taken out of the repository, being removed
 PUBLISHED_BY = ".tav-job"  # in a published model: the id of the job that made it
+
+
+EXPORTS = {"onnx": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16"), "aoti": ("fp32", "fp16", "bf16")}  # precisions
+DEFAULT_EXPORTS = "onnx"
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    kind: str  # a key of EXPORTS
+    precision: str = "fp32"
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.precision}"
+
+
+def parse_exports(text: str) -> tuple[ExportTarget, ...]:
+    """`--export`'s value, e.g. `onnx`, `onnx,aoti`, `onnx:fp16,tensorrt:fp16`: what a worker exports of every model
+    it tunes (precision fp32 unless given). ValueError says what is wrong."""
+    targets = []
+    for item in text.split(","):
+        kind, _, precision = item.strip().partition(":")
+        if kind not in EXPORTS:
+            raise ValueError(f"{kind!r} is not an export (one of {', '.join(EXPORTS)})")
+        precision = precision or "fp32"
+        if precision not in EXPORTS[kind]:
+            raise ValueError(f"{kind} exports at {' or '.join(EXPORTS[kind])}, not {precision!r}")
+        if any(t.kind == kind for t in targets):
+            raise ValueError(f"{kind} is named twice")
+        targets.append(ExportTarget(kind, precision))
+    graphs = {t.precision for t in targets if t.kind in ("onnx", "tensorrt")}
+    if len(graphs) > 1:
+        raise ValueError("onnx and tensorrt are built from the same graphs: give them one precision")
+    return tuple(targets)
+
+
+def export_argument(text: str) -> tuple[ExportTarget, ...]:
+    """`parse_exports` for argparse: its message, not argparse's "invalid value"."""
+    try:
+        return parse_exports(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def aoti_device(device: str | None) -> str:
+    """The device AOTInductor packages are compiled for: the worker's (default cuda where one is visible)."""
+    import torch
+
+    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+
+
+def check_exports(targets: tuple[ExportTarget, ...], device: str | None) -> None:
+    """Raise ValueError where this machine cannot build one of `targets`: at a worker's start, not at its first
+    job (TensorRT needs its package and a GPU; AOTInductor a supported torch, and fp16/bf16 a CUDA device)."""
+    for target in targets:
+        if target.kind == "tensorrt":
+            from tuner.tensorrt_support import require_tensorrt
+
+            require_tensorrt(ValueError)
+        elif target.kind == "aoti":
+            from tuner.aoti_support import require_aoti
+
+            on = aoti_device(device)
+            require_aoti(on, ValueError)
+            if target.precision != "fp32" and on != "cuda":
+                raise ValueError(f"aoti:{target.precision} needs a CUDA device; on {on} it is fp32")
+
+
+class ExportFailed(Exception):
+    """The export process failed; the message is the reason its job's client sees."""
 
 
 class Stopped(Exception):
@@ -78,7 +158,7 @@ def failure_reason(error: Exception) -> str:
     from tuner.tune import TuneError
     from tuner.video_io import VideoError
 
-    if isinstance(error, TuneError | ExportError | BaseModelError | VideoError):
+    if isinstance(error, TuneError | ExportError | BaseModelError | VideoError | ExportFailed):
         return str(error)
     if isinstance(error, OSError) and error.errno in (errno.EEXIST, errno.ENOTEMPTY):
         return "the model id was taken while the job ran (a model was published under it by hand)"
@@ -97,22 +177,23 @@ def published(repo: Path, job: Job) -> bool:
         return False
 
 
-def run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None = None, **worker_settings) -> Outcome:
-    """Tune, export and publish `job` into `repo`; raise `Stopped`, or the tuner's and exporter's errors.
-    `worker_settings` are the tuning settings that belong to the worker, not the client (mixed_precision,
-    gradient_checkpointing). The base's store copy is held in use (`base_in_use`) until the model is published."""
+def run(job: Job, clip: bytes | Path, repo: Path, hooks: Hooks, device: str | None = None,
+        exports: tuple[ExportTarget, ...] = (ExportTarget("onnx"),), **worker_settings) -> Outcome:
+    """Tune, export (what `exports` names: the worker's --export) and publish `job` into `repo`; raise `Stopped`, or
+    the tuner's and exporter's errors. `worker_settings` are the tuning settings that belong to the worker, not the
+    client (mixed_precision, gradient_checkpointing). The base's store copy is held in use (`base_in_use`) until the
+    model is published."""
     if published(repo, job):
         log.info("job %s: model %s was published by an earlier attempt", job.id, job.model_id)
         return Outcome(0.0, 0.0)
     settings = replace(job.tune_settings(), **worker_settings)
     hooks.progress(TUNING, 0, settings.steps)
     with base_in_use(*resolve(job.base_source), repo) as base:
-        return _run(job, clip, repo, hooks, device, settings, base)
+        return _run(job, clip, repo, hooks, device, exports, settings, base)
 
 
-def _run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None, settings: TuneSettings,
-         base: Path) -> Outcome:
-    from exporter.cli import export
+def _run(job: Job, clip: bytes | Path, repo: Path, hooks: Hooks, device: str | None,
+         exports: tuple[ExportTarget, ...], settings: TuneSettings, base: Path) -> Outcome:
     from tuner.tune import tune
 
     def check() -> None:
@@ -133,7 +214,7 @@ def _run(job: Job, clip: bytes, repo: Path, hooks: Hooks, device: str | None, se
     try:
         check()
         hooks.progress(EXPORTING)
-        export(work, progress=lambda message: log.info("job %s: %s", job.id, message))
+        export_in_child(work, exports, device, hooks)
         check()
         (work / PUBLISHED_BY).write_text(job.id)
         if not hooks.may_publish():
@@ -154,6 +235,43 @@ def _publish(work: Path, repo: Path, job: Job) -> None:
         if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not published(repo, job):
             raise
         shutil.rmtree(work, ignore_errors=True)
+
+
+def export_in_child(work: Path, exports: tuple[ExportTarget, ...], device: str | None, hooks: Hooks) -> None:
+    """Export the tuned model `work` with `tav-export` in a child process per backend, asking `hooks` every second
+    whether to stop; a stop (the job's deadline or its cancel) kills the child and raises `Stopped`. The exporter
+    writes `work/engines` whole or not at all, and killed it releases the store entry's lock with its life (a POSIX
+    record lock). A failed export raises `ExportFailed` with the exporter's message."""
+    kinds = {target.kind: target for target in exports}
+    runs = []
+    graphs = kinds.get("onnx") or kinds.get("tensorrt")
+    if graphs is not None:
+        runs.append(["--precision", graphs.precision, *(["--tensorrt"] if "tensorrt" in kinds else [])])
+    if "aoti" in kinds:  # a second export into the same engine directory: its manifest merges the two
+        runs.append(["--precision", kinds["aoti"].precision, "--aoti", "--device", aoti_device(device)])
+    for args in runs:
+        with tempfile.TemporaryFile() as errors:
+            child = subprocess.Popen([sys.executable, "-m", "exporter.cli", "--model", str(work), *args],
+                                     stderr=errors)  # its progress goes to this worker's output
+            try:
+                while child.poll() is None:
+                    stopped = hooks.stop_reason()
+                    if stopped is not None:
+                        raise stopped
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.wait(1.0)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+            errors.seek(0)
+            text = errors.read().decode(errors="replace").strip()
+        if child.returncode != 0:
+            log.error("tav-export %s failed (exit code %d):\n%s", " ".join(args), child.returncode, text)
+            last = text.splitlines()[-1] if text else ""
+            raise ExportFailed(last.removeprefix("tav-export: error: ") if child.returncode == 2 else
+                               f"the tuning worker failed (its export exited {child.returncode}); its log has the "
+                               f"details")
 
 
 def clean_leftovers(repo: Path, running: Callable[[str, int], bool]) -> list[str]:

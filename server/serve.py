@@ -33,6 +33,7 @@ from tuneavideo.v1 import tuning_pb2_grpc
 
 from jobs.bases import load_bases, parse_base
 from jobs.store import JobStore
+from jobs.work import DEFAULT_EXPORTS, check_exports, parse_exports
 from server.engines import BACKENDS, check_backend
 from server.generate import MAX_SOURCE_BYTES
 from server.interceptors import AdmissionInterceptor, Limits, read_tokens
@@ -88,6 +89,7 @@ class ServerConfig:
     max_job_attempts: int = 3  # runs of a job whose worker keeps dying
     job_retention_hours: float = 168.0
     dead_after: float = 60.0  # seconds without a heartbeat before a tuning worker counts as dead
+    exports: str = DEFAULT_EXPORTS  # what the local worker exports (tav-tune-worker's own --export with a broker)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -113,6 +115,12 @@ class ServerConfig:
         if self.max_request_bytes < 2 * MAX_RECEIVE_BYTES:
             raise ValueError(f"--max-request-mib must be at least {2 * MAX_RECEIVE_BYTES >> 20} (twice the largest "
                              f"request), got {self.max_request_bytes >> 20}")
+        try:
+            parse_exports(self.exports)
+        except ValueError as e:
+            raise ValueError(f"--export: {e}") from None
+        if self.broker is not None and self.exports != DEFAULT_EXPORTS:
+            raise ValueError("--export sets what the local worker exports; with --broker, give it to tav-tune-worker")
 
     @property
     def limits(self) -> Limits:
@@ -209,7 +217,12 @@ class TavServer:
             return RedisJobStore(config.broker, config.max_job_seconds)
         from jobs.local import LocalJobStore
 
-        return LocalJobStore(config.repo, config.device, config.max_job_seconds, config.max_job_attempts)
+        try:
+            check_exports(parse_exports(config.exports), config.device)  # at start, not at the first job
+        except ValueError as e:
+            raise ValueError(f"--export: {e}") from None
+        return LocalJobStore(config.repo, config.device, config.max_job_seconds, config.max_job_attempts,
+                             config.exports)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -396,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     tuning.add_argument("--worker-dead-after", type=float, default=d.dead_after,
                         help="seconds without a heartbeat (workers beat every 2 s) before a job's worker counts as "
                              "dead and the job runs again")
+    tuning.add_argument("--export", default=d.exports, metavar="KIND[:PRECISION],...",
+                        help="no broker: what the local worker exports of every tuned model, as this server serves "
+                             "it (onnx, tensorrt, aoti; e.g. onnx,aoti; see tav-tune-worker --help)")
     args = p.parse_args(argv)
     if not 0 < args.engine_cache_gb < math.inf:
         p.error(f"--engine-cache-gb must be positive and finite, got {args.engine_cache_gb}")
@@ -414,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
             broker=args.broker_file.read_text().strip() if args.broker_file else args.broker,
             bases=dict(parse_base(arg) for arg in args.base), max_queued_jobs=args.max_queued_jobs,
             max_job_seconds=args.max_job_seconds, max_job_attempts=args.max_job_attempts,
-            job_retention_hours=args.job_retention_hours, dead_after=args.worker_dead_after,
+            job_retention_hours=args.job_retention_hours, dead_after=args.worker_dead_after, exports=args.export,
         )
         code = asyncio.run(run(config))
     except (OSError, ValueError) as e:

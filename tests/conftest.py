@@ -127,3 +127,43 @@ def hanging_aoti_check(tmp_path) -> Path:
     (directory / aoti_check.PLAN_FILE).write_text(json.dumps({"device": "cpu", "packages": {"vae_decoder": {
         "file": "vae_decoder.pt2", "weights": "vae_decoder.safetensors", "batches": {"1": ["latents"]}}}}))
     return directory
+
+
+MODELS = {"square-a": ("a red square is moving right", TuneSettings(frames=8, width=32, height=32, steps=4, lr=1e-3,
+                                                                      seed=1)),
+          "square-b": ("a red square is sliding right", TuneSettings(frames=8, width=32, height=32, steps=4, lr=1e-2,
+                                                                       seed=2))}
+
+
+@pytest.fixture(scope="session")
+def aoti_repo(tiny_base, clip_path, tmp_path_factory):
+    """Two tuned models of the tiny base; the first exported by `tav-export --aoti`, which builds the packages, the
+    second by the API, which reuses them. Returns the repository and the second export's messages."""
+    from exporter.cli import export, main
+
+    root = tmp_path_factory.mktemp("aoti")
+    repo = root / "repo"
+    for name, (prompt, settings) in MODELS.items():
+        tune(tiny_base, clip_path, prompt, repo / name, settings, progress=False)
+    messages: list[str] = []
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+        main(["--model", str(repo / "square-a"), "--aoti", "--device", "cpu"])
+        export(repo / "square-b", aoti=True, device="cpu", progress=messages.append)
+    return repo, messages
+
+
+@pytest.fixture(scope="session")
+def paper_engine_store(tuned_run, tmp_path_factory) -> tuple[Path, str]:
+    """An engine store (`.engines/`) with the ONNX entry of the tiny base at 32x32 in `tuned_run`'s architecture
+    (frame positions "none"), built once for the session to be copied into test repositories; and the entry's key."""
+    import json
+    import shutil
+
+    from exporter.cli import export
+
+    root = tmp_path_factory.mktemp("seed")
+    shutil.copytree(tuned_run, root / "square")
+    export(root / "square", progress=lambda message: None)
+    manifest = json.loads((root / "square" / "engines" / "manifest.json").read_text())
+    return root / ".engines", manifest["store"]["key"]

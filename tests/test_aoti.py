@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from conftest import MODELS
 from grpc_helpers import ServerThread, files, kinds, request, stub
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -31,28 +32,9 @@ from server.serve import ServerConfig
 from tuner.aoti_support import TORCH_KEY, require_aoti
 from tuner.artefacts import ArtefactError
 from tuner.io_utils import file_sha256, sha256_files
-from tuner.tune import TuneSettings, tune
 
-MODELS = {"square-a": ("a red square is moving right", TuneSettings(frames=8, width=32, height=32, steps=4, lr=1e-3,
-                                                                      seed=1)),
-          "square-b": ("a red square is sliding right", TuneSettings(frames=8, width=32, height=32, steps=4, lr=1e-2,
-                                                                       seed=2))}
 OPTIONS = dict(steps=3, guidance=5.0, seed=7, invert=True)
 PROMPT = "a blue square is moving right"
-
-
-@pytest.fixture(scope="session")
-def aoti_repo(tiny_base, clip_path, tmp_path_factory):
-    """Two tuned models of the tiny base; the first exported by `tav-export --aoti`, which builds the packages, the
-    second by the API, which reuses them. Returns the repository and the second export's messages."""
-    root = tmp_path_factory.mktemp("aoti")
-    repo = root / "repo"
-    for name, (prompt, settings) in MODELS.items():
-        tune(tiny_base, clip_path, prompt, repo / name, settings, progress=False)
-    messages: list[str] = []
-    main(["--model", str(repo / "square-a"), "--aoti", "--device", "cpu"])  # in the session's inductor cache
-    export(repo / "square-b", aoti=True, device="cpu", progress=messages.append)
-    return repo, messages
 
 
 def manifest(run: Path) -> dict:
