@@ -114,6 +114,28 @@ class ModelList:
     skipped: dict[str, str]  # repository entries the server does not serve, with the reason
 
 
+FORMAT_NAMES = {value: name for name, value in FORMATS.items()}
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a server accepts (see ServerInfo in the .proto): `limits` holds GenerationLimits' fields by name
+    (max_frames, default_frames, max_steps, min_guidance, max_guidance, max_prompt_chars, max_seed,
+    max_source_bytes, max_source_frames, max_source_pixels); `formats` are `generate`'s format names."""
+
+    backend: str
+    limits: dict
+    formats: tuple[str, ...]
+    options: tuple[str, ...]
+    max_queue: int
+
+    @classmethod
+    def from_proto(cls, info: pb2.ServerInfo) -> ServerInfo:
+        limits = {f.name: getattr(info.limits, f.name) for f in info.limits.DESCRIPTOR.fields}
+        return cls(info.backend, limits, tuple(FORMAT_NAMES[f] for f in info.formats if f in FORMAT_NAMES),
+                   tuple(info.options), info.max_queue)
+
+
 JOB_STATES = {value: name.removeprefix("STATE_").lower() for name, value in tuning_pb2.TuneJob.State.items()}
 ENDED = ("ready", "failed", "cancelled")
 TUNE_SETTINGS = ("steps", "frames", "width", "height", "learning_rate", "seed", "attention_mode", "group_norm",
@@ -153,6 +175,35 @@ class TuneJob:
         return cls(job.id, job.model_id, job.base, job.caption, JOB_STATES.get(job.state, "unknown"),
                    job.queue_position, job.step, job.total_steps, job.loss, settings, job.failure_reason,
                    job.cancel_requested, job.attempt, job.worker, job.tuning_seconds, job.export_seconds)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base the tuning service tunes from (see BaseInfo in tuning.proto); `default_settings` are TuneSettings
+    fields by name, as `create_tune_job` takes them."""
+
+    id: str
+    size_multiple: int
+    default_size: int
+    default_settings: dict
+
+
+@dataclass(frozen=True)
+class BaseList:
+    """ListBases' answer: the bases, the one a job without a base uses, and the bounds of a tune job (TuneLimits'
+    fields by name)."""
+
+    bases: list[BaseModel]
+    default_base: str
+    limits: dict
+
+    @classmethod
+    def from_proto(cls, response: tuning_pb2.ListBasesResponse) -> BaseList:
+        bases = [BaseModel(b.id, b.size_multiple, b.default_size,
+                           {name: getattr(b.default_settings, name) for name in TUNE_SETTINGS
+                            if b.default_settings.HasField(name)}) for b in response.bases]
+        limits = {f.name: getattr(response.limits, f.name) for f in response.limits.DESCRIPTOR.fields}
+        return cls(bases, response.default_base, limits)
 
 
 def make_tune_request(model_id: str, video: bytes, caption: str, base: str = "", **settings
@@ -335,6 +386,14 @@ class Client(_Base):
     def get_model(self, model: str, timeout: float | None = 30) -> Model:
         return Model.from_proto(self._unary(self.stub.GetModel, pb2.GetModelRequest(id=model), timeout))
 
+    def get_server_info(self, timeout: float | None = 30) -> ServerInfo:
+        """The bounds and options the server checks requests against."""
+        return ServerInfo.from_proto(self._unary(self.stub.GetServerInfo, pb2.GetServerInfoRequest(), timeout))
+
+    def list_bases(self, timeout: float | None = 30) -> BaseList:
+        """The bases a tune job may start from, with their defaults (needs the admin token)."""
+        return BaseList.from_proto(self._unary(self.tuning.ListBases, tuning_pb2.ListBasesRequest(), timeout))
+
     def health(self, service: str = "", timeout: float | None = 10) -> str:
         """The server's health status ("SERVING", "NOT_SERVING", ...): one check, no retries."""
         try:
@@ -469,6 +528,13 @@ class AsyncClient(_Base):
 
     async def get_model(self, model: str, timeout: float | None = 30) -> Model:
         return Model.from_proto(await self._unary(self.stub.GetModel, pb2.GetModelRequest(id=model), timeout))
+
+    async def get_server_info(self, timeout: float | None = 30) -> ServerInfo:
+        return ServerInfo.from_proto(await self._unary(self.stub.GetServerInfo, pb2.GetServerInfoRequest(),
+                                                       timeout))
+
+    async def list_bases(self, timeout: float | None = 30) -> BaseList:
+        return BaseList.from_proto(await self._unary(self.tuning.ListBases, tuning_pb2.ListBasesRequest(), timeout))
 
     async def health(self, service: str = "", timeout: float | None = 10) -> str:
         try:

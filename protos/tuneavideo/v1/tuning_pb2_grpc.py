@@ -5,7 +5,7 @@ import warnings
 
 from tuneavideo.v1 import tuning_pb2 as tuneavideo_dot_v1_dot_tuning__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -77,6 +77,11 @@ class TuningStub:
                 request_serializer=tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.ListBases = channel.unary_unary(
+                '/tuneavideo.v1.Tuning/ListBases',
+                request_serializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesRequest.SerializeToString,
+                response_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesResponse.FromString,
+                _registered_method=True)
 
 
 class TuningServicer:
@@ -140,6 +145,14 @@ class TuningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBases(self, request, context):
+        """The bases on the server's allow-list, each with its size rules and the tuner's default settings for it, and
+        the bounds CreateTuneJob checks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TuningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +190,11 @@ def add_TuningServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelRequest.FromString,
                     response_serializer=tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'ListBases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBases,
+                    request_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesRequest.FromString,
+                    response_serializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -376,6 +394,33 @@ class Tuning:
             '/tuneavideo.v1.Tuning/DeleteModel',
             tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelRequest.SerializeToString,
             tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneavideo.v1.Tuning/ListBases',
+            tuneavideo_dot_v1_dot_tuning__pb2.ListBasesRequest.SerializeToString,
+            tuneavideo_dot_v1_dot_tuning__pb2.ListBasesResponse.FromString,
             options,
             channel_credentials,
             insecure,
