@@ -29,6 +29,7 @@ PHASES = {pb2.PHASE_INVERT: "invert", pb2.PHASE_SAMPLE: "sample", pb2.PHASE_DECO
 # Keepalive pings during calls, no more often than the server accepts (every 30 s).
 CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000)]
 ProgressFn = Callable[[str, int, int], None]  # (phase: invert | sample | decode, step, total)
+AcceptedFn = Callable[[int], None]  # (queue position: requests that start before this one)
 TIMINGS = ("queue", "text", "encode", "invert", "sample", "decode", "output", "total")  # in the order they happen
 
 
@@ -244,8 +245,9 @@ def make_request(
 class _Collector:
     """Assembles a Video from the messages of a Generate stream."""
 
-    def __init__(self, progress: ProgressFn | None) -> None:
+    def __init__(self, progress: ProgressFn | None, on_accepted: AcceptedFn | None = None) -> None:
         self.progress = progress
+        self.on_accepted = on_accepted
         self.accepted: pb2.Accepted | None = None
         self.started = False
         self.info: pb2.ResultInfo | None = None
@@ -256,6 +258,8 @@ class _Collector:
         kind = response.WhichOneof("event")
         if kind == "accepted":
             self.accepted = response.accepted
+            if self.on_accepted is not None:
+                self.on_accepted(response.accepted.queue_position)
         elif kind == "started":
             self.started = True
         elif kind == "progress" and self.progress is not None:
@@ -345,14 +349,14 @@ class Client(_Base):
         self.channel.close()
 
     def generate(self, model: str, prompt: str, *, progress: ProgressFn | None = None, timeout: float | None = None,
-                 **options) -> Video:
+                 on_accepted: AcceptedFn | None = None, **options) -> Video:
         """Generate a video; `options` are `make_request`'s (negative_prompt, frames, steps, guidance, seed,
-        invert, source_video, format)."""
+        invert, source_video, format); `on_accepted` hears the queue position."""
         request = make_request(model, prompt, **options)
         deadline = _deadline(timeout)
         attempt = 0
         while True:
-            collector = _Collector(progress)
+            collector = _Collector(progress, on_accepted)
             try:
                 for response in self.stub.Generate(request, timeout=_remaining(deadline), metadata=self.metadata):
                     collector.add(response)
@@ -489,12 +493,12 @@ class AsyncClient(_Base):
         await self.channel.close()
 
     async def generate(self, model: str, prompt: str, *, progress: ProgressFn | None = None,
-                       timeout: float | None = None, **options) -> Video:
+                       timeout: float | None = None, on_accepted: AcceptedFn | None = None, **options) -> Video:
         request = make_request(model, prompt, **options)
         deadline = _deadline(timeout)
         attempt = 0
         while True:
-            collector = _Collector(progress)
+            collector = _Collector(progress, on_accepted)
             try:
                 async for response in self.stub.Generate(request, timeout=_remaining(deadline),
                                                          metadata=self.metadata):
