@@ -4,8 +4,22 @@ Playwright), against a real `tav-serve` on the tiny model, with the browser's ne
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from queue import Empty, Queue
+from urllib.parse import urlparse
+
+import av
 import pytest
-from grpc_helpers import MODEL, ServeProcess, make_repo
+from grpc_helpers import MODEL, START_TIMEOUT, ServeProcess, make_repo
 
 from clients import Client, ServerError
 from clients.cli import main as client_main
@@ -13,13 +27,78 @@ from jobs import spec
 from server.generate import MAX_FRAMES, MAX_GUIDANCE, MAX_SOURCE_BYTES, MIN_GUIDANCE
 
 CAPTION = "a red square is moving right"
+USER_TOKEN, ADMIN_TOKEN = "user-token", "admin-token"
+TIMEOUT = 300  # seconds for one generation or tune job on a loaded 2-core machine (each takes a few)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Headless Chromium with its networking limited to loopback: every other host resolves to nothing and goes to a
+# proxy that is not there; the test also checks that every request the page made went to the page's own server.
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
+                  "--disable-component-update", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                  "--proxy-server=http://127.0.0.1:9"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UIProcess:
+    """`tav-ui` in a subprocess, its output collected by a reader thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "ui.app", "--port", str(self.port), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: Queue = Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                line = self.lines.get(timeout=1)
+            except Empty:
+                continue
+            if line is None:
+                break
+            self.log.append(line)
+            if re.search(pattern, line):
+                return
+        raise AssertionError(f"no {pattern!r} in tav-ui's output:\n{''.join(self.log)}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
-def serve(tiny_base, tuned_run, tmp_path_factory):
-    """`tav-serve` on a repository holding the tuned tiny model, tuning allowed from the tiny base (local worker)."""
+def tokens(tmp_path_factory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("tokens")
+    (directory / "user").write_text(USER_TOKEN + "\n")
+    (directory / "admin").write_text(ADMIN_TOKEN + "\n")
+    return directory / "user", directory / "admin"
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_base, tuned_run, tmp_path_factory, tokens):
+    """`tav-serve` with auth on, on a repository holding the tuned tiny model; tuning from the tiny base (its
+    local worker)."""
     repo = make_repo(tmp_path_factory.mktemp("ui"), tuned_run)
-    server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5")
+    server = ServeProcess("--repo", str(repo), "--base", f"tiny={tiny_base}", "--rescan-seconds", "0.5",
+                          "--auth-token-file", str(tokens[0]), "--admin-token-file", str(tokens[1]))
     try:
         server.wait_for("tuning service serving")
         yield server
@@ -28,8 +107,21 @@ def serve(tiny_base, tuned_run, tmp_path_factory):
         server.proc.wait(30)
 
 
-def test_server_info_and_bases_are_the_bounds_the_server_checks(serve, capsys):
-    with Client(f"127.0.0.1:{serve.port}") as client:
+@pytest.fixture(scope="module")
+def ui(serve, tokens):
+    """`tav-ui` on loopback for that server, with both tokens (so the Train tab is shown)."""
+    pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
+    page = UIProcess("--server", f"127.0.0.1:{serve.port}", "--token-file", str(tokens[0]),
+                     "--admin-token-file", str(tokens[1]))
+    try:
+        page.wait_for(r"Running on local URL")
+        yield page
+    finally:
+        page.stop()
+
+
+def test_server_info_and_bases_are_the_bounds_the_server_checks(serve, tokens, capsys):
+    with Client(f"127.0.0.1:{serve.port}", token=ADMIN_TOKEN) as client:
         info = client.get_server_info()
         bases = client.list_bases()
         with pytest.raises(ServerError) as refused:
@@ -43,5 +135,109 @@ def test_server_info_and_bases_are_the_bounds_the_server_checks(serve, capsys):
     assert bases.default_base == "shapes-sd" and bases.limits["max_steps"] == spec.MAX_STEPS
     assert tiny.size_multiple > 0 and tiny.default_size % tiny.size_multiple == 0
     assert tiny.default_settings["width"] == tiny.default_size and tiny.default_settings["steps"] >= 1
-    client_main(["bases", "--server", f"127.0.0.1:{serve.port}"])
+    client_main(["bases", "--server", f"127.0.0.1:{serve.port}", "--token-file", str(tokens[1])])
     assert any(line.startswith("tiny\t") for line in capsys.readouterr().out.splitlines())
+
+
+def decoded_frames(data: bytes | Path) -> int:
+    """Frames a served video file decodes to."""
+    with av.open(str(data)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def test_a_non_loopback_bind_needs_a_login_file(tmp_path):
+    pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
+    run = [sys.executable, "-m", "ui.app", "--server", "127.0.0.1:1", "--port", str(free_port())]
+    refused = subprocess.run([*run, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--login-file" in refused.stderr, refused.stderr
+    (tmp_path / "logins").write_text("no password here\n")
+    broken = subprocess.run([*run, "--host", "0.0.0.0", "--login-file", str(tmp_path / "logins")],
+                            capture_output=True, text=True, timeout=120)
+    assert broken.returncode == 2 and "expected user:password" in broken.stderr, broken.stderr
+
+
+def test_generate_list_and_errors_through_gradio_client(ui):
+    """The Generate flow as an API user meets it: the model list, a generation whose MP4 and GIF (one request)
+    decode to the frames asked for, the server's one-line message for a bad input, and the page still working."""
+    from gradio_client import Client as PageClient
+    from gradio_client.exceptions import AppError
+
+    page = PageClient(ui.url, verbose=False)
+    named = page.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/generate", "/tune", "/list_models", "/delete_model", "/list_jobs", "/cancel_job"} <= set(named)
+    picker, table, _ = page.predict(None, api_name="/list_models")
+    assert picker["value"] == MODEL and [row[0] for row in table["data"]] == [MODEL, "square.v2"]
+    with pytest.raises(AppError, match=r"^prompt: must not be empty$"):
+        page.predict(MODEL, "   ", "", 8, 1, 7.5, 3, "noise", None, api_name="/generate")
+    status, video, downloads, info = page.predict(MODEL, "a red square is moving left", "", 10, 1, 7.5, None,
+                                                  "noise", None, api_name="/generate")
+    assert status == "done" and video.endswith(".mp4") and "seed " in info and "Timings: queue" in info
+    mp4, gif = sorted(downloads, key=lambda p: Path(p).suffix, reverse=True)
+    assert decoded_frames(Path(mp4)) == decoded_frames(Path(gif)) == 10
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright (its own browser download is not used). Under CI a
+    missing Chromium fails the run instead of skipping."""
+    pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
+    if CHROMIUM is None or shutil.which("chromium") is None and not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium and chromium-driver)")
+        pytest.skip("needs Debian's chromium (apt-get install chromium chromium-driver)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, ui):
+    """A fresh page on tav-ui; afterwards, every request it made must have gone to tav-ui itself."""
+    context = browser.new_context()
+    tab = context.new_page()
+    tab.set_default_timeout(TIMEOUT * 1000)
+    hosts = []
+    tab.on("request", lambda request: hosts.append(urlparse(request.url).hostname))
+    tab.goto(ui.url)
+    tab.locator("#generate").wait_for()
+    yield tab
+    context.close()
+    assert hosts and set(hosts) <= {"127.0.0.1"}, sorted(set(hosts))
+
+
+def pick_model(tab, model: str) -> None:
+    tab.locator("#model input").click()
+    tab.get_by_role("option", name=re.compile(f"^{re.escape(model)} ")).click()
+
+
+def generate_in_page(tab, prompt: str, frames: int) -> str:
+    """Type a prompt, set the frames and one step, press Generate, wait until the video can play; its URL."""
+    tab.locator("#prompt textarea").fill(prompt)
+    for name, value in (("frames", frames), ("steps", 1)):
+        number = tab.locator(f"#{name} input[type=number]")
+        number.fill(str(value))
+        number.press("Enter")
+    tab.locator("#generate").click()
+    tab.wait_for_function("() => { const v = document.querySelector('#video video');"
+                          " return v !== null && v.readyState >= 2 && v.duration > 0; }")
+    return tab.eval_on_selector("#video video", "v => v.currentSrc")
+
+
+def test_generate_in_a_real_browser(page, tmp_path):
+    """Pick the model, type a prompt, press Generate: the video plays and the served file decodes to the frames
+    asked for. A bad input shows the server's message on the page, which keeps working."""
+    pick_model(page, MODEL)
+    page.locator("#prompt textarea").fill("   ")
+    page.locator("#generate").click()
+    page.get_by_text("prompt: must not be empty").first.wait_for()
+    source = generate_in_page(page, "a red square is moving left", 10)
+    video = tmp_path / "served.mp4"
+    with urllib.request.urlopen(source, timeout=60) as response:
+        video.write_bytes(response.read())
+    assert decoded_frames(video) == 10
+    assert "done" in page.locator("#status").inner_text()
+    assert "seed" in page.locator("#result_info").inner_text()
