@@ -28,7 +28,8 @@ from server.generate import MAX_FRAMES, MAX_GUIDANCE, MAX_SOURCE_BYTES, MIN_GUID
 
 CAPTION = "a red square is moving right"
 USER_TOKEN, ADMIN_TOKEN = "user-token", "admin-token"
-TIMEOUT = 300  # seconds for one generation or tune job on a loaded 2-core machine (each takes a few)
+TIMEOUT = 300  # seconds for one generation or tune job on a loaded 2-core machine (each takes a few to 30)
+PAGE_TIMEOUT = 60  # seconds for the page to answer a click on a loaded 2-core machine (it takes well under 5)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Headless Chromium with its networking limited to loopback: every other host resolves to nothing and goes to a
 # proxy that is not there; the test also checks that every request the page made went to the page's own server.
@@ -199,7 +200,7 @@ def page(browser, ui):
     """A fresh page on tav-ui; afterwards, every request it made must have gone to tav-ui itself."""
     context = browser.new_context()
     tab = context.new_page()
-    tab.set_default_timeout(TIMEOUT * 1000)
+    tab.set_default_timeout(PAGE_TIMEOUT * 1000)
     hosts = []
     tab.on("request", lambda request: hosts.append(urlparse(request.url).hostname))
     tab.goto(ui.url)
@@ -223,7 +224,7 @@ def generate_in_page(tab, prompt: str, frames: int) -> str:
         number.press("Enter")
     tab.locator("#generate").click()
     tab.wait_for_function("() => { const v = document.querySelector('#video video');"
-                          " return v !== null && v.readyState >= 2 && v.duration > 0; }")
+                          " return v !== null && v.readyState >= 2 && v.duration > 0; }", timeout=TIMEOUT * 1000)
     return tab.eval_on_selector("#video video", "v => v.currentSrc")
 
 
@@ -241,3 +242,35 @@ def test_generate_in_a_real_browser(page, tmp_path):
     assert decoded_frames(video) == 10
     assert "done" in page.locator("#status").inner_text()
     assert "seed" in page.locator("#result_info").inner_text()
+
+
+def test_tune_in_a_real_browser_then_generate_from_it_and_delete_it(page, clip_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    """Train: upload the clip, caption it, name the model, two steps (the base's defaults otherwise), Tune; the
+    job's progress shows until the model is served, and it is picked on Generate without reloading the page. Then
+    Models deletes it, after a confirmation."""
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#clip input[type=file]").set_input_files(str(clip_path))
+    page.locator("#clip").get_by_text(clip_path.name).first.wait_for()
+    page.locator("#caption textarea").fill(CAPTION)
+    page.locator("#model_id textarea").fill("browser-tuned")
+    page.locator("#base input").click()
+    page.get_by_role("option", name="tiny", exact=True).click()
+    page.locator("#base_note").get_by_text("Native size 32 px").wait_for()
+    assert page.locator("#width input").input_value() == "32"  # the tiny base's native size, from ListBases
+    page.locator("#tune_steps input").fill("2")
+    page.locator("#tune").click()
+    page.locator("#job").get_by_text("is served").wait_for(timeout=TIMEOUT * 1000)
+    page.get_by_role("tab", name="Generate").click()
+    assert page.locator("#model input").input_value().startswith("browser-tuned ")
+    source = generate_in_page(page, "a red square is moving left", 8)
+    with urllib.request.urlopen(source, timeout=60) as response:
+        assert response.status == 200
+    page.get_by_role("tab", name="Models").click()
+    page.locator("#models_refresh").click()
+    sync_api.expect(page.locator("#models")).to_contain_text("browser-tuned")
+    page.locator("#delete_id input").click()
+    page.get_by_role("option", name="browser-tuned").click()
+    page.locator("#delete").click()
+    page.locator("#delete_confirm").click()
+    page.get_by_text("model browser-tuned deleted").wait_for()
