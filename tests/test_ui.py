@@ -177,6 +177,29 @@ def test_generate_list_and_errors_through_gradio_client(ui):
     assert decoded_frames(Path(mp4)) == decoded_frames(Path(gif)) == 10
 
 
+
+def test_tune_cancel_and_jobs_through_gradio_client(ui, clip_path):
+    """The Train flow's API: a bad model id is the server's message; a running job's progress streams and
+    cancel_job stops it; list_jobs shows it cancelled."""
+    from gradio_client import Client as PageClient
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    page = PageClient(ui.url, verbose=False)
+    clip = handle_file(str(clip_path))
+    with pytest.raises(AppError, match=r"^model_id: "):
+        page.predict(clip, CAPTION, "Not_An_Id", "tiny", 2, None, 32, 32, None, None, api_name="/tune")
+    job = page.submit(clip, CAPTION, "api-cancelled", "tiny", 2000, None, 32, 32, None, None, api_name="/tune")
+    end = time.monotonic() + TIMEOUT
+    while not any(update[0].startswith("tuning: step") for update in job.outputs()):
+        assert time.monotonic() < end and not job.done(), job.outputs()
+        time.sleep(0.2)
+    job_id = job.outputs()[-1][1]
+    assert "cancel" in page.predict(job_id, api_name="/cancel_job")
+    assert job.result(timeout=TIMEOUT)[0].startswith("cancelled")
+    rows = page.predict(api_name="/list_jobs")["data"]
+    assert [row[3] for row in rows if row[0] == job_id] == ["cancelled"]
+
 @pytest.fixture(scope="module")
 def browser():
     """Debian's Chromium, headless, driven by Playwright (its own browser download is not used). Under CI a
