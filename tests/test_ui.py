@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from urllib.parse import urlparse
 import av
 import pytest
 from grpc_helpers import MODEL, START_TIMEOUT, ServeProcess, make_repo
+from test_reliability import NGINX, render_nginx, wait_listening
 
 from clients import Client, ServerError
 from clients.cli import main as client_main
@@ -47,8 +49,8 @@ def free_port() -> int:
 class UIProcess:
     """`tav-ui` in a subprocess, its output collected by a reader thread."""
 
-    def __init__(self, *args: str) -> None:
-        self.port = free_port()
+    def __init__(self, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "ui.app", "--port", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -175,6 +177,8 @@ def test_generate_list_and_errors_through_gradio_client(ui):
     assert status == "done" and video.endswith(".mp4") and "seed " in info and "Timings: queue" in info
     mp4, gif = sorted(downloads, key=lambda p: Path(p).suffix, reverse=True)
     assert decoded_frames(Path(mp4)) == decoded_frames(Path(gif)) == 10
+    with pytest.raises(AppError, match=r"^model no-such-model not found|^NOT_FOUND: "):
+        page.predict("no-such-model", "a prompt", "", 8, 1, 7.5, 3, "noise", None, api_name="/generate")
 
 
 
@@ -199,6 +203,46 @@ def test_tune_cancel_and_jobs_through_gradio_client(ui, clip_path):
     assert job.result(timeout=TIMEOUT)[0].startswith("cancelled")
     rows = page.predict(api_name="/list_jobs")["data"]
     assert [row[3] for row in rows if row[0] == job_id] == ["cancelled"]
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs Debian's nginx)")
+def test_the_page_behind_nginx_with_its_root_path(serve, tokens, tmp_path):
+    """deploy/nginx as shipped (replica, page and listen lines replaced): the page under /ui/ over HTTP/1.1, its
+    gRPC calls through nginx's gRPC server to the replica; a generation streams through both."""
+    pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
+    from gradio_client import Client as PageClient
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy" / "nginx"
+    tmp_path.chmod(0o755)  # nginx's workers (user nobody when started as root) use the temp paths inside
+    grpc_port, page_port, ui_port = free_port(), free_port(), free_port()
+    (tmp_path / "nginx.conf").write_text(render_nginx((deploy / "nginx.conf").read_text(),
+                                                      [f"127.0.0.1:{serve.port}"], grpc_port, tmp_path))
+    (tmp_path / "tav-ui.d").mkdir()
+    ui_conf = (deploy / "tav-ui.d" / "ui.conf").read_text()
+    ui_conf, listens = re.subn(r"(?m)^    listen \d+;", f"    listen 127.0.0.1:{page_port};", ui_conf)
+    ui_conf, servers = re.subn(r"(?m)^    server 127\.0\.0\.1:\d+;", f"    server 127.0.0.1:{ui_port};", ui_conf)
+    assert (listens, servers) == (1, 1), "deploy/nginx/tav-ui.d/ui.conf changed: update this test"
+    (tmp_path / "tav-ui.d" / "ui.conf").write_text(ui_conf)
+    nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e",
+                              str(tmp_path / "error.log"), "-g", "daemon off;"])
+    page = None
+    try:
+        wait_listening(page_port, nginx)
+        page = UIProcess("--server", f"127.0.0.1:{grpc_port}", "--token-file", str(tokens[0]), "--root-path", "/ui",
+                         port=ui_port)
+        page.wait_for(r"Running on local URL")
+        with urllib.request.urlopen(f"http://127.0.0.1:{page_port}/ui/", timeout=60) as response:
+            assert response.status == 200 and b"Tune-A-Video" in response.read()
+        client = PageClient(f"http://127.0.0.1:{page_port}/ui/", verbose=False)
+        status, video, _, _ = client.predict(MODEL, "a red square is moving left", "", 8, 1, 7.5, 1, "noise", None,
+                                             api_name="/generate")
+        assert status == "done" and decoded_frames(Path(video)) == 8
+    finally:
+        if page is not None:
+            page.stop()
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(30)
+
 
 @pytest.fixture(scope="module")
 def browser():

@@ -281,6 +281,7 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
     """The page for a server: its bounds and bases are read now (a server that cannot be reached is a ServerError)."""
     with connection.client() as client:
         info = client.get_server_info()
+        models = client.list_models().models
     bases = None
     if connection.admin_token is not None:
         with connection.client(admin=True) as client:
@@ -292,7 +293,10 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
         gr.Markdown(f"# Tune-A-Video\nServer `{connection.target}`, backend {info.backend}.")
         with gr.Tab("Generate", id="generate_tab"):
             with gr.Row():
-                model = gr.Dropdown(label="Model", choices=[], elem_id="model", scale=4)
+                # Any id is accepted (the server answers NOT_FOUND for an unknown one): a model published after
+                # the page loaded can be asked for before its list is refreshed.
+                model = gr.Dropdown(label="Model", choices=[(model_label(m), m.id) for m in models], elem_id="model",
+                                    value=models[0].id if models else None, allow_custom_value=True, scale=4)
                 refresh = gr.Button("Refresh", scale=1, elem_id="refresh")
             model_details = gr.Markdown(elem_id="model_details")
             with gr.Row():
