@@ -4,6 +4,7 @@ Playwright), against a real `tav-serve` on the tiny model, with the browser's ne
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -341,3 +342,18 @@ def test_tune_in_a_real_browser_then_generate_from_it_and_delete_it(page, clip_p
     page.locator("#delete").click()
     page.locator("#delete_confirm").click()
     page.get_by_text("model browser-tuned deleted").wait_for()
+
+
+def test_the_dockerfile_has_a_ui_target():
+    pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
+    from test_deploy import cli_flags, dockerfile
+
+    from ui.app import main as ui_main
+
+    instructions = dockerfile()
+    start = instructions.index(("FROM", "deps-cpu AS ui"))
+    end = next(i for i in range(start + 1, len(instructions)) if instructions[i][0] == "FROM")
+    values = dict(instructions[start:end])
+    assert json.loads(values["ENTRYPOINT"]) == ["tav-ui"] and not values["USER"].startswith("0")
+    command = json.loads(values["CMD"])
+    assert {arg for arg in command if arg.startswith("--")} <= cli_flags(ui_main) and "--login-file" in command
