@@ -172,14 +172,17 @@ def test_generate_list_and_errors_through_gradio_client(ui):
     picker, table, _ = page.predict(None, api_name="/list_models")
     assert picker["value"] == MODEL and [row[0] for row in table["data"]] == [MODEL, "square.v2"]
     with pytest.raises(AppError, match=r"^prompt: must not be empty$"):
-        page.predict(MODEL, "   ", "", 8, 1, 7.5, 3, "noise", None, api_name="/generate")
-    status, video, downloads, info = page.predict(MODEL, "a red square is moving left", "", 10, 1, 7.5, None,
+        page.predict(MODEL, "   ", "", 8, 1, 7.5, "3", "noise", None, api_name="/generate")
+    status, video, downloads, info = page.predict(MODEL, "a red square is moving left", "", 10, 1, 7.5, "",
                                                   "noise", None, api_name="/generate")
-    assert status == "done" and video.endswith(".mp4") and "seed " in info and "Timings: queue" in info
+    assert status == "done" and video.endswith(".mp4") and "Timings: queue" in info
+    assert re.search(r"seed [1-9]\d*,", info), "a blank seed is drawn at random and shown"
     mp4, gif = sorted(downloads, key=lambda p: Path(p).suffix, reverse=True)
     assert decoded_frames(Path(mp4)) == decoded_frames(Path(gif)) == 10
+    with pytest.raises(AppError, match=r"^seed: must be a whole number"):
+        page.predict(MODEL, "a prompt", "", 8, 1, 7.5, "abc", "noise", None, api_name="/generate")
     with pytest.raises(AppError, match=r"^model no-such-model not found|^NOT_FOUND: "):
-        page.predict("no-such-model", "a prompt", "", 8, 1, 7.5, 3, "noise", None, api_name="/generate")
+        page.predict("no-such-model", "a prompt", "", 8, 1, 7.5, "3", "noise", None, api_name="/generate")
 
 
 
@@ -193,8 +196,8 @@ def test_tune_cancel_and_jobs_through_gradio_client(ui, clip_path):
     page = PageClient(ui.url, verbose=False)
     clip = handle_file(str(clip_path))
     with pytest.raises(AppError, match=r"^model_id: "):
-        page.predict(clip, CAPTION, "Not_An_Id", "tiny", 2, None, 32, 32, None, None, api_name="/tune")
-    job = page.submit(clip, CAPTION, "api-cancelled", "tiny", 2000, None, 32, 32, None, None, api_name="/tune")
+        page.predict(clip, CAPTION, "Not_An_Id", "tiny", 2, None, 32, 32, None, "", api_name="/tune")
+    job = page.submit(clip, CAPTION, "api-cancelled", "tiny", 2000, None, 32, 32, None, "", api_name="/tune")
     end = time.monotonic() + TIMEOUT
     while not any(update[0].startswith("tuning: step") for update in job.outputs()):
         assert time.monotonic() < end and not job.done(), job.outputs()
@@ -235,7 +238,7 @@ def test_the_page_behind_nginx_with_its_root_path(serve, tokens, tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{page_port}/ui/", timeout=60) as response:
             assert response.status == 200 and b"Tune-A-Video" in response.read()
         client = PageClient(f"http://127.0.0.1:{page_port}/ui/", verbose=False)
-        status, video, _, _ = client.predict(MODEL, "a red square is moving left", "", 8, 1, 7.5, 1, "noise", None,
+        status, video, _, _ = client.predict(MODEL, "a red square is moving left", "", 8, 1, 7.5, "1", "noise", None,
                                              api_name="/generate")
         assert status == "done" and decoded_frames(Path(video)) == 8
     finally:
@@ -309,7 +312,7 @@ def test_generate_in_a_real_browser(page, tmp_path):
         video.write_bytes(response.read())
     assert decoded_frames(video) == 10
     assert "done" in page.locator("#status").inner_text()
-    assert "seed" in page.locator("#result_info").inner_text()
+    assert re.search(r"seed [1-9]\d*,", page.locator("#result_info").inner_text()), "blank: drawn at random"
 
 
 def test_tune_in_a_real_browser_then_generate_from_it_and_delete_it(page, clip_path):

@@ -103,6 +103,17 @@ def job_rows(jobs: list[TuneJob]) -> list[list]:
     return [[j.id, j.model_id, j.base, j.state, f"{j.step}/{j.total_steps}", job_summary(j)] for j in jobs]
 
 
+def _seed(text: str | int | None, field: str) -> int | None:
+    """A seed field: blank leaves it to the server (a number input cannot be blank: it would send 0)."""
+    text = str(text if text is not None else "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise gr.Error(f"{field}: must be a whole number, got {text[:40]!r}", print_exception=False) from None
+
+
 def _check_upload(path: str | None, limit: int, field: str) -> bytes | None:
     """An uploaded file's bytes, refused here when over the server's limit (before anything is sent)."""
     if not path:
@@ -156,7 +167,7 @@ class Page:
         return text, gr.Slider(value=model.default_steps), gr.Slider(value=model.default_guidance)
 
     async def generate(self, model: str | None, prompt: str, negative_prompt: str, frames: float, steps: float,
-                       guidance: float, seed: float | None, start: str, source: str | None
+                       guidance: float, seed: str | None, start: str, source: str | None
                        ) -> AsyncIterator[tuple]:
         """Generate, streaming the queue position and each step to the status line; then the video to play, its
         MP4 and GIF (transcoded here) to download, and the seed and timings."""
@@ -166,7 +177,7 @@ class Page:
         events: asyncio.Queue[str] = asyncio.Queue()
         call = asyncio.ensure_future(self.client().generate(
             model, prompt, negative_prompt=negative_prompt, frames=int(frames), steps=int(steps),
-            guidance=float(guidance), seed=None if seed is None else int(seed), invert=START_OPTIONS.get(start, True),
+            guidance=float(guidance), seed=_seed(seed, "seed"), invert=START_OPTIONS.get(start, True),
             source_video=source_video, format="mp4",
             on_accepted=lambda position: events.put_nowait(f"queued: position {position}"),
             progress=lambda phase, step, total: events.put_nowait(f"{phase}: step {step}/{total}"),
@@ -210,7 +221,7 @@ class Page:
 
     async def tune(self, clip: str | None, caption: str, model_id: str, base: str, steps: float | None,
                    frames: float | None, width: float | None, height: float | None, learning_rate: float | None,
-                   seed: float | None) -> AsyncIterator[tuple]:
+                   seed: str | None) -> AsyncIterator[tuple]:
         """Create a tune job and show its state as it changes (WatchTuneJob); once READY, wait (bounded) until the
         server serves the model, then offer it on Generate."""
         video = _check_upload(clip, self.bases.limits["max_video_bytes"], "video")
@@ -218,7 +229,8 @@ class Page:
             raise gr.Error("video: upload the clip to tune on", print_exception=False)
         settings = {name: (None if value is None else kind(value)) for name, value, kind in [
             ("steps", steps, int), ("frames", frames, int), ("width", width, int), ("height", height, int),
-            ("learning_rate", learning_rate, float), ("seed", seed, int)]}
+            ("learning_rate", learning_rate, float)]}
+        settings["seed"] = _seed(seed, "settings.seed")
         admin = self.client(admin=True)
         updates: asyncio.Queue[TuneJob] = asyncio.Queue()
         try:
@@ -311,8 +323,7 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
                     steps = gr.Slider(1, limits["max_steps"], value=50, step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(limits["min_guidance"], limits["max_guidance"], value=12.5, step=0.5,
                                          label="Guidance", elem_id="guidance")
-                    seed = gr.Number(label="Seed (blank: random, shown after)", precision=0, minimum=0,
-                                     elem_id="seed")
+                    seed = gr.Textbox(label="Seed (blank: random, shown after)", elem_id="seed", max_lines=1)
                     start = gr.Radio(list(START_OPTIONS), value=next(iter(START_OPTIONS)), label="Start from",
                                      elem_id="start", visible="invert" in info.options)
                     source = gr.File(label=f"Source clip (optional, at most {limits['max_source_bytes'] >> 20} MiB)",
@@ -349,7 +360,7 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
                 height = gr.Number(label="Height", precision=0, maximum=limit.get("max_size"), elem_id="height")
                 learning_rate = gr.Number(label="Learning rate", minimum=limit.get("min_learning_rate"),
                                           maximum=limit.get("max_learning_rate"), elem_id="learning_rate")
-                tune_seed = gr.Number(label="Seed (blank: the tuner's)", precision=0, minimum=0, elem_id="tune_seed")
+                tune_seed = gr.Textbox(label="Seed (blank: the tuner's)", elem_id="tune_seed", max_lines=1)
             with gr.Row():
                 tune = gr.Button("Tune", variant="primary", elem_id="tune")
                 tune_cancel = gr.Button("Cancel job", elem_id="tune_cancel")
