@@ -299,13 +299,23 @@ def generate_in_page(tab, prompt: str, frames: int) -> str:
     return tab.eval_on_selector("#video video", "v => v.currentSrc")
 
 
-def test_generate_in_a_real_browser(page, tmp_path):
+def test_generate_in_a_real_browser(page, serve, tmp_path):
     """Pick the model, type a prompt, press Generate: the video plays and the served file decodes to the frames
-    asked for. A bad input shows the server's message on the page, which keeps working."""
+    asked for. A bad input shows the server's message on the page; Cancel stops a long generation on the server
+    (its worker logs the request stopped); the page keeps working after both."""
     pick_model(page, MODEL)
     page.locator("#prompt textarea").fill("   ")
     page.locator("#generate").click()
     page.get_by_text("prompt: must not be empty").first.wait_for()
+    page.locator("#prompt textarea").fill("a long one")
+    for name, value in (("frames", 128), ("steps", 200)):  # minutes of work on the tiny model
+        number = page.locator(f"#{name} input[type=number]")
+        number.fill(str(value))
+        number.press("Enter")
+    page.locator("#generate").click()
+    page.locator("#status").get_by_text(re.compile(r"(invert|sample): step")).wait_for(timeout=TIMEOUT * 1000)
+    page.locator("#cancel").click()
+    serve.wait_for(r"request \w+ stopped \(cancelled\)", timeout=TIMEOUT)
     source = generate_in_page(page, "a red square is moving left", 10)
     video = tmp_path / "served.mp4"
     with urllib.request.urlopen(source, timeout=60) as response:
