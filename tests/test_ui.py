@@ -149,6 +149,21 @@ def decoded_frames(data: bytes | Path) -> int:
         return sum(1 for _ in container.decode(video=0))
 
 
+def test_server_errors_become_one_line_messages():
+    pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
+    import grpc
+
+    from ui.app import server_message
+
+    assert server_message(ServerError(grpc.StatusCode.INVALID_ARGUMENT, "frames: must be between 1 and 128, got 0")
+                          ) == "frames: must be between 1 and 128, got 0"
+    assert server_message(ServerError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the queue is full (16 requests "
+                                      "waiting); retry later")).startswith("busy, retry: the queue is full")
+    assert server_message(ServerError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses;\n"
+                                      "last error: ...")) == ("server not reachable: failed to connect to all "
+                                                             "addresses; last error: ...")
+
+
 def test_a_non_loopback_bind_needs_a_login_file(tmp_path):
     pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
     run = [sys.executable, "-m", "ui.app", "--server", "127.0.0.1:1", "--port", str(free_port())]
