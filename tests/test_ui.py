@@ -164,7 +164,7 @@ def test_server_errors_become_one_line_messages():
                                                              "addresses; last error: ...")
 
 
-def test_a_non_loopback_bind_needs_a_login_file(tmp_path):
+def test_a_non_loopback_bind_needs_a_login_file_and_the_server_must_answer(tmp_path):
     pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
     run = [sys.executable, "-m", "ui.app", "--server", "127.0.0.1:1", "--port", str(free_port())]
     refused = subprocess.run([*run, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
@@ -173,6 +173,8 @@ def test_a_non_loopback_bind_needs_a_login_file(tmp_path):
     broken = subprocess.run([*run, "--host", "0.0.0.0", "--login-file", str(tmp_path / "logins")],
                             capture_output=True, text=True, timeout=120)
     assert broken.returncode == 2 and "expected user:password" in broken.stderr, broken.stderr
+    unreachable = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert unreachable.returncode == 1 and "server not reachable" in unreachable.stderr, unreachable.stderr
 
 
 def test_generate_list_and_errors_through_gradio_client(ui):
