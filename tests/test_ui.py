@@ -212,9 +212,14 @@ def test_tune_cancel_and_jobs_through_gradio_client(ui, clip_path):
 
     page = PageClient(ui.url, verbose=False)
     clip = handle_file(str(clip_path))
+    more = ("", "", "", "", None, None, None)  # the "More settings" left blank: the tuner's for the base
+    with pytest.raises(AppError, match=r"^settings\.attention_mode: "):
+        page.predict(clip, CAPTION, "api-bad", "tiny", 2, None, 32, 32, None, "", "sideways", *more[1:],
+                     api_name="/tune")
     with pytest.raises(AppError, match=r"^model_id: "):
-        page.predict(clip, CAPTION, "Not_An_Id", "tiny", 2, None, 32, 32, None, "", api_name="/tune")
-    job = page.submit(clip, CAPTION, "api-cancelled", "tiny", 2000, None, 32, 32, None, "", api_name="/tune")
+        page.predict(clip, CAPTION, "Not_An_Id", "tiny", 2, None, 32, 32, None, "", *more, api_name="/tune")
+    job = page.submit(clip, CAPTION, "api-cancelled", "tiny", 2000, None, 32, 32, None, "", *more,
+                      api_name="/tune")
     end = time.monotonic() + TIMEOUT
     while not any(update[0].startswith("tuning: step") for update in job.outputs()):
         assert time.monotonic() < end and not job.done(), job.outputs()

@@ -39,6 +39,9 @@ from ui.media import mp4_to_gif  # noqa: E402
 START_OPTIONS = {"the inverted source clip": True, "noise": False}
 MODEL_COLUMNS = ["id", "caption", "base", "size", "frames", "fps", "backends", "loaded"]
 JOB_COLUMNS = ["id", "model", "base", "state", "progress", "detail"]
+# The other TuneSettings, in the Train tab's "More settings" with the base's defaults (the server checks them).
+MORE_SETTINGS = {"attention_mode": str, "group_norm": str, "trainable": str, "frame_positions": str, "start": int,
+                 "stride": int, "timestep_power": float}
 READY_POLL_SECONDS = 1.0  # between ListModels calls while waiting for a READY model to be served
 READY_POLL_BOUND = 60.0  # seconds: a READY model is served after the next rescan (2 s by default); then give up
 THEME = gr.themes.Default(font=("system-ui", "sans-serif"), font_mono=("ui-monospace", "monospace"))
@@ -211,17 +214,18 @@ class Page:
         """The settings fields take the chosen base's defaults (and its size rule)."""
         base = next((b for b in self.bases.bases if b.id == base_id), None) if self.bases else None
         if base is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
+            return (gr.skip(),) * (5 + len(MORE_SETTINGS)) + ("",)
         d = base.default_settings
         size = dict(step=base.size_multiple, minimum=base.size_multiple)
         return (gr.Number(value=d.get("steps")), gr.Number(value=d.get("frames")),
                 gr.Number(value=d.get("width", base.default_size), **size),
                 gr.Number(value=d.get("height", base.default_size), **size), gr.Number(value=d.get("learning_rate")),
+                *(d.get(name) for name in MORE_SETTINGS),
                 f"Native size {base.default_size} px; width and height are multiples of {base.size_multiple}.")
 
     async def tune(self, clip: str | None, caption: str, model_id: str, base: str, steps: float | None,
                    frames: float | None, width: float | None, height: float | None, learning_rate: float | None,
-                   seed: str | None) -> AsyncIterator[tuple]:
+                   seed: str | None, *more: str | float | None) -> AsyncIterator[tuple]:
         """Create a tune job and show its state as it changes (WatchTuneJob); once READY, wait (bounded) until the
         server serves the model, then offer it on Generate."""
         video = _check_upload(clip, self.bases.limits["max_video_bytes"], "video")
@@ -231,6 +235,9 @@ class Page:
             ("steps", steps, int), ("frames", frames, int), ("width", width, int), ("height", height, int),
             ("learning_rate", learning_rate, float)]}
         settings["seed"] = _seed(seed, "settings.seed")
+        for (name, kind), value in zip(MORE_SETTINGS.items(), more, strict=True):
+            if value is not None and str(value).strip():
+                settings[name] = kind(value.strip() if isinstance(value, str) else value)
         admin = self.client(admin=True)
         updates: asyncio.Queue[TuneJob] = asyncio.Queue()
         try:
@@ -361,6 +368,11 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
                 learning_rate = gr.Number(label="Learning rate", minimum=limit.get("min_learning_rate"),
                                           maximum=limit.get("max_learning_rate"), elem_id="learning_rate")
                 tune_seed = gr.Textbox(label="Seed (blank: the tuner's)", elem_id="tune_seed", max_lines=1)
+            with gr.Accordion("More settings (the base's defaults; blank: the tuner's)", open=False), gr.Row():
+                more = [gr.Textbox(label=name.replace("_", " ").capitalize(), elem_id=f"tune_{name}", max_lines=1)
+                        if kind is str else gr.Number(label=name.replace("_", " ").capitalize(), elem_id=f"tune_{name}",
+                                                      precision=0 if kind is int else None)
+                        for name, kind in MORE_SETTINGS.items()]
             with gr.Row():
                 tune = gr.Button("Tune", variant="primary", elem_id="tune")
                 tune_cancel = gr.Button("Cancel job", elem_id="tune_cancel")
@@ -392,12 +404,11 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
         )
         cancel.click(lambda: "cancelled", None, status, cancels=[running], api_name=False)
         if bases is not None:
-            base.change(page.base_defaults, base, [tune_steps, tune_frames, width, height, learning_rate, base_note],
-                        api_name=False)
-            demo.load(page.base_defaults, base, [tune_steps, tune_frames, width, height, learning_rate, base_note],
-                      api_name=False)
+            settings = [tune_steps, tune_frames, width, height, learning_rate, *more, base_note]
+            base.change(page.base_defaults, base, settings, api_name=False)
+            demo.load(page.base_defaults, base, settings, api_name=False)
             tune.click(page.tune, [clip, caption, model_id, base, tune_steps, tune_frames, width, height,
-                                   learning_rate, tune_seed], [job, job_id, model], api_name="tune",
+                                   learning_rate, tune_seed, *more], [job, job_id, model], api_name="tune",
                        concurrency_limit=None)
             tune_cancel.click(page.cancel_job, job_id, job, api_name="cancel_job")
             delete.click(lambda i: (gr.Row(visible=bool(i)), f"Delete model **{i}** from the repository?"),
