@@ -4,7 +4,7 @@ started with `--admin-token-file` (so the Train tab shows):
     python scripts/screenshots.py --url http://127.0.0.1:7860/ [--prompt TEXT --steps 4 --out docs]
 
 It drives Debian's headless Chromium through Playwright as tests/test_ui.py does: Generate picks the first model,
-generates from the prompt and waits for the video; Train picks the last base; Models refreshes the models and
+generates from the prompt and waits for the video; Train picks the last base and opens More settings; Models refreshes the models and
 the jobs. Writes docs/ui-generate.png, docs/ui-train.png and docs/ui-models.png.
 """
 
@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         page.get_by_role("option").last.click()
         page.locator("#caption textarea").fill("a red square is moving right")
         page.locator("#model_id textarea").fill("my-square")
-        page.locator("#base_note").get_by_text("Native size").wait_for()
+        page.get_by_text("More settings").click()
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(2000)  # the base's defaults fill in
         page.screenshot(path=args.out / "ui-train.png", full_page=True)
         page.get_by_role("tab", name="Models").click()
         page.locator("#models_refresh").click()
