@@ -4,8 +4,8 @@ started with `--admin-token-file` (so the Train tab shows):
     python scripts/screenshots.py --url http://127.0.0.1:7860/ [--prompt TEXT --steps 4 --out docs]
 
 It drives Debian's headless Chromium through Playwright as tests/test_ui.py does: Generate picks the first model,
-generates from the prompt and waits for the video; Train picks the last base and opens More settings; Models refreshes the models and
-the jobs. Writes docs/ui-generate.png, docs/ui-train.png and docs/ui-models.png.
+generates from the prompt and waits for the video; Train picks the last base and opens More settings; Models
+refreshes the models and the jobs. Writes docs/ui-generate.png, docs/ui-train.png and docs/ui-models.png.
 """
 
 from __future__ import annotations
