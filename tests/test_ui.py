@@ -338,6 +338,8 @@ def test_generate_in_a_real_browser(page, serve, tmp_path):
     page.locator("#status").get_by_text(re.compile(r"(invert|sample): step")).wait_for(timeout=TIMEOUT * 1000)
     page.locator("#cancel").click()
     serve.wait_for(r"request \w+ stopped \(cancelled\)", timeout=TIMEOUT)
+    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api.expect(page.locator("#status")).to_have_text("cancelled")
     source = generate_in_page(page, "a red square is moving left", 10)
     video = tmp_path / "served.mp4"
     with urllib.request.urlopen(source, timeout=60) as response:

@@ -401,6 +401,7 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
         running = generate.click(
             page.generate, [model, prompt, negative, frames, steps, guidance, seed, start, source],
             [status, video, downloads, result_info], api_name="generate", concurrency_limit=waiting,
+            show_progress_on=[video],  # the status line is the progress; a cancelled call leaves it "cancelled"
         )
         cancel.click(lambda: "cancelled", None, status, cancels=[running], api_name=False)
         if bases is not None:
