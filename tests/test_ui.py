@@ -164,6 +164,20 @@ def test_server_errors_become_one_line_messages():
                                                              "addresses; last error: ...")
 
 
+def test_uploads_over_the_servers_limit_are_refused_before_sending(tmp_path):
+    pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
+    import gradio as gr
+
+    from ui.app import _check_upload
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"x" * 2**20)
+    assert _check_upload(str(clip), 2**20, "video") == clip.read_bytes()
+    with pytest.raises(gr.Error) as refused:
+        _check_upload(str(clip), 2**20 - 1, "video")
+    assert refused.value.message == "video: must be at most 0 MiB, got 1.0 MiB"
+
+
 def test_a_non_loopback_bind_needs_a_login_file_and_the_server_must_answer(tmp_path):
     pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
     run = [sys.executable, "-m", "ui.app", "--server", "127.0.0.1:1", "--port", str(free_port())]
@@ -347,6 +361,9 @@ def test_generate_in_a_real_browser(page, serve, tmp_path):
     assert decoded_frames(video) == 10
     assert "done" in page.locator("#status").inner_text()
     assert re.search(r"seed [1-9]\d*,", page.locator("#result_info").inner_text()), "blank: drawn at random"
+    with urllib.request.urlopen(f"{page.url}config", timeout=60) as response:
+        config = response.read().decode()
+    assert "elem_id" in config and USER_TOKEN not in config + page.content() and ADMIN_TOKEN not in config
 
 
 def test_tune_in_a_real_browser_then_generate_from_it_and_delete_it(page, clip_path):
