@@ -4,6 +4,7 @@ Playwright), against a real `tav-serve` on the tiny model, with the browser's ne
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -289,12 +290,15 @@ def browser():
     """Debian's Chromium, headless, driven by Playwright (its own browser download is not used). Under CI a
     missing Chromium fails the run instead of skipping."""
     pytest.importorskip("gradio", reason="the ui extra (pip install .[ui])")
-    if CHROMIUM is None or shutil.which("chromium") is None and not Path(CHROMIUM).exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium and chromium-driver)")
-        pytest.skip("needs Debian's chromium (apt-get install chromium chromium-driver)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra)")
-    with sync_api.sync_playwright() as playwright:
+    missing = [name for name, absent in [("chromium (apt-get install chromium chromium-driver; .ci/run does)",
+                                          CHROMIUM is None),
+                                         ("playwright (the dev extra)", importlib.util.find_spec("playwright") is None)]
+               if absent]
+    if missing:
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(f"needs {' and '.join(missing)}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         try:
             yield chromium
@@ -353,7 +357,7 @@ def test_generate_in_a_real_browser(page, serve, tmp_path):
     page.locator("#cancel").click()
     serve.wait_for(r"request \w+ stopped \(cancelled\)", timeout=TIMEOUT)
     sync_api = pytest.importorskip("playwright.sync_api")
-    sync_api.expect(page.locator("#status")).to_have_text("cancelled")
+    sync_api.expect(page.locator("#status")).to_have_text("cancelled", timeout=PAGE_TIMEOUT * 1000)
     source = generate_in_page(page, "a red square is moving left", 10)
     video = tmp_path / "served.mp4"
     with urllib.request.urlopen(source, timeout=60) as response:
@@ -390,7 +394,7 @@ def test_tune_in_a_real_browser_then_generate_from_it_and_delete_it(page, clip_p
         assert response.status == 200
     page.get_by_role("tab", name="Models").click()
     page.locator("#models_refresh").click()
-    sync_api.expect(page.locator("#models")).to_contain_text("browser-tuned")
+    sync_api.expect(page.locator("#models")).to_contain_text("browser-tuned", timeout=PAGE_TIMEOUT * 1000)
     page.locator("#delete_id input").click()
     page.get_by_role("option", name="browser-tuned").click()
     page.locator("#delete").click()
