@@ -205,8 +205,8 @@ def test_generate_list_and_errors_through_gradio_client(ui):
     assert picker["value"] == MODEL and [row[0] for row in table["data"]] == [MODEL, "square.v2"]
     with pytest.raises(AppError, match=r"^prompt: must not be empty$"):
         page.predict(MODEL, "   ", "", 8, 1, 7.5, "3", "noise", None, api_name="/generate")
-    status, video, downloads, info = page.predict(MODEL, "a red square is moving left", "", 10, 1, 7.5, "",
-                                                  "noise", None, api_name="/generate")
+    status, _, video, downloads, info = page.predict(MODEL, "a red square is moving left", "", 10, 1, 7.5, "",
+                                                     "noise", None, api_name="/generate")
     assert status == "done" and video.endswith(".mp4") and "Timings: queue" in info
     assert re.search(r"seed [1-9]\d*,", info), "a blank seed is drawn at random and shown"
     mp4, gif = sorted(downloads, key=lambda p: Path(p).suffix, reverse=True)
@@ -275,7 +275,7 @@ def test_the_page_behind_nginx_with_its_root_path(serve, tokens, tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{page_port}/ui/", timeout=60) as response:
             assert response.status == 200 and b"Tune-A-Video" in response.read()
         client = PageClient(f"http://127.0.0.1:{page_port}/ui/", verbose=False)
-        status, video, _, _ = client.predict(MODEL, "a red square is moving left", "", 8, 1, 7.5, "1", "noise", None,
+        status, _, video, _, _ = client.predict(MODEL, "a red square is moving left", "", 8, 1, 7.5, "1", "noise", None,
                                              api_name="/generate")
         assert status == "done" and decoded_frames(Path(video)) == 8
     finally:
@@ -353,7 +353,7 @@ def test_generate_in_a_real_browser(page, serve, tmp_path):
         number.fill(str(value))
         number.press("Enter")
     page.locator("#generate").click()
-    page.locator("#status").get_by_text(re.compile(r"(invert|sample): step")).wait_for(timeout=TIMEOUT * 1000)
+    page.locator("#progress").get_by_text(re.compile(r"(invert|sample): step")).wait_for(timeout=TIMEOUT * 1000)
     page.locator("#cancel").click()
     serve.wait_for(r"request \w+ stopped \(cancelled\)", timeout=TIMEOUT)
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -376,6 +376,7 @@ def test_tune_in_a_real_browser_then_generate_from_it_and_delete_it(page, clip_p
     job's progress shows until the model is served, and it is picked on Generate without reloading the page. Then
     Models deletes it, after a confirmation."""
     page.get_by_role("tab", name="Train").click()
+    page.locator("#base_note").get_by_text("Native size").wait_for()  # the tab is drawn and the page loaded
     page.locator("#clip input[type=file]").set_input_files(str(clip_path))
     page.locator("#clip").get_by_text(clip_path.name).first.wait_for()
     page.locator("#caption textarea").fill(CAPTION)

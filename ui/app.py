@@ -172,7 +172,7 @@ class Page:
     async def generate(self, model: str | None, prompt: str, negative_prompt: str, frames: float, steps: float,
                        guidance: float, seed: str | None, start: str, source: str | None
                        ) -> AsyncIterator[tuple]:
-        """Generate, streaming the queue position and each step to the status line; then the video to play, its
+        """Generate, streaming the queue position and each step to the progress line; then the video to play, its
         MP4 and GIF (transcoded here) to download, and the seed and timings."""
         if not model:
             raise gr.Error("model: pick a model (Refresh lists the server's models)", print_exception=False)
@@ -186,12 +186,12 @@ class Page:
             progress=lambda phase, step, total: events.put_nowait(f"{phase}: step {step}/{total}"),
         ))
         try:
-            yield "sending the request", gr.skip(), gr.skip(), gr.skip()
+            yield "running", "sending the request", gr.skip(), gr.skip(), gr.skip()
             while not call.done():
                 waiter = asyncio.ensure_future(events.get())
                 await asyncio.wait({call, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if waiter.done():
-                    yield waiter.result(), gr.skip(), gr.skip(), gr.skip()
+                if waiter.done():  # into its own line: a late one cannot overwrite the status Cancel sets
+                    yield gr.skip(), waiter.result(), gr.skip(), gr.skip(), gr.skip()
                 else:
                     waiter.cancel()
             video = call.result()
@@ -208,7 +208,7 @@ class Page:
                 f"{video.steps} steps, guidance {video.guidance:g}"
                 + (" (prompt truncated to the tokenizer's length)" if video.prompt_truncated else "")
                 + f"\n\nTimings: {timings}")
-        yield "done", str(mp4), [str(mp4), str(gif)], info
+        yield "done", "", str(mp4), [str(mp4), str(gif)], info
 
     def base_defaults(self, base_id: str | None) -> tuple:
         """The settings fields take the chosen base's defaults (and its size rule)."""
@@ -341,6 +341,7 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
                         cancel = gr.Button("Cancel", elem_id="cancel")
                 with gr.Column():
                     status = gr.Markdown("Pick a model, write a prompt, press Generate.", elem_id="status")
+                    progress = gr.Markdown(elem_id="progress")
                     video = gr.Video(label="Result", elem_id="video", format=None, interactive=False,
                                      autoplay=True, loop=True)
                     downloads = gr.File(label="Download (MP4, GIF)", file_count="multiple", elem_id="downloads",
@@ -400,7 +401,7 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
         model.change(page.describe_model, model, [model_details, steps, guidance], api_name=False)
         running = generate.click(
             page.generate, [model, prompt, negative, frames, steps, guidance, seed, start, source],
-            [status, video, downloads, result_info], api_name="generate", concurrency_limit=waiting,
+            [status, progress, video, downloads, result_info], api_name="generate", concurrency_limit=waiting,
             show_progress_on=[video],  # the status line is the progress; a cancelled call leaves it "cancelled"
         )
         cancel.click(lambda: "cancelled", None, status, cancels=[running], api_name=False)
