@@ -1,6 +1,6 @@
 """`tav-client`: generate a video on a server (with progress bars), list its models, probe its health; tune a
 clip into a new model (`tune`, with `--wait` a progress bar until it is ready), list (`jobs`) and `cancel` tune
-jobs, `delete-model`.
+jobs, `delete-model`, and list the bases a tune job may start from (`bases`).
 
 PNG frames are written as a directory of frame_00000.png, frame_00001.png, ... (`--out` names the directory).
 Exit codes: 0 on success (for `health`, only when the server is SERVING; for `tune --wait`, only when the model
@@ -130,6 +130,15 @@ def _cancel(args: argparse.Namespace) -> None:
                                                if not job.ended else ""))
 
 
+def _bases(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        listing = client.list_bases(timeout=args.timeout)
+    for base in listing.bases:
+        settings = " ".join(f"{name}={value}" for name, value in base.default_settings.items())
+        default = "\t(default)" if base.id == listing.default_base else ""
+        print(f"{base.id}\tsize {base.default_size} (multiple of {base.size_multiple})\t{settings}{default}")
+
+
 def _delete_model(args: argparse.Namespace) -> None:
     with _client(args) as client:
         done = client.delete_model(args.id, timeout=args.timeout)
@@ -172,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         t.add_argument(f"--{name}", type=kind, help="default: the tuner's for the base")
     t.add_argument("--wait", action="store_true", help="show progress until the model is ready (exit 1 if not)")
     commands.add_parser("jobs", parents=[common], help="list the tune jobs")
+    commands.add_parser("bases", parents=[common], help="list the bases a tune job may start from, with defaults")
     c = commands.add_parser("cancel", parents=[common], help="cancel a tune job")
     c.add_argument("job", help="the job id")
     d = commands.add_parser("delete-model", parents=[common], help="delete a model from the repository")
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command not in ("generate", "tune") and args.timeout is None:
         args.timeout = 30.0
     run = {"generate": _generate, "models": _models, "health": _health, "tune": _tune, "jobs": _jobs,
-           "cancel": _cancel, "delete-model": _delete_model}[args.command]
+           "cancel": _cancel, "delete-model": _delete_model, "bases": _bases}[args.command]
     try:
         run(args)
     except OSError as e:

@@ -29,6 +29,7 @@ PHASES = {pb2.PHASE_INVERT: "invert", pb2.PHASE_SAMPLE: "sample", pb2.PHASE_DECO
 # Keepalive pings during calls, no more often than the server accepts (every 30 s).
 CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000)]
 ProgressFn = Callable[[str, int, int], None]  # (phase: invert | sample | decode, step, total)
+AcceptedFn = Callable[[int], None]  # (queue position: requests that start before this one)
 TIMINGS = ("queue", "text", "encode", "invert", "sample", "decode", "output", "total")  # in the order they happen
 
 
@@ -114,6 +115,28 @@ class ModelList:
     skipped: dict[str, str]  # repository entries the server does not serve, with the reason
 
 
+FORMAT_NAMES = {value: name for name, value in FORMATS.items()}
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a server accepts (see ServerInfo in the .proto): `limits` holds GenerationLimits' fields by name
+    (max_frames, default_frames, max_steps, min_guidance, max_guidance, max_prompt_chars, max_seed,
+    max_source_bytes, max_source_frames, max_source_pixels); `formats` are `generate`'s format names."""
+
+    backend: str
+    limits: dict
+    formats: tuple[str, ...]
+    options: tuple[str, ...]
+    max_queue: int
+
+    @classmethod
+    def from_proto(cls, info: pb2.ServerInfo) -> ServerInfo:
+        limits = {f.name: getattr(info.limits, f.name) for f in info.limits.DESCRIPTOR.fields}
+        return cls(info.backend, limits, tuple(FORMAT_NAMES[f] for f in info.formats if f in FORMAT_NAMES),
+                   tuple(info.options), info.max_queue)
+
+
 JOB_STATES = {value: name.removeprefix("STATE_").lower() for name, value in tuning_pb2.TuneJob.State.items()}
 ENDED = ("ready", "failed", "cancelled")
 TUNE_SETTINGS = ("steps", "frames", "width", "height", "learning_rate", "seed", "attention_mode", "group_norm",
@@ -155,6 +178,35 @@ class TuneJob:
                    job.cancel_requested, job.attempt, job.worker, job.tuning_seconds, job.export_seconds)
 
 
+@dataclass(frozen=True)
+class BaseModel:
+    """A base the tuning service tunes from (see BaseInfo in tuning.proto); `default_settings` are TuneSettings
+    fields by name, as `create_tune_job` takes them."""
+
+    id: str
+    size_multiple: int
+    default_size: int
+    default_settings: dict
+
+
+@dataclass(frozen=True)
+class BaseList:
+    """ListBases' answer: the bases, the one a job without a base uses, and the bounds of a tune job (TuneLimits'
+    fields by name)."""
+
+    bases: list[BaseModel]
+    default_base: str
+    limits: dict
+
+    @classmethod
+    def from_proto(cls, response: tuning_pb2.ListBasesResponse) -> BaseList:
+        bases = [BaseModel(b.id, b.size_multiple, b.default_size,
+                           {name: getattr(b.default_settings, name) for name in TUNE_SETTINGS
+                            if b.default_settings.HasField(name)}) for b in response.bases]
+        limits = {f.name: getattr(response.limits, f.name) for f in response.limits.DESCRIPTOR.fields}
+        return cls(bases, response.default_base, limits)
+
+
 def make_tune_request(model_id: str, video: bytes, caption: str, base: str = "", **settings
                       ) -> tuning_pb2.CreateTuneJobRequest:
     """A CreateTuneJobRequest; `settings` are TuneSettings fields (None leaves one to the server's default)."""
@@ -193,8 +245,9 @@ def make_request(
 class _Collector:
     """Assembles a Video from the messages of a Generate stream."""
 
-    def __init__(self, progress: ProgressFn | None) -> None:
+    def __init__(self, progress: ProgressFn | None, on_accepted: AcceptedFn | None = None) -> None:
         self.progress = progress
+        self.on_accepted = on_accepted
         self.accepted: pb2.Accepted | None = None
         self.started = False
         self.info: pb2.ResultInfo | None = None
@@ -205,6 +258,8 @@ class _Collector:
         kind = response.WhichOneof("event")
         if kind == "accepted":
             self.accepted = response.accepted
+            if self.on_accepted is not None:
+                self.on_accepted(response.accepted.queue_position)
         elif kind == "started":
             self.started = True
         elif kind == "progress" and self.progress is not None:
@@ -294,14 +349,14 @@ class Client(_Base):
         self.channel.close()
 
     def generate(self, model: str, prompt: str, *, progress: ProgressFn | None = None, timeout: float | None = None,
-                 **options) -> Video:
+                 on_accepted: AcceptedFn | None = None, **options) -> Video:
         """Generate a video; `options` are `make_request`'s (negative_prompt, frames, steps, guidance, seed,
-        invert, source_video, format)."""
+        invert, source_video, format); `on_accepted` hears the queue position."""
         request = make_request(model, prompt, **options)
         deadline = _deadline(timeout)
         attempt = 0
         while True:
-            collector = _Collector(progress)
+            collector = _Collector(progress, on_accepted)
             try:
                 for response in self.stub.Generate(request, timeout=_remaining(deadline), metadata=self.metadata):
                     collector.add(response)
@@ -334,6 +389,14 @@ class Client(_Base):
 
     def get_model(self, model: str, timeout: float | None = 30) -> Model:
         return Model.from_proto(self._unary(self.stub.GetModel, pb2.GetModelRequest(id=model), timeout))
+
+    def get_server_info(self, timeout: float | None = 30) -> ServerInfo:
+        """The bounds and options the server checks requests against."""
+        return ServerInfo.from_proto(self._unary(self.stub.GetServerInfo, pb2.GetServerInfoRequest(), timeout))
+
+    def list_bases(self, timeout: float | None = 30) -> BaseList:
+        """The bases a tune job may start from, with their defaults (needs the admin token)."""
+        return BaseList.from_proto(self._unary(self.tuning.ListBases, tuning_pb2.ListBasesRequest(), timeout))
 
     def health(self, service: str = "", timeout: float | None = 10) -> str:
         """The server's health status ("SERVING", "NOT_SERVING", ...): one check, no retries."""
@@ -432,12 +495,12 @@ class AsyncClient(_Base):
         await self.channel.close()
 
     async def generate(self, model: str, prompt: str, *, progress: ProgressFn | None = None,
-                       timeout: float | None = None, **options) -> Video:
+                       timeout: float | None = None, on_accepted: AcceptedFn | None = None, **options) -> Video:
         request = make_request(model, prompt, **options)
         deadline = _deadline(timeout)
         attempt = 0
         while True:
-            collector = _Collector(progress)
+            collector = _Collector(progress, on_accepted)
             try:
                 async for response in self.stub.Generate(request, timeout=_remaining(deadline),
                                                          metadata=self.metadata):
@@ -471,6 +534,13 @@ class AsyncClient(_Base):
 
     async def get_model(self, model: str, timeout: float | None = 30) -> Model:
         return Model.from_proto(await self._unary(self.stub.GetModel, pb2.GetModelRequest(id=model), timeout))
+
+    async def get_server_info(self, timeout: float | None = 30) -> ServerInfo:
+        return ServerInfo.from_proto(await self._unary(self.stub.GetServerInfo, pb2.GetServerInfoRequest(),
+                                                       timeout))
+
+    async def list_bases(self, timeout: float | None = 30) -> BaseList:
+        return BaseList.from_proto(await self._unary(self.tuning.ListBases, tuning_pb2.ListBasesRequest(), timeout))
 
     async def health(self, service: str = "", timeout: float | None = 10) -> str:
         try:

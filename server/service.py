@@ -32,6 +32,7 @@ from server.generate import (
     check_source_video,
     resolve,
 )
+from server.info import server_info
 from server.interceptors import end_call
 from server.metrics import Metrics
 from server.registry import ModelEntry, ModelRegistry, ModelUnavailable, check_model_id
@@ -252,3 +253,9 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
             default_steps=entry.defaults.get("steps", 50), default_guidance=entry.defaults.get("guidance", 12.5),
             loaded=self.registry.ready(entry.id) is not None,
         )
+
+    async def GetServerInfo(self, request: pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+                            ) -> pb2.ServerInfo:
+        """The bounds and options this server checks requests against (`server.info`)."""
+        self.metrics.count("GetServerInfo", grpc.StatusCode.OK)
+        return server_info(self.registry.backend, self.queue.max_size, DEFAULT_FRAMES)

@@ -31,6 +31,7 @@ from jobs.store import (
     StoreUnavailable,
 )
 from server.generate import MAX_FRAMES, MAX_SOURCE_BYTES, MAX_SOURCE_PIXELS, InvalidRequest
+from server.info import list_bases
 from server.interceptors import end_call
 from server.metrics import Metrics
 from server.registry import ModelRegistry, check_model_id
@@ -238,3 +239,7 @@ class TuningService(pb2_grpc.TuningServicer):
             self.metrics.tune_jobs.labels(state).set(counts.get(state, 0))
         return await self.store.ping()
 
+    async def ListBases(self, request: pb2.ListBasesRequest, context) -> pb2.ListBasesResponse:
+        """The allow-list with each base's size rule and default settings, and the bounds of a create."""
+        self.metrics.count("ListBases", grpc.StatusCode.OK)
+        return list_bases(self.bases, DEFAULT_BASE, PROTO_SETTINGS)

@@ -23,7 +23,7 @@ PROTO_FILES = ("tuneavideo/v1/tuneavideo.proto", "tuneavideo/v1/tuning.proto")
 STUB_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 DOCUMENTED = ("GenerateRequest", "GetModelRequest", "CreateTuneJobRequest", "TuneSettings", "GetTuneJobRequest",
               "ListTuneJobsRequest", "CancelTuneJobRequest", "DeleteTuneJobRequest", "WatchTuneJobRequest",
-              "DeleteModelRequest")
+              "DeleteModelRequest", "GetServerInfoRequest", "ListBasesRequest")
 # Lines that only stamp the generator's version: a newer grpcio-tools may change them, nothing else.
 VERSION_STAMPS = [
     re.compile(r"^# Protobuf Python Version: .*$", re.M),

@@ -209,3 +209,45 @@ class ModelInfo(_message.Message):
     default_guidance: float
     loaded: bool
     def __init__(self, id: _Optional[str] = ..., base_model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., source_frames: _Optional[int] = ..., fps: _Optional[float] = ..., source_prompt: _Optional[str] = ..., attention_mode: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., loaded: _Optional[bool] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GenerationLimits(_message.Message):
+    __slots__ = ("max_frames", "default_frames", "max_steps", "min_guidance", "max_guidance", "max_prompt_chars", "max_seed", "max_source_bytes", "max_source_frames", "max_source_pixels")
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_SOURCE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SOURCE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SOURCE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    max_frames: int
+    default_frames: int
+    max_steps: int
+    min_guidance: float
+    max_guidance: float
+    max_prompt_chars: int
+    max_seed: int
+    max_source_bytes: int
+    max_source_frames: int
+    max_source_pixels: int
+    def __init__(self, max_frames: _Optional[int] = ..., default_frames: _Optional[int] = ..., max_steps: _Optional[int] = ..., min_guidance: _Optional[float] = ..., max_guidance: _Optional[float] = ..., max_prompt_chars: _Optional[int] = ..., max_seed: _Optional[int] = ..., max_source_bytes: _Optional[int] = ..., max_source_frames: _Optional[int] = ..., max_source_pixels: _Optional[int] = ...) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("backend", "limits", "formats", "options", "max_queue")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    FORMATS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    limits: GenerationLimits
+    formats: _containers.RepeatedScalarFieldContainer[OutputFormat]
+    options: _containers.RepeatedScalarFieldContainer[str]
+    max_queue: int
+    def __init__(self, backend: _Optional[str] = ..., limits: _Optional[_Union[GenerationLimits, _Mapping]] = ..., formats: _Optional[_Iterable[_Union[OutputFormat, str]]] = ..., options: _Optional[_Iterable[str]] = ..., max_queue: _Optional[int] = ...) -> None: ...

@@ -5,7 +5,7 @@ import warnings
 
 from tuneavideo.v1 import tuneavideo_pb2 as tuneavideo_dot_v1_dot_tuneavideo__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -55,6 +55,11 @@ class VideoGenerationStub:
                 request_serializer=tuneavideo_dot_v1_dot_tuneavideo__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=tuneavideo_dot_v1_dot_tuneavideo__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/tuneavideo.v1.VideoGeneration/GetServerInfo',
+                request_serializer=tuneavideo_dot_v1_dot_tuneavideo__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=tuneavideo_dot_v1_dot_tuneavideo__pb2.ServerInfo.FromString,
+                _registered_method=True)
 
 
 class VideoGenerationServicer:
@@ -88,6 +93,14 @@ class VideoGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """What this server accepts: the bounds of every GenerateRequest field, the output formats and the backend, so a
+        client (the browser page, tav-ui) shows the server's rules instead of copying them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VideoGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +118,11 @@ def add_VideoGenerationServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=tuneavideo_dot_v1_dot_tuneavideo__pb2.GetModelRequest.FromString,
                     response_serializer=tuneavideo_dot_v1_dot_tuneavideo__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=tuneavideo_dot_v1_dot_tuneavideo__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=tuneavideo_dot_v1_dot_tuneavideo__pb2.ServerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -194,6 +212,33 @@ class VideoGeneration:
             '/tuneavideo.v1.VideoGeneration/GetModel',
             tuneavideo_dot_v1_dot_tuneavideo__pb2.GetModelRequest.SerializeToString,
             tuneavideo_dot_v1_dot_tuneavideo__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneavideo.v1.VideoGeneration/GetServerInfo',
+            tuneavideo_dot_v1_dot_tuneavideo__pb2.GetServerInfoRequest.SerializeToString,
+            tuneavideo_dot_v1_dot_tuneavideo__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -169,3 +169,47 @@ class TuneJob(_message.Message):
     tuning_seconds: float
     export_seconds: float
     def __init__(self, id: _Optional[str] = ..., model_id: _Optional[str] = ..., base: _Optional[str] = ..., caption: _Optional[str] = ..., state: _Optional[_Union[TuneJob.State, str]] = ..., queue_position: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., settings: _Optional[_Union[TuneSettings, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_reason: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., attempt: _Optional[int] = ..., worker: _Optional[str] = ..., tuning_seconds: _Optional[float] = ..., export_seconds: _Optional[float] = ...) -> None: ...
+
+class ListBasesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListBasesResponse(_message.Message):
+    __slots__ = ("bases", "default_base", "limits")
+    BASES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_BASE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    bases: _containers.RepeatedCompositeFieldContainer[BaseInfo]
+    default_base: str
+    limits: TuneLimits
+    def __init__(self, bases: _Optional[_Iterable[_Union[BaseInfo, _Mapping]]] = ..., default_base: _Optional[str] = ..., limits: _Optional[_Union[TuneLimits, _Mapping]] = ...) -> None: ...
+
+class BaseInfo(_message.Message):
+    __slots__ = ("id", "size_multiple", "default_size", "default_settings")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    size_multiple: int
+    default_size: int
+    default_settings: TuneSettings
+    def __init__(self, id: _Optional[str] = ..., size_multiple: _Optional[int] = ..., default_size: _Optional[int] = ..., default_settings: _Optional[_Union[TuneSettings, _Mapping]] = ...) -> None: ...
+
+class TuneLimits(_message.Message):
+    __slots__ = ("max_steps", "max_frames", "max_size", "min_learning_rate", "max_learning_rate", "max_caption_chars", "max_video_bytes")
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MIN_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CAPTION_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VIDEO_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_steps: int
+    max_frames: int
+    max_size: int
+    min_learning_rate: float
+    max_learning_rate: float
+    max_caption_chars: int
+    max_video_bytes: int
+    def __init__(self, max_steps: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_size: _Optional[int] = ..., min_learning_rate: _Optional[float] = ..., max_learning_rate: _Optional[float] = ..., max_caption_chars: _Optional[int] = ..., max_video_bytes: _Optional[int] = ...) -> None: ...

@@ -77,6 +77,11 @@ class TuningStub:
                 request_serializer=tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.ListBases = channel.unary_unary(
+                '/tuneavideo.v1.Tuning/ListBases',
+                request_serializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesRequest.SerializeToString,
+                response_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesResponse.FromString,
+                _registered_method=True)
 
 
 class TuningServicer:
@@ -91,7 +96,9 @@ class TuningServicer:
     """
 
     def CreateTuneJob(self, request, context):
-        """Queue a tune job. It returns once the job is stored: from then on it is not lost.
+        """Queue a tune job. It returns once the job and its clip are stored (with a broker in Redis, append-only and
+        fsynced; without one in the server's repository, fsynced): from then on neither a worker's death nor a restart
+        of the server loses it, only the loss of that storage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,8 +119,8 @@ class TuningServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelTuneJob(self, request, context):
-        """Stop a job: a queued job ends at once; a tuning job within one tuning step; an exporting job at the next
-        stage boundary (cancel_requested says it is coming). Cancelling an ended job changes nothing.
+        """Stop a job: a queued job ends at once; a tuning job within one tuning step; an exporting job within a second
+        (cancel_requested says it is coming). Cancelling an ended job changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,6 +148,14 @@ class TuningServicer:
         job can re-create it before it is gone). Any error means nothing was recorded and nothing will happen later:
         NOT_FOUND (no such model), FAILED_PRECONDITION (a live tune job is making it, or its deletion is pending
         already), UNAVAILABLE (the job store is unreachable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBases(self, request, context):
+        """The bases on the server's allow-list, each with its size rules and the tuner's default settings for it, and
+        the bounds CreateTuneJob checks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,6 +198,11 @@ def add_TuningServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelRequest.FromString,
                     response_serializer=tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'ListBases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBases,
+                    request_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesRequest.FromString,
+                    response_serializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -382,6 +402,33 @@ class Tuning:
             '/tuneavideo.v1.Tuning/DeleteModel',
             tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelRequest.SerializeToString,
             tuneavideo_dot_v1_dot_tuning__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneavideo.v1.Tuning/ListBases',
+            tuneavideo_dot_v1_dot_tuning__pb2.ListBasesRequest.SerializeToString,
+            tuneavideo_dot_v1_dot_tuning__pb2.ListBasesResponse.FromString,
             options,
             channel_credentials,
             insecure,
