@@ -136,9 +136,11 @@ def read_entry(path: Path, backend: str) -> ModelEntry:
                 raise
     backends = ["torch", *dict.fromkeys(manifest["backends"] if manifest else ())]
     if backend not in backends:
+        if manifest is None:
+            raise ArtefactError(f"no {backend} engines (run tav-export)")
         export = {"onnxruntime": "onnx"}.get(backend, backend)
-        raise ArtefactError(f"no {backend} engines: it was exported for {', '.join(backends[1:]) or 'no backend'} "
-                            f"only (tune workers export what their --export names: add {export}; or run tav-export)")
+        raise ArtefactError(f"no {backend} engines: it was exported for {', '.join(backends[1:])} only (tune "
+                            f"workers export what their --export names: add {export}; or run tav-export)")
     identity = hashlib.sha256(json.dumps([tuned.config, manifest], sort_keys=True).encode()).hexdigest()
     return ModelEntry(path.name, path, tuned.config, backends, identity, tuned.base_id,
                       defaults=dict(tuned.config.get("recommended", {})))

@@ -22,6 +22,7 @@ import grpc
 import pytest
 import redis
 from grpc_helpers import MODEL, OTHER_MODEL, ServeProcess, ServerThread, request, stub
+from tools import require_tool
 from tuneavideo.v1 import tuneavideo_pb2 as pb2
 from tuneavideo.v1 import tuning_pb2, tuning_pb2_grpc
 
@@ -35,7 +36,6 @@ from tuner.components import BaseModelError, check_base_dir
 
 DEEP = b"[" * 200_000 + b"]" * 200_000  # 400 kB: under the 1 MiB bound on JSON files, 200 000 levels deep
 DEEP_REASON = "nests deeper than 64 levels"
-REDIS = shutil.which("redis-server")
 
 
 def wait_until(condition, seconds: float = 120, every: float = 0.2):
@@ -130,10 +130,9 @@ def free_port() -> int:
 @pytest.fixture
 def redis_url(tmp_path):
     """A throwaway redis-server on loopback."""
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (.ci/run installs Debian's)")
     port = free_port()
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", ""],
+    proc = subprocess.Popen([require_tool("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                             "--dir", str(tmp_path), "--save", ""],
                             stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
 

@@ -31,7 +31,6 @@ from test_tuning import (
     ADMIN,
     CAPTION,
     CODE,
-    REDIS,
     SMALL,
     TIMEOUT,
     RedisServer,
@@ -41,6 +40,7 @@ from test_tuning import (
     needs_redis,
     wait_until,
 )
+from tools import require_tool
 
 from clients import Client, ServerError
 from jobs.celery_app import QUEUE
@@ -110,8 +110,7 @@ class Partition:
 @pytest.fixture(scope="module")
 def faults(tiny_base, tmp_path_factory):
     """Redis and one replica (no worker: each test starts the workers it needs) over one repository."""
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (.ci/run installs Debian's)")
+    require_tool("redis-server")
     root = tmp_path_factory.mktemp("faults")
     repo = root / "repo"
     repo.mkdir()
