@@ -18,7 +18,6 @@ from tuner.video_io import (
     load_clip,
     read_video,
     resize_center_crop,
-    sample_frames,
     write_video,
 )
 
@@ -144,27 +143,34 @@ def test_image_folder_with_mixed_sizes_is_an_error(tmp_path: Path) -> None:
         read_video(tmp_path)
 
 
-def test_sample_frames_start_stride_and_fps() -> None:
-    clip = numbered_clip(10, fps=12.0)
+def numbered_folder(path: Path, n: int) -> Path:
+    """`numbered_clip(n)` as an image folder (read at 8 fps)."""
+    path.mkdir()
+    for i, frame in enumerate(numbered_clip(n).frames):
+        Image.fromarray(frame).save(path / f"{i:03d}.png")
+    return path
 
-    sampled = sample_frames(clip, 4, start=1, stride=2)
+
+def test_sampling_start_stride_and_fps(tmp_path: Path) -> None:
+    """Start and stride pick the frames as they are decoded (the tuner's and the server's path)."""
+    folder = numbered_folder(tmp_path / "clip", 10)
+    sampled = load_clip(folder, 4, 2, 2, start=1, stride=2)
     assert frame_indices(sampled) == [1, 3, 5, 7]
-    assert sampled.fps == 6.0
-    assert frame_indices(sample_frames(clip, 5, stride=2)) == [0, 2, 4, 6, 8]
-    assert frame_indices(sample_frames(clip, None, start=3, stride=3)) == [3, 6, 9]
-    assert frame_indices(sample_frames(clip, None)) == list(range(10))
+    assert sampled.fps == 4.0  # 8 fps at stride 2: the clip lasts as long as the span it was taken from
+    assert frame_indices(load_clip(folder, 5, 2, 2, stride=2)) == [0, 2, 4, 6, 8]
+    assert frame_indices(read_video(folder, start=3, stride=3)) == [3, 6, 9]
+    assert frame_indices(read_video(folder)) == list(range(10))
 
 
-def test_sample_frames_errors() -> None:
-    clip = numbered_clip(10)
-    expected = "asked for 8 frames from index 0 at stride 2, but the clip has only 10 frames"
-    with pytest.raises(VideoError, match=expected):
-        sample_frames(clip, 8, stride=2)
-    with pytest.raises(VideoError, match="from index 10 at stride 1"):
-        sample_frames(clip, None, start=10)
+def test_sampling_errors(tmp_path: Path) -> None:
+    folder = numbered_folder(tmp_path / "clip", 10)
+    with pytest.raises(VideoError, match="asked for 8 frames from index 0 at stride 2, but the clip gives only 5"):
+        load_clip(folder, 8, 2, 2, stride=2)
+    with pytest.raises(VideoError, match="has only 10 frames: none from index 10"):
+        read_video(folder, start=10)
     for kwargs in ({"n": 0}, {"n": 2, "start": -1}, {"n": 2, "stride": 0}):
         with pytest.raises(ValueError) as raised:
-            sample_frames(clip, **kwargs)
+            load_clip(folder, width=2, height=2, **kwargs)
         assert raised.type is ValueError  # bad arguments, not a bad video
 
 

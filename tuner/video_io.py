@@ -226,23 +226,6 @@ def _image_folder_frames(folder: Path, max_frames: int | None, budget: _PixelBud
         yield frame
 
 
-def sample_frames(clip: Clip, n: int | None, start: int = 0, stride: int = 1) -> Clip:
-    """Take frames start, start + stride, ... (`n` of them, or all that exist when `n` is None).
-
-    The result plays at clip.fps / stride, so it lasts as long in seconds as the span it was taken from.
-    """
-    _check_sampling(n, start, stride)
-    available = len(range(start, len(clip), stride))
-    if available == 0 or (n is not None and n > available):
-        asked = "frames" if n is None else f"{n} frames"
-        raise VideoError(
-            f"asked for {asked} from index {start} at stride {stride}, "
-            f"but the clip has only {len(clip)} frames"
-        )
-    stop = len(clip) if n is None else start + (n - 1) * stride + 1
-    return Clip(clip.frames[start:stop:stride], clip.fps / stride)
-
-
 def resize_center_crop(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     """Scale frames to cover width x height keeping their aspect ratio, then crop the center.
 
