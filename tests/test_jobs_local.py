@@ -207,3 +207,15 @@ def test_an_export_the_machine_cannot_build_is_refused_at_start(command, tmp_pat
                                 text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
         assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
         assert re.search(expected, result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
+
+
+def test_a_job_record_written_before_exports_were_recorded_still_loads():
+    """Records in Redis (or on disk) from workers before `exports` existed lack the field: they load, with it
+    empty, and everything else as written."""
+    from jobs.spec import Job
+
+    job = Job("j1", "model", "shapes-sd", "src", "a caption", {"steps": 3}, state="tuning", exports="onnx:fp32")
+    fields = job.to_fields()
+    del fields["exports"]
+    old = Job.from_fields({k.encode(): str(v).encode() for k, v in fields.items()})
+    assert old.exports == "" and old.to_fields() == {**job.to_fields(), "exports": ""}
