@@ -140,7 +140,8 @@ class ServerInfo:
 JOB_STATES = {value: name.removeprefix("STATE_").lower() for name, value in tuning_pb2.TuneJob.State.items()}
 ENDED = ("ready", "failed", "cancelled")
 TUNE_SETTINGS = ("steps", "frames", "width", "height", "learning_rate", "seed", "attention_mode", "group_norm",
-                 "start", "stride", "trainable", "frame_positions", "timestep_power")
+                 "start", "stride", "trainable", "frame_positions", "timestep_power", "adapter_kind", "lora_rank",
+                 "lora_alpha")
 JobProgressFn = Callable[["TuneJob"], None]
 
 

@@ -322,6 +322,11 @@ MANIFEST_SCHEMA = {
         "adapter_sha256": _STRING,
         "source_sha256": _STRING,
         "aoti": {"type": "object", "additionalProperties": {"type": "object", "required": ["store"]}},
+        # a LoRA model's: the adapter file holds its factors, merged by the runtimes onto this W0
+        "lora": {"type": "object", "required": ["rank", "alpha", "w0"],
+                 "properties": {"rank": _POSITIVE_INT, "alpha": {"type": "number", "exclusiveMinimum": 0},
+                                "w0": {"type": "object", "required": ["path", "sha256"],
+                                       "properties": {"path": _STRING, "sha256": _STRING}}}},
     },
 }
 
