@@ -98,6 +98,8 @@ class Model:
     default_steps: int
     default_guidance: float
     loaded: bool
+    adapter_kind: str = "full"  # "lora": low-rank factors merged onto the base's W0 when it becomes active
+    lora_rank: int = 0
 
     @classmethod
     def from_proto(cls, info: pb2.ModelInfo) -> Model:
@@ -105,7 +107,7 @@ class Model:
             info.id, info.base_model, info.width, info.height, info.frames, info.source_frames, info.fps,
             info.source_prompt, info.attention_mode, tuple(info.backends), info.backend,
             tuple((p.batch, p.frames, p.latent_height, p.latent_width) for p in info.profiles),
-            info.default_steps, info.default_guidance, info.loaded,
+            info.default_steps, info.default_guidance, info.loaded, info.adapter_kind or "full", info.lora_rank,
         )
 
 
