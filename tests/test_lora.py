@@ -22,7 +22,7 @@ from server.registry import ModelRegistry, ModelUnavailable
 from server.serve import BackgroundServer, ServerConfig
 from tuner import lora
 from tuner.artefacts import ADAPTER_FILE, CONFIG_FILE, TunedModel
-from tuner.io_utils import sha256_files
+from tuner.io_utils import file_sha256, sha256_files
 from tuner.tune import TRAINABLE_MODULES, adapter_defaults, default_settings, is_tuned, main, tune
 
 PROMPT = "a red square is moving right"
@@ -180,3 +180,52 @@ def test_a_registry_counts_a_lora_model_by_its_factors(repo):
     assert registry._bytes["lora-a"] < registry._bytes["merged-a"]
     with pytest.raises(ModelUnavailable, match="W0"):
         registry.load("w0-differs")
+
+
+def write_sd_lora(unet: torch.nn.Module, path: Path, seed: int) -> Path:
+    """An SD 1.x-style LoRA for `unet` (peft-trained layout, diffusers' file format), with random nonzero factors."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=True)
+    return path / "pytorch_lora_weights.safetensors"
+
+
+def test_a_community_lora_on_the_base_changes_the_tuned_model_and_one_for_another_layout_is_refused(
+        tiny_base, clip_path, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from tuner.artefacts import load_tuned
+    from tuner.tiny import UNET_CONFIG
+
+    style = write_sd_lora(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet"), tmp_path / "style", 1)
+    other = UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": (16, 32), "cross_attention_dim": 16})
+    foreign = write_sd_lora(other, tmp_path / "foreign", 2)
+    settings = replace(default_settings(tiny_base), frames=8, width=32, height=32, steps=1)
+    repo = tmp_path / "repo"
+    plain = tune(tiny_base, clip_path, PROMPT, repo / "plain", settings, progress=False)
+    styled = tune(tiny_base, clip_path, PROMPT, repo / "styled", settings, progress=False, base_loras=[(style, 0.8)])
+    config = TunedModel.open(styled).config
+    assert config["base_loras"] == [{"file": style.name, "sha256": file_sha256(style), "scale": 0.8}]
+    assert config["base"]["sha256"] != TunedModel.open(plain).config["base"]["sha256"]
+    assert TunedModel.open(styled).base_path.resolve().parent == (repo / ".bases").resolve()
+    outputs = []
+    for run in (plain, styled):
+        _, components = load_tuned(run)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            outputs.append(components.unet(torch.randn((1, 4, 8, 4, 4), generator=generator), 500,
+                                           torch.randn((1, 77, 32), generator=generator)))
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-3
+    with pytest.raises(SystemExit) as e:
+        main(["--base", str(tiny_base), "--video", str(clip_path), "--prompt", PROMPT, "--out", str(repo / "bad"),
+              "--base-lora", f"{foreign}:0.5"])
+    error = capsys.readouterr().err
+    assert e.value.code == 2 and len(error.strip().splitlines()) == 1
+    assert "tensor unet.down_blocks.0.attentions.0." in error and "does not fit" in error, error
+    assert not (repo / "bad").exists()

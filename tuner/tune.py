@@ -29,6 +29,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from tuner import artefacts, lora
+from tuner.base_lora import BaseLoraError, merged_base, parse_base_lora
 from tuner.components import (
     BaseModelError,
     base_model_hash,
@@ -237,11 +238,13 @@ def tune(
     progress: bool = True,
     on_step: Callable[[int, int, float], None] | None = None,
     base_id: str | None = None,
+    base_loras: list[tuple[Path, float]] = (),
 ) -> Path:
     """Tune `base` on `video` (a file, a folder of frames, or encoded bytes) captioned `prompt` and write the tuned
     model directory `out`, with `settings` (default: `default_settings(base)`). `on_step(step, total, loss)` is
     called after every step (raise from it to stop: nothing is written); `base_id` names the base in the tuned
-    model's config (default: its directory's name)."""
+    model's config (default: its directory's name). `base_loras` (file, scale) are SD 1.x LoRAs fused into the base
+    first (`tuner.base_lora`): the model is tuned from, and refers to, the merged base."""
     try:
         s = settings or default_settings(base)
     except BaseModelError as e:
@@ -283,6 +286,13 @@ def tune(
     if len(clip) < s.frames:
         raise TuneError(f"{source_name} gives only {len(clip)} frames from index {s.start} at stride {s.stride}; "
                         f"--frames asks for {s.frames}")
+    base_lora_records = None
+    if base_loras:
+        try:
+            base, base_lora_records = merged_base(Path(base), list(base_loras), out.parent)
+        except BaseLoraError as e:
+            raise TuneError(str(e)) from e
+        base_id = base.name
     try:
         base_hash = base_model_hash(base)
         components = load_components(base, device)
@@ -374,6 +384,7 @@ def tune(
         "step_seconds_median": round(statistics.median(step_seconds[1:]), 4) if len(step_seconds) > 1 else None,
         "recommended": {"guidance": 12.5, "steps": 50},
         "adapter": lora_record or {"kind": "full"},
+        **({"base_loras": base_lora_records} if base_lora_records else {}),
         "versions": versions(),
     }
     adapter = lora.lora_state(unet) if lora_record else artefacts.adapter_state(unet)
@@ -414,15 +425,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="full (the paper: every trainable tensor whole) or lora (low-rank factors, a few MB)")
     p.add_argument("--lora-rank", type=int, help=f"LoRA rank (--adapter-kind lora; default {LORA_RANK})")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank (default: rank)")
+    p.add_argument("--base-lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="an SD 1.x LoRA (diffusers, peft or kohya safetensors) fused into the base before tuning, "
+                   "at SCALE (default 1); repeatable. The merged base is stored as a base of its own")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
     try:
         defaults = adapter_defaults(default_settings(args.base), args.adapter_kind or "full")
         given = {k: v for k, v in vars(args).items() if k in asdict(defaults) and v is not None}
+        base_loras = [parse_base_lora(arg) for arg in args.base_lora]
         out = tune(args.base, args.video, args.prompt, args.out, replace(defaults, **given), args.overwrite,
-                   args.device)
-    except (BaseModelError, TuneError) as e:
+                   args.device, base_loras=base_loras)
+    except (BaseModelError, TuneError, BaseLoraError) as e:
         print(f"tav-tune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(out)
