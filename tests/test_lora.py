@@ -74,7 +74,9 @@ def repo(tiny_base, clip_path, seed_engines, engine_store, tmp_path_factory) -> 
     config["adapter"]["w0"]["sha256"] = "0" * 64
     (repo / "w0-differs" / CONFIG_FILE).write_text(json.dumps(config))
     shutil.copytree(repo / "lora-b", repo / "corrupt", ignore=shutil.ignore_patterns("engines"))
-    (repo / "corrupt" / ADAPTER_FILE).write_bytes(b"\0" * 100)
+    data = bytearray((repo / "corrupt" / ADAPTER_FILE).read_bytes())
+    data[-5] ^= 0xFF  # one factor value changed: still a readable file
+    (repo / "corrupt" / ADAPTER_FILE).write_bytes(bytes(data))
     return repo
 
 
@@ -130,7 +132,7 @@ def test_lora_and_full_models_of_one_base_served_side_by_side(repo, tiny_base, c
             kinds = {m.id: (m.adapter_kind, m.lora_rank) for m in listing.models}
             assert (kinds["lora-a"], kinds["lora-b"], kinds["full"]) == (("lora", 4), ("lora", 8), ("full", 0))
             assert "W0" in listing.skipped["w0-differs"] and "differs" in listing.skipped["w0-differs"]
-            assert "adapter.safetensors" in listing.skipped["corrupt"]
+            assert "adapter.safetensors does not match its recorded hash" in listing.skipped["corrupt"]
             for name in ("w0-differs", "corrupt"):
                 with pytest.raises(ServerError) as e:
                     client.generate(name, PROMPT, steps=1, invert=False, format="png")

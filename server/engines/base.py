@@ -18,7 +18,14 @@ import torch
 from transformers import CLIPTokenizer
 
 from tuner import lora
-from tuner.artefacts import ENGINE_ADAPTER_FILE, EngineDir, TunedModel, lora_tensors
+from tuner.artefacts import (
+    ADAPTER_FILE,
+    ENGINE_ADAPTER_FILE,
+    ArtefactError,
+    EngineDir,
+    TunedModel,
+    lora_tensors,
+)
 from tuner.io_utils import sha256_files
 
 UNET_FRAMES = 8
@@ -115,6 +122,8 @@ class TunedTensors:
         if model.lora is None:
             return cls(model.config["adapter_sha256"], {k: v.to(device, dtype) for k, v in stored.items()}, None,
                        None, "adapter.safetensors")
+        if sha256_files([model.path / ADAPTER_FILE], model.path) != model.config["adapter_sha256"]:  # a few MB
+            raise ArtefactError(f"{ADAPTER_FILE} does not match its recorded hash")
         w0 = model.w0(device, dtype)
         return cls(model.config["adapter_sha256"], {k: v.to(device) for k, v in stored.items()}, model.lora, w0,
                    "adapter.safetensors")
