@@ -175,13 +175,33 @@ def test_is_tuned_compares_the_adapter_settings(repo, tiny_base):
     assert not is_tuned(repo / "lora-a", tiny_base, PROMPT, replace(settings, adapter_kind="full", lora_rank=None))
 
 
-def test_a_registry_counts_a_lora_model_by_its_factors(repo):
-    registry = ModelRegistry(repo, "torch")
-    registry.load("lora-a")
-    registry.load("merged-a")
-    assert registry._bytes["lora-a"] < registry._bytes["merged-a"]
-    with pytest.raises(ModelUnavailable, match="W0"):
-        registry.load("w0-differs")
+def test_a_registry_counts_a_lora_model_by_its_factors_and_skips_factors_that_do_not_fit(repo):
+    shutil.copytree(repo / "lora-b", repo / "rank-differs", ignore=shutil.ignore_patterns("engines"))
+    config = json.loads((repo / "rank-differs" / CONFIG_FILE).read_text())
+    config["adapter"]["rank"] = 4  # its factors are rank 8
+    (repo / "rank-differs" / CONFIG_FILE).write_text(json.dumps(config))
+    try:
+        registry = ModelRegistry(repo, "torch")
+        registry.load("lora-a")
+        registry.load("merged-a")
+        assert registry._bytes["lora-a"] < registry._bytes["merged-a"]
+        with pytest.raises(ModelUnavailable, match="W0"):
+            registry.load("w0-differs")
+        with pytest.raises(ModelUnavailable, match=r"lora_A.weight has shape \(8, \d+\), expected \(4, \d+\)"):
+            registry.load("rank-differs")
+    finally:
+        shutil.rmtree(repo / "rank-differs")
+
+
+def test_a_worker_refuses_a_job_record_with_settings_it_does_not_know():
+    from jobs.spec import Job, UnreadableRecord
+    from jobs.work import failure_reason
+
+    job = Job("j1", "m", "tiny", "tiny", "a caption", {"steps": 3, "adapter_kind": "lora", "future_setting": 1})
+    with pytest.raises(UnreadableRecord) as e:
+        job.tune_settings()
+    assert failure_reason(e.value) == ("job j1: settings future_setting are unknown to this worker (an older version "
+                                       "than the server that queued the job): upgrade the worker")
 
 
 def write_sd_lora(unet: torch.nn.Module, path: Path, seed: int) -> Path:

@@ -24,7 +24,6 @@ from tuner.artefacts import (
     ArtefactError,
     EngineDir,
     TunedModel,
-    lora_tensors,
 )
 from tuner.io_utils import sha256_files
 
@@ -97,7 +96,10 @@ class TunedTensors:
         self.record = record
         self.w0 = w0
         if w0 is not None:  # check the factors now: a model that does not fit is skipped at load, not on a request
-            lora_tensors(stored, w0.tensors, record, name, dtype=None)
+            try:
+                lora.check_lora(stored, w0.tensors, record["rank"])
+            except lora.LoraFormatError as e:
+                raise ArtefactError(f"{name}: {e}") from None
         self.name = name
 
     @property
