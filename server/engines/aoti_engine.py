@@ -167,9 +167,8 @@ class AotiEngines(Engines):
         names = self.tensors.w0.tensors if self.tensors.is_lora else self.tensors.stored
         if set(names) != set(record["tunable"]):
             raise ArtefactError(f"model {model!r}: its adapter's tensors are not the UNet package's tunable tensors")
-        check_constants(self._adapter() if not self.tensors.is_lora else
-                        {n: t.to(_dtype(unet.constants[n][1])) for n, t in self.tensors.w0.tensors.items()},
-                        unet.constants, f"model {model!r}: the adapter")
+        check_constants({n: t.to(_dtype(unet.constants[n][1])) for n, t in names.items()}, unet.constants,
+                        f"model {model!r}: the adapter")
         self.adapter = None if self.tensors.is_lora else self._adapter()
         self.adapter_key = manifest["adapter_sha256"]
         self.last_switch_seconds: float | None = None
