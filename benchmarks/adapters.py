@@ -184,6 +184,43 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-if __name__ == "__main__":  # one measurement in a fresh process: python -m benchmarks.adapters REPO COUNT
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    print(json.dumps(resident(Path(sys.argv[1]), int(sys.argv[2]))))
+def quality_by_rank(results: Path) -> dict:
+    """Gather `tav-bench quality` runs, one per adapter (`results/<full|rK|...>/quality.json`, each with its
+    `--work` models' tuning seconds per step), into `results/quality-by-rank.json` and a plot."""
+    rows = {}
+    for run in sorted(p for p in results.iterdir() if (p / "quality.json").is_file()):
+        quality = json.loads((run / "quality.json").read_text())
+        by = quality["by_method"]
+        edits = {k.split("/")[0]: v for k, v in quality["tune_a_video_by_edit"].items() if k.endswith("/inversion")}
+        work = Path(quality["settings"]["work"])
+        configs = [json.loads(p.read_text()) for p in work.glob("models/*/tav_config.json")]
+        rows[run.name] = {
+            "edit_alignment_min": min(v["all"] for k, v in edits.items() if k != "reconstruction"),
+            "edit_trajectory_px_max": max(v["trajectory_px"] for k, v in edits.items() if k != "reconstruction"),
+            "inversion": by["tune_a_video/inversion"], "noise": by["tune_a_video/noise"],
+            "noise_reconstruction_px": by["tune_a_video/noise"]["reconstruction_px"],
+            "tune_seconds_per_step": [c["step_seconds_median"] for c in configs],
+            "adapter": configs[0].get("adapter", {"kind": "full"}) if configs else None}
+    out = {"study": "quality by adapter", "runs": rows}
+    (results / "quality-by-rank.json").write_text(json.dumps(out, indent=2) + "\n")
+
+    def draw(ax):
+        names = list(rows)
+        ax.bar(np.arange(len(names)) - 0.2, [rows[n]["noise_reconstruction_px"] for n in names], 0.4,
+               label="from-noise reconstruction px")
+        ax.bar(np.arange(len(names)) + 0.2, [rows[n]["edit_trajectory_px_max"] for n in names], 0.4,
+               label="worst edit trajectory px (inversion)")
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_ylabel("px from the source's path")
+        ax.legend()
+
+    save_plot(results / "quality-by-rank.png", draw)
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--quality-by-rank":  # python -m benchmarks.adapters --quality-by-rank RESULTS_DIR
+        print(json.dumps(quality_by_rank(Path(sys.argv[2])), indent=2))
+    else:  # one measurement in a fresh process: python -m benchmarks.adapters REPO COUNT
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+        print(json.dumps(resident(Path(sys.argv[1]), int(sys.argv[2]))))
