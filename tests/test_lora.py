@@ -5,6 +5,7 @@ LoRA models are refused or skipped with their reason."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -251,3 +252,30 @@ def test_a_community_lora_on_the_base_changes_the_tuned_model_and_one_for_anothe
     assert e.value.code == 2 and len(error.strip().splitlines()) == 1
     assert "tensor unet.down_blocks.0.attentions.0." in error and "does not fit" in error, error
     assert not (repo / "bad").exists()
+
+
+def test_the_aoti_engine_loads_a_lora_model_merged_into_the_shared_package(aoti_repo, tiny_base, clip_path, tmp_path):
+    """A LoRA model exported with `--aoti` reuses its base's packages; its UNet output equals its hand-merged full
+    model's, and switching between the two swaps constants only."""
+    from server.engines import aoti_engine, load_model
+    from tuner.tune import TuneSettings
+
+    repo = tmp_path / "repo"
+    shutil.copytree(aoti_repo[0] / ".engines", repo / ".engines", copy_function=os.link)
+    settings = TuneSettings(frames=8, width=32, height=32, steps=2, lr=3e-2, seed=3, adapter_kind="lora",
+                            lora_rank=4)
+    tune(tiny_base, clip_path, PROMPT, repo / "lora", settings, progress=False)
+    merged_by_hand(repo / "lora", repo / "merged")
+    for name in ("lora", "merged"):
+        export(repo / name, aoti=True, device="cpu", progress=lambda message: None)
+    models = {"lora": load_model(repo / "lora", "aoti", "cpu")}
+    loads = aoti_engine.Package.loads
+    models["merged"] = load_model(repo / "merged", "aoti", "cpu")
+    generator = torch.Generator().manual_seed(0)
+    engines = models["lora"].engines
+    sample = torch.randn(engines.unet_input_shape(1), generator=generator)
+    text = torch.randn((1, *engines.text_shape), generator=generator)
+    t = torch.tensor([500.0])
+    outputs = [models[name].engines.unet(sample, t, text) for name in ("lora", "merged", "lora")]
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-5 and torch.equal(outputs[0], outputs[2])
+    assert aoti_engine.Package.loads == loads  # the second model and the switches load no package: they swap constants
