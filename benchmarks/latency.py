@@ -3,7 +3,8 @@ ms per generated frame for several video lengths (autoregressive windows past 8 
 
 Backends are measured alternately (A B A B ...) and summarised by median and p90, since timings on shared
 machines move by 10-30% between runs. Fewer denoising steps than the 50 a user would run are fine: the cost is
-per step and per frame.
+per step and per frame. With `--cache-intervals`, the sampling phase per frame at each feature-reuse interval
+(`cache_interval`), backends and intervals interleaved, beside the FLOP share of a shallow pass.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unet-repeats", type=int, default=10)
     p.add_argument("--no-grpc", action="store_true", help="skip the comparison through tav-serve on loopback")
     p.add_argument("--grpc-backends", help="backends compared through tav-serve (default: all of --backends)")
+    p.add_argument("--cache-intervals", default="", help="comma-separated feature-reuse intervals to time the "
+                   "sampling phase at (8 frames, --steps, --guidance), e.g. 1,2,3,5; empty to skip")
 
 
 def default_model(workdir: Path) -> Path:
@@ -84,6 +87,29 @@ def generations(models: dict, lengths: list[int], args: argparse.Namespace) -> d
             phases = {phase: summarize([r[phase] for r in runs])["median_ms"] for phase in runs[0]}
             results[f"{backend}/{length}"] = {"backend": backend, "frames": length, "ms_per_frame": per_frame,
                                               "phase_median_ms": phases}
+    return results
+
+
+def cache_intervals(models: dict, intervals: list[int], args: argparse.Namespace) -> dict:
+    """Per backend and interval: the sampling phase's ms per frame (8 frames, from the inversion, which each
+    generator inverts once, in its warm-up round), and its speed-up over interval 1 (medians)."""
+    generators = {backend: Generator(model) for backend, model in models.items()}
+    seconds: dict[str, list[float]] = {f"{b}/{n}": [] for b in models for n in intervals}
+    for repeat in range(args.repeats + 1):  # the first round is warm-up
+        for backend, generator in generators.items():
+            for interval in intervals:
+                options = GenerationOptions(PROMPT, steps=args.steps, guidance=args.guidance, seed=0,
+                                            cache_interval=interval)
+                result = generator.generate(options)
+                if repeat:
+                    seconds[f"{backend}/{interval}"].append(result.timings["sample"] / 8)
+    results = {}
+    for name, values in seconds.items():
+        backend, interval = name.split("/")
+        base = summarize(seconds[f"{backend}/{intervals[0]}"])["median_ms"]
+        timing = summarize(values)
+        results[name] = {"backend": backend, "cache_interval": int(interval), "sample_ms_per_frame": timing,
+                         "speedup_vs_first": base / timing["median_ms"]}
     return results
 
 
@@ -140,6 +166,12 @@ def run(args: argparse.Namespace) -> dict:
             "unet_ms": unet_calls(models, args.unet_repeats),
             "generation": generations(models, lengths, args),
         }
+        intervals = [int(n) for n in args.cache_intervals.split(",") if n.strip()]
+        if intervals:
+            from benchmarks.floor import shallow_share
+
+            result["cache_interval"] = cache_intervals(models, intervals, args)
+            result["shallow_flop_share"] = shallow_share(result["unet_config"], engines.latent_shape[1])
         if not args.no_grpc:
             # both sides keep their inversion cache: after the warm-up round neither inverts again, so the
             # ratio compares sampling, decoding and, for gRPC, queueing, streaming, encoding and transport
@@ -172,4 +204,17 @@ def run(args: argparse.Namespace) -> dict:
 
     save_plot(args.out / "latency_per_frame.png", per_frame)
     save_plot(args.out / "latency_phases.png", phases)
+    if "cache_interval" in result:
+        def by_interval(ax):
+            rows = result["cache_interval"]
+            for backend in backends:
+                chosen = [r for r in rows.values() if r["backend"] == backend]
+                ax.plot([r["cache_interval"] for r in chosen], [r["sample_ms_per_frame"]["median_ms"] for r in chosen],
+                        marker="o", label=backend)
+            ax.set_xlabel("cache_interval (full UNet every N-th sampling step)")
+            ax.set_ylabel(f"sampling ms per frame ({args.steps} steps, guidance {args.guidance:g})")
+            ax.set_ylim(bottom=0)
+            ax.legend()
+
+        save_plot(args.out / "latency_cache_interval.png", by_interval)
     return result
