@@ -27,7 +27,7 @@ PROMPT = "a blue circle is moving right on a black background"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="tuned model directory (default: tune the tiny model on a clip)")
     p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated")
-    p.add_argument("--lengths", default="8,16,32", help="comma-separated frame counts")
+    p.add_argument("--lengths", default="8,16,32", help="comma-separated frame counts; empty to skip")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per generation")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3)
@@ -149,7 +149,7 @@ def through_grpc(model_dir: Path, model: LoadedModel, backend: str, lengths: lis
 
 def run(args: argparse.Namespace) -> dict:
     backends = args.backends.split(",")
-    lengths = [int(n) for n in args.lengths.split(",")]
+    lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or default_model(Path(tmp))
         models = {backend: load_model(model_dir, backend) for backend in backends}
@@ -202,8 +202,9 @@ def run(args: argparse.Namespace) -> dict:
         ax.tick_params(axis="x", rotation=45)
         ax.legend()
 
-    save_plot(args.out / "latency_per_frame.png", per_frame)
-    save_plot(args.out / "latency_phases.png", phases)
+    if lengths:
+        save_plot(args.out / "latency_per_frame.png", per_frame)
+        save_plot(args.out / "latency_phases.png", phases)
     if "cache_interval" in result:
         def by_interval(ax):
             rows = result["cache_interval"]
