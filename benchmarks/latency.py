@@ -20,6 +20,7 @@ import torch
 from benchmarks.common import save_plot, summarize, time_alternating, write_result
 from server.engines import LoadedModel, load_model
 from server.generate import GenerationOptions, Generator, InversionCache
+from tuner.artefacts import TunedModel
 
 PROMPT = "a blue circle is moving right on a black background"
 
@@ -90,6 +91,25 @@ def generations(models: dict, lengths: list[int], args: argparse.Namespace) -> d
     return results
 
 
+def branch_calls(models: dict, repeats: int) -> dict:
+    """ms per UNet call at batch 2 of the two passes of feature reuse: the full one that keeps the branch, and
+    the shallow one from it, backends and passes interleaved."""
+    variants = {}
+    for backend, model in models.items():
+        engines = model.engines
+        sample = torch.randn(engines.unet_input_shape(2), device=engines.device)
+        text = torch.randn(2, *engines.text_shape, device=engines.device)
+        t = torch.tensor([500.0], device=engines.device)
+        _, branch = engines.unet(sample, t, text, return_branch=True)
+        variants[f"{backend}/full"] = lambda e=engines, s=sample, x=text, tt=t: e.unet(s, tt, x)
+        variants[f"{backend}/shallow"] = lambda e=engines, s=sample, x=text, tt=t, b=branch: e.unet(s, tt, x, branch=b)
+    timings = time_alternating(variants, repeats, warmup=2)
+    for backend in models:
+        timings[f"{backend}/shallow_share"] = (timings[f"{backend}/shallow"]["median_ms"]
+                                               / timings[f"{backend}/full"]["median_ms"])
+    return timings
+
+
 def cache_intervals(models: dict, intervals: list[int], args: argparse.Namespace) -> dict:
     """Per backend and interval: the sampling phase's ms per frame (8 frames, from the inversion, which each
     generator inverts once, in its warm-up round), and its speed-up over interval 1 (medians)."""
@@ -155,7 +175,8 @@ def run(args: argparse.Namespace) -> dict:
         models = {backend: load_model(model_dir, backend) for backend in backends}
         first = next(iter(models.values()))
         engines = first.engines
-        unet_config = json.loads((Path(first.info["base_model"]) / "unet" / "config.json").read_text())
+        base = TunedModel.open(model_dir).base_path  # info["base_model"] is the base's id for a shipped base
+        unet_config = json.loads((base / "unet" / "config.json").read_text())
         result = {
             "study": "latency",
             "model": str(args.model or "tiny model tuned on a shapes-world clip (tav-bench default)"),
@@ -170,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         if intervals:
             from benchmarks.floor import shallow_share
 
+            result["cache_interval_unet_ms"] = branch_calls(models, args.unet_repeats)
             result["cache_interval"] = cache_intervals(models, intervals, args)
             result["shallow_flop_share"] = shallow_share(result["unet_config"], engines.latent_shape[1])
         if not args.no_grpc:
