@@ -2,7 +2,8 @@
 model costs per frame in FLOPs (with the floor that implies on an H100 and an A100).
 
 FLOPs are counted by `torch.utils.flop_counter` over one UNet call (matmuls, convolutions, attention); the
-machine's rate is measured once with a large fp32 matrix multiply.
+machine's rate is measured once with a large fp32 matrix multiply. `shallow_share` counts what a shallow pass of
+feature reuse (`cache_interval`) keeps of a full call, for a branch of `branch_layers` layers.
 """
 
 from __future__ import annotations
@@ -28,15 +29,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def unet_flops(config: dict, batch: int, frames: int, latent: int, text_length: int = 77,
-               mode: str = "sparse_causal") -> float:
-    """FLOPs of one video UNet call with attention `mode`, counted on the meta device (no memory, no weights)."""
+               mode: str = "sparse_causal", branch_layers: int | None = None) -> float:
+    """FLOPs of one video UNet call with attention `mode`, counted on the meta device (no memory, no weights);
+    with `branch_layers`, of the shallow pass of feature reuse with a branch of that many layers."""
     with torch.device("meta"):
         unet = inflate(UNet2DConditionModel(**config), mode)
         sample = torch.randn(batch, unet.config.in_channels, frames, latent, latent)
         text = torch.randn(batch, text_length, unet.config.cross_attention_dim)
+    timestep = torch.tensor([500.0], device="meta")
+    branch = None
+    if branch_layers is not None:
+        unet.branch_layers = branch_layers
+        with torch.no_grad():
+            _, branch = unet(sample, timestep, text, return_branch=True)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(sample, torch.tensor([500.0], device="meta"), text)
+        unet(sample, timestep, text, branch=branch)
     return float(counter.get_total_flops())
+
+
+def shallow_share(config: dict, latent: int, batch: int = 2, frames: int = 8) -> dict[str, float]:
+    """The FLOP share of a shallow pass in a full UNet call: for the finest branch (the final up block's last
+    layer, the default) and the block-level one (the whole final up block, and the first down block's layers)."""
+    full = unet_flops(config, batch, frames, latent)
+    block = config.get("layers_per_block", 2) + 1
+    return {"finest": unet_flops(config, batch, frames, latent, branch_layers=1) / full,
+            "block": unet_flops(config, batch, frames, latent, branch_layers=block) / full}
 
 
 def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
@@ -64,7 +81,8 @@ def per_frame_table(steps: int) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     rate = matmul_rate()
-    result = {"study": "floor", "matmul_fp32_gflops": rate / 1e9, "sd14": per_frame_table(args.steps)}
+    result = {"study": "floor", "matmul_fp32_gflops": rate / 1e9, "sd14": per_frame_table(args.steps),
+              "sd14_shallow_flop_share": shallow_share(SD14_UNET_CONFIG, latent=64)}
     if args.latency_json:
         import json
 

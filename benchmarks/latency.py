@@ -3,7 +3,8 @@ ms per generated frame for several video lengths (autoregressive windows past 8 
 
 Backends are measured alternately (A B A B ...) and summarised by median and p90, since timings on shared
 machines move by 10-30% between runs. Fewer denoising steps than the 50 a user would run are fine: the cost is
-per step and per frame.
+per step and per frame. With `--cache-intervals`, the sampling phase per frame at each feature-reuse interval
+(`cache_interval`), backends and intervals interleaved, beside the FLOP share of a shallow pass.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from benchmarks.common import save_plot, summarize, time_alternating, write_result
 from server.engines import LoadedModel, load_model
 from server.generate import GenerationOptions, Generator, InversionCache
+from tuner.artefacts import TunedModel
 
 PROMPT = "a blue circle is moving right on a black background"
 
@@ -26,13 +28,15 @@ PROMPT = "a blue circle is moving right on a black background"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="tuned model directory (default: tune the tiny model on a clip)")
     p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated")
-    p.add_argument("--lengths", default="8,16,32", help="comma-separated frame counts")
+    p.add_argument("--lengths", default="8,16,32", help="comma-separated frame counts; empty to skip")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per generation")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--unet-repeats", type=int, default=10)
     p.add_argument("--no-grpc", action="store_true", help="skip the comparison through tav-serve on loopback")
     p.add_argument("--grpc-backends", help="backends compared through tav-serve (default: all of --backends)")
+    p.add_argument("--cache-intervals", default="", help="comma-separated feature-reuse intervals to time the "
+                   "sampling phase at (8 frames, --steps, --guidance), e.g. 1,2,3,5; empty to skip")
 
 
 def default_model(workdir: Path) -> Path:
@@ -87,6 +91,48 @@ def generations(models: dict, lengths: list[int], args: argparse.Namespace) -> d
     return results
 
 
+def branch_calls(models: dict, repeats: int) -> dict:
+    """ms per UNet call at batch 2 of the two passes of feature reuse: the full one that keeps the branch, and
+    the shallow one from it, backends and passes interleaved."""
+    variants = {}
+    for backend, model in models.items():
+        engines = model.engines
+        sample = torch.randn(engines.unet_input_shape(2), device=engines.device)
+        text = torch.randn(2, *engines.text_shape, device=engines.device)
+        t = torch.tensor([500.0], device=engines.device)
+        _, branch = engines.unet(sample, t, text, return_branch=True)
+        variants[f"{backend}/full"] = lambda e=engines, s=sample, x=text, tt=t: e.unet(s, tt, x)
+        variants[f"{backend}/shallow"] = lambda e=engines, s=sample, x=text, tt=t, b=branch: e.unet(s, tt, x, branch=b)
+    timings = time_alternating(variants, repeats, warmup=2)
+    for backend in models:
+        timings[f"{backend}/shallow_share"] = (timings[f"{backend}/shallow"]["median_ms"]
+                                               / timings[f"{backend}/full"]["median_ms"])
+    return timings
+
+
+def cache_intervals(models: dict, intervals: list[int], args: argparse.Namespace) -> dict:
+    """Per backend and interval: the sampling phase's ms per frame (8 frames, from the inversion, which each
+    generator inverts once, in its warm-up round), and its speed-up over interval 1 (medians)."""
+    generators = {backend: Generator(model) for backend, model in models.items()}
+    seconds: dict[str, list[float]] = {f"{b}/{n}": [] for b in models for n in intervals}
+    for repeat in range(args.repeats + 1):  # the first round is warm-up
+        for backend, generator in generators.items():
+            for interval in intervals:
+                options = GenerationOptions(PROMPT, steps=args.steps, guidance=args.guidance, seed=0,
+                                            cache_interval=interval)
+                result = generator.generate(options)
+                if repeat:
+                    seconds[f"{backend}/{interval}"].append(result.timings["sample"] / 8)
+    results = {}
+    for name, values in seconds.items():
+        backend, interval = name.split("/")
+        base = summarize(seconds[f"{backend}/{intervals[0]}"])["median_ms"]
+        timing = summarize(values)
+        results[name] = {"backend": backend, "cache_interval": int(interval), "sample_ms_per_frame": timing,
+                         "speedup_vs_first": base / timing["median_ms"]}
+    return results
+
+
 def through_grpc(model_dir: Path, model: LoadedModel, backend: str, lengths: list[int],
                  args: argparse.Namespace) -> dict:
     """ms per frame through tav-serve on loopback against the Python API, alternating, per length; the ratio
@@ -123,13 +169,14 @@ def through_grpc(model_dir: Path, model: LoadedModel, backend: str, lengths: lis
 
 def run(args: argparse.Namespace) -> dict:
     backends = args.backends.split(",")
-    lengths = [int(n) for n in args.lengths.split(",")]
+    lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or default_model(Path(tmp))
         models = {backend: load_model(model_dir, backend) for backend in backends}
         first = next(iter(models.values()))
         engines = first.engines
-        unet_config = json.loads((Path(first.info["base_model"]) / "unet" / "config.json").read_text())
+        base = TunedModel.open(model_dir).base_path  # info["base_model"] is the base's id for a shipped base
+        unet_config = json.loads((base / "unet" / "config.json").read_text())
         result = {
             "study": "latency",
             "model": str(args.model or "tiny model tuned on a shapes-world clip (tav-bench default)"),
@@ -140,6 +187,13 @@ def run(args: argparse.Namespace) -> dict:
             "unet_ms": unet_calls(models, args.unet_repeats),
             "generation": generations(models, lengths, args),
         }
+        intervals = [int(n) for n in args.cache_intervals.split(",") if n.strip()]
+        if intervals:
+            from benchmarks.floor import shallow_share
+
+            result["cache_interval_unet_ms"] = branch_calls(models, args.unet_repeats)
+            result["cache_interval"] = cache_intervals(models, intervals, args)
+            result["shallow_flop_share"] = shallow_share(result["unet_config"], engines.latent_shape[1])
         if not args.no_grpc:
             # both sides keep their inversion cache: after the warm-up round neither inverts again, so the
             # ratio compares sampling, decoding and, for gRPC, queueing, streaming, encoding and transport
@@ -170,6 +224,20 @@ def run(args: argparse.Namespace) -> dict:
         ax.tick_params(axis="x", rotation=45)
         ax.legend()
 
-    save_plot(args.out / "latency_per_frame.png", per_frame)
-    save_plot(args.out / "latency_phases.png", phases)
+    if lengths:
+        save_plot(args.out / "latency_per_frame.png", per_frame)
+        save_plot(args.out / "latency_phases.png", phases)
+    if "cache_interval" in result:
+        def by_interval(ax):
+            rows = result["cache_interval"]
+            for backend in backends:
+                chosen = [r for r in rows.values() if r["backend"] == backend]
+                ax.plot([r["cache_interval"] for r in chosen], [r["sample_ms_per_frame"]["median_ms"] for r in chosen],
+                        marker="o", label=backend)
+            ax.set_xlabel("cache_interval (full UNet every N-th sampling step)")
+            ax.set_ylabel(f"sampling ms per frame ({args.steps} steps, guidance {args.guidance:g})")
+            ax.set_ylim(bottom=0)
+            ax.legend()
+
+        save_plot(args.out / "latency_cache_interval.png", by_interval)
     return result

@@ -22,7 +22,9 @@ the source caption itself as a fifth prompt: the trajectory error that inversion
 for every edit. The colour swaps are explained by the VAE: the cosine between the latent signatures of the two
 colours is reported. A length study tunes Tune-A-Video on a 64-frame clip and generates 8, 24 and 64 frames, to
 measure drift across the autoregressive windows. With `--clip DIR` (a local `transformers` CLIP model) the paper's
-CLIP text alignment and frame consistency are reported too.
+CLIP text alignment and frame consistency are reported too. With `--cache-intervals`, a feature-reuse study
+repeats Tune-A-Video's prompts at each `cache_interval` and reports, beside the scores, each video's mean pixel
+distance to the first interval's (1: the exact sampling).
 
 Each clip is tuned with the settings' seed, or once per seed of `--tune-seeds`: the tuning seed moves a tuned
 method's figures as much as its settings do (benchmarks/README.md, "The tuning seed"), so the means are then over
@@ -93,6 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "inversion (with --guidance always); empty for --guidance alone")
     p.add_argument("--lengths", default="8,24,64", help="lengths for the drift study; empty to skip it")
     p.add_argument("--clip", type=Path, help="local CLIP model directory for the paper's CLIP metrics")
+    p.add_argument("--cache-intervals", default="", help="comma-separated feature-reuse intervals for Tune-A-Video's "
+                   "prompts (the first is the reference, e.g. 1,2,3,5); empty to skip the study")
 
 
 def clip_name(index: int) -> str:
@@ -177,17 +181,19 @@ class Study:
         return tune(self.args.base, folder, caption, out, settings, overwrite=True, progress=False)
 
     def generate(self, key: str, model: Path, prompt: str, wanted: tuple, truth: list, frames: int,
-                 invert: bool, keep: bool, guidance: float | None = None, seed: int = 0) -> dict:
+                 invert: bool, keep: bool, guidance: float | None = None, seed: int = 0, cache_interval: int = 1
+                 ) -> dict:
         """Score one generation (cached by `key`, the tuned model's identity and the sampling settings); keep its
         frames for the grid. `guidance` defaults to `--guidance`."""
         guidance = self.args.guidance if guidance is None else guidance
         tuned = TunedModel.open(model)
         model_id = f"{tuned.model_hash},{'/'.join(tuned.architecture)}"
         key = f"{key}@{model_id},{self.args.steps}steps,guidance{guidance:g},seed{seed},scores{SCORES_VERSION}"
+        key += f",cache{cache_interval}" if cache_interval > 1 else ""
         if key in self.scores and not keep:
             return self.scores[key]
         options = GenerationOptions(prompt, frames=frames, steps=self.args.steps, guidance=guidance, seed=seed,
-                                    invert=invert)
+                                    invert=invert, cache_interval=cache_interval)
         if model not in self.loaded:
             self.loaded[model] = load_torch_model(model)
         video = Generator(self.loaded[model], self.cache).generate(options).frames
@@ -297,6 +303,53 @@ def guidance_study(study: Study, args: argparse.Namespace, values: list[float], 
             parts.setdefault(row["edit"], []).append(row)
         result[f"{guidance:g}"] = {part: mean_scores(chosen) for part, chosen in parts.items()}
     return result
+
+
+def cache_interval_study(study: Study, args: argparse.Namespace, intervals: list[int], bar: tqdm) -> dict:
+    """Tune-A-Video (its first tuning seed) at each feature-reuse interval: the source caption and the four edits,
+    from the inversion and from noise, scored, with each video's mean absolute pixel distance (0-255) to the
+    same prompt and seed at `intervals[0]`. Means per interval and start over the edits, and per edit type."""
+    tune_seed = tune_seeds(args, "tune_a_video")[0]
+    rows = []
+    for index, spec in enumerate(SOURCES[: args.clips]):
+        name, _, caption, truth, folder = study.clip(index)
+        model = study.tuned(model_name(name, "tune_a_video", tune_seed), folder, caption, "tune_a_video", tune_seed)
+        for start in STARTS:
+            for edit, wanted in {RECONSTRUCTION: spec[:3], **edits(*spec[:3])}.items():
+                for seed in seeds(args, start):
+                    first = None
+                    for interval in intervals:
+                        bar.set_description(f"{name} cache interval {interval} {start} {edit}")
+                        row = study.generate(f"{name}/tune_a_video/{start}/{edit}", model,
+                                             world.clip_caption(*wanted, spec[3]), wanted, truth, 8,
+                                             start == "inversion", keep=True, seed=seed, cache_interval=interval)
+                        video = study.videos.pop(row["key"]).astype(np.float64)
+                        first = video if first is None else first
+                        scores = {k: v for k, v in row.items() if k != "key"}
+                        rows.append({**scores, "pixel_distance": float(np.abs(video - first).mean()),
+                                     "interval": interval, "start": start, "edit": edit})
+                        bar.update()
+
+    def means(chosen: list[dict]) -> dict[str, float]:
+        return {k: float(np.mean([r[k] for r in chosen])) for k in chosen[0] if k not in ("interval", "start", "edit")}
+
+    by_interval, by_edit = {}, {}
+    for interval in intervals:
+        for start in STARTS:
+            at = [r for r in rows if r["interval"] == interval and r["start"] == start]
+            by_interval[f"{interval}/{start}"] = means([r for r in at if r["edit"] != RECONSTRUCTION])
+            for edit in dict.fromkeys(r["edit"] for r in at):
+                by_edit[f"{interval}/{edit}/{start}"] = means([r for r in at if r["edit"] == edit])
+    checks = {}  # the goals the default interval is held to (issue 35)
+    for interval in intervals:
+        edited = list(edits(*SOURCES[0][:3]))
+        inversion_ok = all(by_edit[f"{interval}/{e}/inversion"]["all"] >= 0.95
+                           and by_edit[f"{interval}/{e}/inversion"]["trajectory_px"] <= 2.0 for e in edited)
+        noise_ok = (by_interval[f"{interval}/noise"]["trajectory_px"]
+                    <= by_interval[f"{intervals[0]}/noise"]["trajectory_px"] + 1.0)
+        checks[f"{interval}"] = {"every_edit_inversion_alignment>=0.95_and_trajectory<=2px": inversion_ok,
+                                 "noise_trajectory_within_1px_of_first": noise_ok}
+    return {"intervals": intervals, "by_interval": by_interval, "by_edit": by_edit, "checks": checks, "rows": rows}
 
 
 def colour_signature_cosines(base: Path, clips: int) -> dict[str, float]:
@@ -429,15 +482,17 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"tav-bench quality: error: --methods must name some of {', '.join(METHODS)}")
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     guidances = sorted({args.guidance, *(float(x) for x in args.guidance_sweep.split(",") if x.strip())})
+    intervals = [int(x) for x in args.cache_intervals.split(",") if x.strip()]
     study = Study(args)
     clips = min(args.clips, len(SOURCES))
     per_model = 5 * sum(len(seeds(args, start)) for start in STARTS)
     tunings = clips * sum(len(tune_seeds(args, m)) for m in methods)
-    total = tunings * per_model + clips * len(guidances) * 5 + 2 * len(lengths)
+    total = tunings * per_model + clips * len(guidances) * 5 + 2 * len(lengths) + clips * len(intervals) * per_model
     with tqdm(total=total, dynamic_ncols=True) as bar:
         rows = ablation(study, args, methods, bar)
         sweep = guidance_study(study, args, guidances, bar)
         long = drift(study, args, lengths, bar) if lengths else {}
+        reuse = cache_interval_study(study, args, intervals, bar) if intervals else {}
     summary = summarize(rows)
     result = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -445,6 +500,7 @@ def run(args: argparse.Namespace) -> dict:
         "guidance_study": sweep,
         "colour_swap_latent_cosine": colour_signature_cosines(args.base, clips),
         "length_study": long,
+        "cache_interval_study": reuse,
         "rows": rows,
         "table": format_table(summary["by_method"]),
     }
@@ -453,6 +509,8 @@ def run(args: argparse.Namespace) -> dict:
               format_table({f"{g} / {part}": sweep[g][part] for g in sweep for part in ("edits", "colour",
                                                                                         "reconstruction")},
                            "Tune-A-Video, inversion: guidance / prompt")]
+    if reuse:
+        tables.append(format_table(reuse["by_interval"], "Tune-A-Video: cache interval / start (edits)"))
     (args.out / "quality.md").write_text("\n\n".join(tables) + "\n")
     save_grid(study.videos, args.out / "quality_grid.png")
 
@@ -482,5 +540,22 @@ def run(args: argparse.Namespace) -> dict:
         right.legend(loc="upper left", fontsize=8)
 
     save_plot(args.out / "quality_guidance.png", draw_guidance)
+    if reuse:
+        def draw_reuse(ax):
+            for start, style in (("inversion", "o-"), ("noise", "s--")):
+                values = [reuse["by_interval"][f"{n}/{start}"] for n in intervals]
+                ax.plot(intervals, [v["trajectory_px"] for v in values], style, label=f"trajectory px, {start}")
+                ax.plot(intervals, [v["pixel_distance"] for v in values], style, alpha=0.5,
+                        label=f"pixel distance to interval {intervals[0]}, {start}")
+            ax.set_xlabel("cache_interval")
+            ax.set_ylim(bottom=0)
+            right = ax.twinx()
+            right.plot(intervals, [reuse["by_interval"][f"{n}/inversion"]["all"] for n in intervals], "^:",
+                       color="C3", label="alignment, inversion (right)")
+            right.set_ylim(0, 1.05)
+            ax.legend(fontsize=7, loc="upper left")
+            right.legend(fontsize=7, loc="lower right")
+
+        save_plot(args.out / "quality_cache_interval.png", draw_reuse)
     write_result(args.out, "quality", result)
     return {k: result[k] for k in ("by_method", "checks", "table")}

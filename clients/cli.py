@@ -52,7 +52,8 @@ def _generate(args: argparse.Namespace) -> None:
             video = client.generate(
                 args.model, args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
                 steps=args.steps, guidance=args.guidance, seed=args.seed, invert=not args.no_invert,
-                source_video=source, format=args.format, progress=bars, timeout=args.timeout,
+                source_video=source, format=args.format, cache_interval=args.cache_interval, progress=bars,
+                timeout=args.timeout,
             )
     finally:
         bars.close()
@@ -60,7 +61,8 @@ def _generate(args: argparse.Namespace) -> None:
     timings = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in video.timings.items())
     truncated = " (prompt truncated)" if video.prompt_truncated else ""
     print(f"{path}: {video.frames} frames, {video.width}x{video.height} at {video.fps:g} fps, seed {video.seed}, "
-          f"{video.steps} steps, guidance {video.guidance:g}{truncated}; {timings}")
+          f"{video.steps} steps, guidance {video.guidance:g}, cache interval {video.cache_interval}{truncated}; "
+          f"{timings}")
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--guidance", type=float, help="1..30 (default: the model's, 12.5)")
     g.add_argument("--seed", type=int, help="default: random, reported")
     g.add_argument("--no-invert", action="store_true", help="start from seeded noise, not the inverted source")
+    g.add_argument("--cache-interval", type=int, metavar="N",
+                   help="1..10: full UNet every N-th sampling step, its shallow part between (default 1: off)")
     g.add_argument("--source", type=Path, help="a video to invert instead of the model's source clip (<= 64 MiB)")
     g.add_argument("--format", choices=FORMATS, help="default: from --out (.mp4, .gif; no suffix: png)")
     g.add_argument("--out", required=True, type=Path, help="output file, or directory for png frames")

@@ -65,6 +65,7 @@ class Video:
     guidance: float
     prompt_truncated: bool
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    cache_interval: int = 1  # the feature-reuse interval the sampling used (1: none)
 
     def save(self, path: str | Path) -> Path:
         """Write the video to `path`, or for PNG frames the directory `path` of frame_00000.png, ..."""
@@ -98,6 +99,7 @@ class Model:
     default_steps: int
     default_guidance: float
     loaded: bool
+    cache_interval_supported: bool = False  # the server's backend serves cache_interval > 1 for it
     adapter_kind: str = "full"  # "lora": low-rank factors merged onto the base's W0 when it becomes active
     lora_rank: int = 0
 
@@ -107,7 +109,8 @@ class Model:
             info.id, info.base_model, info.width, info.height, info.frames, info.source_frames, info.fps,
             info.source_prompt, info.attention_mode, tuple(info.backends), info.backend,
             tuple((p.batch, p.frames, p.latent_height, p.latent_width) for p in info.profiles),
-            info.default_steps, info.default_guidance, info.loaded, info.adapter_kind or "full", info.lora_rank,
+            info.default_steps, info.default_guidance, info.loaded, info.cache_interval_supported,
+            info.adapter_kind or "full", info.lora_rank,
         )
 
 
@@ -124,7 +127,8 @@ FORMAT_NAMES = {value: name for name, value in FORMATS.items()}
 class ServerInfo:
     """What a server accepts (see ServerInfo in the .proto): `limits` holds GenerationLimits' fields by name
     (max_frames, default_frames, max_steps, min_guidance, max_guidance, max_prompt_chars, max_seed,
-    max_source_bytes, max_source_frames, max_source_pixels); `formats` are `generate`'s format names."""
+    max_source_bytes, max_source_frames, max_source_pixels, max_cache_interval); `formats` are `generate`'s format
+    names."""
 
     backend: str
     limits: dict
@@ -233,11 +237,12 @@ def make_request(
     invert: bool = True,
     source_video: bytes | None = None,
     format: str = "mp4",
+    cache_interval: int | None = None,
 ) -> pb2.GenerateRequest:
     """A GenerateRequest; None leaves a field unset, so the server's default applies."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    optional = {"frames": frames, "steps": steps, "guidance": guidance, "seed": seed}
+    optional = {"frames": frames, "steps": steps, "guidance": guidance, "seed": seed, "cache_interval": cache_interval}
     return pb2.GenerateRequest(
         model=model, prompt=prompt, negative_prompt=negative_prompt, invert=invert,
         source_video=source_video or b"", format=FORMATS[format],
@@ -284,6 +289,7 @@ class _Collector:
             self.accepted.request_id, info.mime_type, [bytes(f) for f in self.files], info.frames, info.width,
             info.height, info.fps, info.seed, info.steps, info.guidance, self.accepted.prompt_truncated,
             dict(sorted(info.timings.items(), key=lambda item: TIMINGS.index(item[0]) if item[0] in TIMINGS else 99)),
+            info.cache_interval,
         )
 
 
@@ -354,7 +360,7 @@ class Client(_Base):
     def generate(self, model: str, prompt: str, *, progress: ProgressFn | None = None, timeout: float | None = None,
                  on_accepted: AcceptedFn | None = None, **options) -> Video:
         """Generate a video; `options` are `make_request`'s (negative_prompt, frames, steps, guidance, seed,
-        invert, source_video, format); `on_accepted` hears the queue position."""
+        invert, source_video, format, cache_interval); `on_accepted` hears the queue position."""
         request = make_request(model, prompt, **options)
         deadline = _deadline(timeout)
         attempt = 0

@@ -33,6 +33,7 @@ from exporter.onnx_export import (
     GRAPHS,
     OPSET,
     ExportError,
+    branch_graph_specs,
     check_graph,
     export_graph,
     graph_files,
@@ -44,7 +45,7 @@ from exporter.onnx_export import (
 from exporter.optimize import REWRITE_VERSION, optimize_unet_for_ort
 from tuner import artefacts
 from tuner.aoti_support import DEVICES, require_aoti
-from tuner.artefacts import ArtefactError, TunedModel, apply_adapter
+from tuner.artefacts import BRANCH_GRAPHS, ArtefactError, TunedModel, apply_adapter
 from tuner.components import BaseModelError, is_same_base, load_components
 from tuner.inflate import inflate, is_trainable
 from tuner.io_utils import atomic_directory, file_lock, sha256_files
@@ -59,7 +60,11 @@ ONNX_FIELDS = ("precision", "opset", "store", "graphs", "sdpa_pattern", "checks"
 
 def store_key(model: TunedModel, precision: str) -> str:
     """What the base graphs depend on, hashed: base model content, size, precision, the video UNet's architecture
-    (attention mode, group norm, frame positions), opset, and the version of the ONNX Runtime graph rewrite."""
+    (attention mode, group norm, frame positions), opset, and the version of the ONNX Runtime graph rewrite.
+
+    Graphs the entry format gained later (the feature-reuse graphs, `BRANCH_GRAPHS`) are not part of the key: an
+    entry without them is completed in place by `add_branch_graphs`, its existing graphs untouched, so the key
+    (and `REWRITE_VERSION`) changes only when the graphs an entry already holds would come out differently."""
     c = model.config
     parts = [c["base"]["sha256"], c["latent_height"], c["latent_width"], precision, *model.architecture, OPSET,
              REWRITE_VERSION]
@@ -120,7 +125,57 @@ def build_store_entry(model: TunedModel, entry: Path, precision: str, progress) 
             index["checks"]["unet_adapter_inputs"] = check_graph(unet_spec, ort_session(ort_path), precision,
                                                                  weights=placeholders)
         index["sdpa_pattern"] = has_sdpa_pattern(tmp / "unet.onnx")
+        build_branch_graphs(unet_spec, tmp, index, precision, progress)
         (tmp / STORE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def build_branch_graphs(unet_spec, directory: Path, index: dict, precision: str, progress) -> None:
+    """Export the two feature-reuse graphs of `unet_spec`'s UNet (`BRANCH_GRAPHS`) into `directory` like
+    `unet_adapter_inputs`: the tunable tensors they hold as inputs, attention fused, checked against PyTorch at fp32;
+    record them in `index`."""
+    unet = unet_spec.module
+    tunable = adapter_arrays({n: t for n, t in unet.state_dict().items() if is_trainable(n)})
+    for spec in branch_graph_specs(unet_spec):
+        progress(f"exporting {spec.name} (feature reuse between denoising steps, ONNX Runtime)")
+        started = time.perf_counter()
+        path = directory / f"{spec.name}.onnx"
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            raw = Path(tmp) / "graph.onnx"
+            export_graph(spec, raw)
+            io = graph_io(raw)
+            held = onnx.load(str(raw), load_external_data=False).graph.initializer
+            names = [t.name for t in held if is_trainable(t.name)]
+            with_weights_as_inputs(raw, path, names)
+        ort_optimization = optimize_unet_for_ort(path)
+        files = graph_files(path)
+        index["graphs"][spec.name] = {
+            "file": path.name, "files": [f.name for f in files], "sha256": sha256_files(files, directory),
+            "export_seconds": round(time.perf_counter() - started, 2), **io, "weight_inputs": names,
+            "ort_optimization": ort_optimization,
+        }
+        if precision == "fp32":
+            index["checks"][spec.name] = check_graph(spec, ort_session(path), precision, weights=tunable)
+        else:
+            index["checks"][spec.name] = check_dtypes(path)
+
+
+def add_branch_graphs(model: TunedModel, entry: Path, index: dict, precision: str, progress) -> dict:
+    """Add the feature-reuse graphs to a store entry exported before them, leaving its graphs as they are: the new
+    files are built beside it and moved in, then the index is replaced (readers see the old index or the new)."""
+    components = load_components(model.base_path, "cpu", PRECISIONS[precision])
+    unet = inflate(components.unet, *model.architecture)
+    _distinct_adapter_placeholders(unet)
+    unet_spec = next(s for s in graph_specs(components, unet, model.latent_size, PRECISIONS[precision])
+                     if s.name == "unet")
+    index = json.loads(json.dumps(index))
+    with tempfile.TemporaryDirectory(dir=entry.parent) as tmp:
+        build_branch_graphs(unet_spec, Path(tmp), index, precision, progress)
+        for name in BRANCH_GRAPHS:
+            for file in index["graphs"][name]["files"]:
+                os.replace(Path(tmp) / file, entry / file)
+        (Path(tmp) / STORE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        os.replace(Path(tmp) / STORE_INDEX, entry / STORE_INDEX)
     return index
 
 
@@ -154,7 +209,8 @@ def load_store_entry(entry: Path) -> dict | None:
         for graph in index["graphs"].values():
             if sha256_files([entry / f for f in graph["files"]], entry) != graph["sha256"]:
                 return None
-        return index if set(index["graphs"]) == {*GRAPHS, "unet_adapter_inputs"} else None
+        required = {*GRAPHS, "unet_adapter_inputs"}
+        return index if required <= set(index["graphs"]) <= {*required, *BRANCH_GRAPHS} else None
     except (OSError, KeyError, json.JSONDecodeError):
         return None
 
@@ -270,6 +326,9 @@ def export_onnx(model: TunedModel, adapter: dict[str, torch.Tensor], store_root:
         else:
             progress(f"reusing shared base graphs in {entry}")
             os.utime(entry)  # last used: `--gc` keeps it through its grace period, until the manifest names it
+            if not set(BRANCH_GRAPHS) <= set(index["graphs"]):
+                progress(f"adding the feature-reuse graphs to {entry}")
+                index = add_branch_graphs(model, entry, index, precision, progress)
 
     unet_path = entry / index["graphs"]["unet_adapter_inputs"]["file"]
     graph = onnx.load(str(entry / index["graphs"]["unet"]["file"]), load_external_data=False).graph

@@ -7,6 +7,10 @@ Graphs and their I/O (latent size h x w, pixel size H x W, text length L, width 
   unet          sample [B, C, 8, h, w], timestep float32 [1],
                 encoder_hidden_states [B, L, D]                 -> noise_pred [B, C, 8, h, w]   (B = 1 or 2)
 
+and for feature reuse between denoising steps (`branch_graph_specs`; `tuner.inflate.VideoUNet.forward`):
+  unet_full_branch  the unet's inputs                           -> noise_pred, branch [B, C', 8, h, w]
+  unet_shallow      the unet's inputs, branch [B, C', 8, h, w]  -> noise_pred
+
 The TorchScript exporter is used with constant folding off: every initializer keeps its PyTorch parameter name
 (the dynamo exporter folds the linear layers' weight transposes into renamed initializers), so a tuned model's
 adapter tensors map onto the graph by name, as ONNX Runtime initializer overrides and TensorRT refit weights,
@@ -15,6 +19,7 @@ with no transposes to track. ONNX Runtime and TensorRT fold the transposes thems
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -96,6 +101,42 @@ def graph_specs(
                   {"sample": torch.zeros(2, channels, frames, h, w, dtype=dtype),
                    "timestep": torch.ones(1, dtype=torch.float32),
                    "encoder_hidden_states": torch.zeros(2, length, width, dtype=dtype)},
+                  ["noise_pred"], batch_axis=True),
+    ]
+
+
+class UNetFullBranchGraph(VideoUNet):
+    """The full UNet pass that also outputs its branch features."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(sample, timestep, encoder_hidden_states, return_branch=True)
+
+
+class UNetShallowGraph(VideoUNet):
+    """The shallow UNet pass from kept branch features."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                branch: torch.Tensor) -> torch.Tensor:
+        return super().forward(sample, timestep, encoder_hidden_states, branch=branch)
+
+
+def _as(unet: VideoUNet, cls: type[VideoUNet]) -> VideoUNet:
+    """A view of `unet` (the same modules and tensors, so the same initializer names) whose forward is `cls`'s."""
+    view = copy.copy(unet)
+    view.__class__ = cls
+    return view
+
+
+def branch_graph_specs(unet_spec: GraphSpec) -> list[GraphSpec]:
+    """The two feature-reuse graphs of the UNet of `unet_spec`, at its shapes (batch axis B)."""
+    unet = unet_spec.module
+    with torch.no_grad():
+        _, branch = unet(*unet_spec.inputs.values(), return_branch=True)
+    return [
+        GraphSpec("unet_full_branch", _as(unet, UNetFullBranchGraph), dict(unet_spec.inputs),
+                  ["noise_pred", "branch"], batch_axis=True),
+        GraphSpec("unet_shallow", _as(unet, UNetShallowGraph), {**unet_spec.inputs, "branch": torch.zeros_like(branch)},
                   ["noise_pred"], batch_axis=True),
     ]
 
@@ -192,20 +233,26 @@ def check_graph(
     seed: int = 0,
     weights: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Compare an ONNX Runtime session with the PyTorch module on fresh random inputs (plus `weights` fed as
-    inputs, for a graph that takes them so); raise past tolerance."""
+    """Compare an ONNX Runtime session with the PyTorch module on fresh random inputs (plus those of `weights`
+    the graph takes as inputs), every output; raise past tolerance."""
     generator = torch.Generator().manual_seed(seed)
+    wanted = {i.name for i in session.get_inputs()}
+    weights = {k: v for k, v in (weights or {}).items() if k in wanted}
     errors = {}
     for batch in batches if spec.batch_axis else (1,):
         inputs = random_inputs(spec, batch, generator)
         with torch.no_grad():
-            expected = spec.module(*inputs.values()).float().numpy()
+            expected = spec.module(*inputs.values())
+        expected = expected if isinstance(expected, tuple) else (expected,)
         feeds = {k: v.numpy() for k, v in inputs.items()}
-        actual = session.run(None, {**feeds, **(weights or {})})[0]
-        errors[f"batch{batch}"] = error = relative_error(actual, expected)
-        if not np.isfinite(error) or error > TOLERANCE[precision]:
-            raise ExportError(f"{spec.name}: ONNX Runtime differs from PyTorch by {error:.2e} (relative, by norm) "
-                              f"at batch {batch}; the tolerance for {precision} is {TOLERANCE[precision]:.0e}")
+        actual = session.run(None, {**feeds, **weights})
+        for name, ours, theirs in zip(spec.outputs, actual, expected, strict=True):
+            key = f"batch{batch}" if len(spec.outputs) == 1 else f"{name}_batch{batch}"
+            errors[key] = error = relative_error(ours, theirs.float().numpy())
+            if not np.isfinite(error) or error > TOLERANCE[precision]:
+                raise ExportError(f"{spec.name}: ONNX Runtime differs from PyTorch by {error:.2e} (relative, by "
+                                  f"norm) in {name} at batch {batch}; the tolerance for {precision} is "
+                                  f"{TOLERANCE[precision]:.0e}")
     return errors
 
 

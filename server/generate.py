@@ -11,6 +11,11 @@ ones; the last window takes more context frames instead of padding, so every slo
 denoising step the anchor and context slots are reset to the latents those frames had at that same step when
 they were generated, so the new frames attend to their true first and former frames' features; the context
 slots' own outputs are discarded. Inversion of a long source clip runs through the same windows.
+
+Feature reuse (`cache_interval` N > 1, DeepCache-style; docs/ARCHITECTURE.md, "Feature reuse"): in each window
+the full UNet runs on sampling steps 0, N, 2N, ... and keeps its branch features; the steps between run only the
+shallow layers on the kept features. Never in the inversion: it stays the exact DDIM inversion, so its cache holds
+whatever the interval.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from server.engines.base import LoadedModel
+from server.engines.base import LoadedModel, Unsupported
 from tuner.components import frames_to_pixels, pixels_to_frames, tokenize
 from tuner.video_io import MAX_DECODED_PIXELS, VideoError, probe_video, read_video
 
@@ -38,6 +43,7 @@ MAX_PROMPT_CHARS = 1000
 MAX_SOURCE_BYTES = 64 * 1024 * 1024
 MAX_SOURCE_PIXELS = MAX_DECODED_PIXELS  # frames x width x height a source clip may decode to
 MAX_SEED = 2**63 - 1
+MAX_CACHE_INTERVAL = 10
 ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 
 
@@ -63,6 +69,7 @@ class GenerationOptions:
     seed: int | None = None  # None: drawn at random and reported
     invert: bool = True
     source_video: bytes | None = None  # an encoded clip to invert instead of the model's own source
+    cache_interval: int = 1  # full UNet every N-th sampling step, the shallow part between; 1: off
 
 
 @dataclass
@@ -74,6 +81,7 @@ class GenerationResult:
     guidance: float
     prompt_truncated: bool
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, and "total"
+    cache_interval: int = 1
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,9 @@ def check_options(options: GenerationOptions) -> None:
                                          f"{options.guidance}")
     if options.seed is not None and not 0 <= options.seed <= MAX_SEED:
         raise InvalidRequest("seed", f"must be between 0 and {MAX_SEED}")
+    if not (isinstance(options.cache_interval, int) and 1 <= options.cache_interval <= MAX_CACHE_INTERVAL):
+        raise InvalidRequest("cache_interval", f"must be between 1 and {MAX_CACHE_INTERVAL}, got "
+                                               f"{options.cache_interval!r}")
     if options.source_video is not None:
         if len(options.source_video) > MAX_SOURCE_BYTES:
             raise InvalidRequest("source_video", f"must be at most {MAX_SOURCE_BYTES // 2**20} MiB")
@@ -161,19 +172,22 @@ def check_source_video(video: bytes) -> None:
 
 
 def resolve(options: GenerationOptions, model: LoadedModel) -> GenerationOptions:
-    """Check every option against its bounds (InvalidRequest names the field) and fill in the defaults."""
+    """Check every option against its bounds (InvalidRequest names the field) and fill in the defaults;
+    Unsupported when the model's backend cannot serve the cache interval."""
     check_options(options)
     steps = model.defaults.get("steps", 50) if options.steps is None else options.steps
     guidance = model.defaults.get("guidance", 12.5) if options.guidance is None else options.guidance
     seed = secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed
     engines = model.engines
+    if options.cache_interval > 1 and (reason := engines.cache_unsupported()) is not None:
+        raise Unsupported(f"cache_interval: {reason}")
     if model.source_latents.shape[0] != engines.latent_shape[0] or tuple(
         model.source_latents.shape[2:]
     ) != tuple(engines.latent_shape[1:]):
         raise InvalidRequest("model", f"source latents {tuple(model.source_latents.shape)} do not fit the engine's "
                                       f"latent shape {engines.latent_shape}")
     return GenerationOptions(options.prompt, options.negative_prompt, options.frames, int(steps), float(guidance),
-                             int(seed), options.invert, options.source_video)
+                             int(seed), options.invert, options.source_video, options.cache_interval)
 
 
 class Generator:
@@ -199,7 +213,8 @@ class Generator:
         frames = self._decode(latents[:, :, : opts.frames])
         timings["decode"] = time.perf_counter() - clock
         timings["total"] = time.perf_counter() - started
-        return GenerationResult(frames, self.model.fps, opts.seed, opts.steps, opts.guidance, truncated, timings)
+        return GenerationResult(frames, self.model.fps, opts.seed, opts.steps, opts.guidance, truncated, timings,
+                                opts.cache_interval)
 
     def generate_latents(
         self,
@@ -240,7 +255,7 @@ class Generator:
         sampler = DDIMScheduler.from_config(self.model.scheduler_config)
         sampler.set_timesteps(opts.steps)
         text = torch.cat([uncond, cond]) if opts.guidance > 1 else cond
-        latents = self._denoise(start, sampler, text, opts.guidance, "sample")
+        latents = self._denoise(start, sampler, text, opts.guidance, "sample", opts.cache_interval)
         lap("sample")
         return latents, truncated
 
@@ -284,9 +299,11 @@ class Generator:
         return inverted
 
     def _denoise(
-        self, x: torch.Tensor, scheduler, text: torch.Tensor, guidance: float, phase: str
+        self, x: torch.Tensor, scheduler, text: torch.Tensor, guidance: float, phase: str, cache_interval: int = 1
     ) -> torch.Tensor:
-        """Step `x` `[1, C, N, h, w]` through all of `scheduler`'s timesteps, window by window."""
+        """Step `x` `[1, C, N, h, w]` through all of `scheduler`'s timesteps, window by window; with
+        `cache_interval` > 1 the full UNet runs on every `cache_interval`-th step of a window, the shallow part on
+        the branch features it kept in between."""
         plan = plan_windows(x.shape[2], self.engines.frames)
         reused = {w.frames[s] for w in plan for s in range(len(w.frames)) if s not in w.new}
         history: dict[int, list[torch.Tensor]] = {}  # frame -> its latents at every step, for reused frames
@@ -297,6 +314,7 @@ class Generator:
         for window in plan:
             latents = x[:, :, list(window.frames)].clone()
             known = [s for s in range(len(window.frames)) if s not in window.new]
+            branch = None  # the features the last full pass of this window kept
             for step, t in enumerate(scheduler.timesteps):
                 if self._cancelled():
                     raise Cancelled(f"cancelled during {phase} at step {done} of {total}")
@@ -305,7 +323,13 @@ class Generator:
                 for slot in window.new:
                     if window.frames[slot] in reused:
                         history.setdefault(window.frames[slot], []).append(latents[:, :, slot].clone())
-                prediction = self._predict(latents, timesteps[step : step + 1], text, guidance)
+                timestep = timesteps[step : step + 1]
+                if cache_interval == 1:
+                    prediction, _ = self._predict(latents, timestep, text, guidance)
+                elif step % cache_interval == 0:
+                    prediction, branch = self._predict(latents, timestep, text, guidance, keep=True)
+                else:
+                    prediction, _ = self._predict(latents, timestep, text, guidance, branch=branch)
                 latents = scheduler.step(prediction, t, latents).prev_sample
                 done += 1
                 self._progress(phase, done, total)
@@ -313,15 +337,21 @@ class Generator:
                 out[:, :, window.frames[slot]] = latents[:, :, slot]
         return out
 
-    def _predict(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, guidance: float
-                 ) -> torch.Tensor:
+    def _predict(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, guidance: float,
+                 branch: torch.Tensor | None = None, keep: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet's prediction at `timestep` (float32 `[1]`); with guidance > 1, one batch-2 call for the
-        unconditional and conditional."""
+        unconditional and conditional. With `keep`, also the branch features of the pass; with `branch`, only the
+        shallow pass from such features."""
+        if guidance > 1:
+            latents = torch.cat([latents, latents])
+        else:
+            text = text[-1:]
+        out = self.engines.unet(latents, timestep, text, branch=branch, return_branch=keep)
+        out, features = out if keep else (out, None)
         if guidance <= 1:
-            return self.engines.unet(latents, timestep, text[-1:])
-        both = self.engines.unet(torch.cat([latents, latents]), timestep, text)
-        uncond, cond = both.chunk(2)
-        return uncond + guidance * (cond - uncond)
+            return out, features
+        uncond, cond = out.chunk(2)
+        return uncond + guidance * (cond - uncond), features
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         """Decode frame by frame (bounded memory) to uint8 `[F, H, W, 3]`."""

@@ -10,6 +10,7 @@ from tuneavideo.v1 import tuning_pb2
 from jobs import spec
 from jobs.bases import Base
 from server.generate import (
+    MAX_CACHE_INTERVAL,
     MAX_FRAMES,
     MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
@@ -20,7 +21,8 @@ from server.generate import (
     MIN_GUIDANCE,
 )
 
-OPTIONS = ("prompt", "negative_prompt", "frames", "steps", "guidance", "seed", "invert", "source_video", "format")
+OPTIONS = ("prompt", "negative_prompt", "frames", "steps", "guidance", "seed", "invert", "source_video", "format",
+           "cache_interval")
 FORMATS = (pb2.OUTPUT_FORMAT_MP4, pb2.OUTPUT_FORMAT_GIF, pb2.OUTPUT_FORMAT_PNG_FRAMES)
 
 
@@ -31,7 +33,7 @@ def server_info(backend: str, max_queue: int, default_frames: int) -> pb2.Server
         min_guidance=MIN_GUIDANCE, max_guidance=MAX_GUIDANCE,
         max_prompt_chars=MAX_PROMPT_CHARS, max_seed=MAX_SEED,
         max_source_bytes=MAX_SOURCE_BYTES, max_source_frames=MAX_FRAMES,
-        max_source_pixels=MAX_SOURCE_PIXELS,
+        max_source_pixels=MAX_SOURCE_PIXELS, max_cache_interval=MAX_CACHE_INTERVAL,
     )
     return pb2.ServerInfo(backend=backend, limits=limits, formats=FORMATS, options=OPTIONS, max_queue=max_queue)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from server.engines import BACKENDS, load_model
+from server.engines.base import Unsupported
 from server.generate import Cancelled, GenerationOptions, GenerationResult, Generator, InvalidRequest, ProgressFn
 from tuner.artefacts import ArtefactError
 from tuner.video_io import write_video
@@ -25,7 +26,7 @@ def generate(
     **options,
 ) -> GenerationResult:
     """Generate a video from a tuned model directory: `options` are those of `GenerationOptions`
-    (negative_prompt, frames, steps, guidance, seed, invert, source_video)."""
+    (negative_prompt, frames, steps, guidance, seed, invert, source_video, cache_interval)."""
     loaded = load_model(model, backend, device)
     return Generator(loaded).generate(GenerationOptions(prompt=prompt, **options), progress, cancelled)
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, help="default: the model's recommended guidance")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-invert", action="store_true", help="start from seeded noise, not the inverted source")
+    p.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                   help="1..10: full UNet every N-th sampling step, its shallow part between (default 1: off)")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--device")
     p.add_argument("--out", required=True, type=Path, help="output .gif or .mp4")
@@ -67,12 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = generate(args.model, args.prompt, backend=args.backend, device=args.device, progress=bars,
                           negative_prompt=args.negative_prompt, frames=args.frames, steps=args.steps,
-                          guidance=args.guidance, seed=args.seed, invert=not args.no_invert)
+                          guidance=args.guidance, seed=args.seed, invert=not args.no_invert,
+                          cache_interval=args.cache_interval)
     except ArtefactError as e:
         bars.close()
         print(f"tav-generate-local: error: {args.model}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (InvalidRequest, Cancelled) as e:
+    except (InvalidRequest, Unsupported, Cancelled) as e:
         bars.close()
         print(f"tav-generate-local: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from server.engines import load_model
+from server.engines import load_model, supports_cache_interval
 from server.engines.base import UNET_BATCHES, UNET_FRAMES, LoadedModel
 from server.generate import (
     MAX_FRAMES,
@@ -82,24 +82,40 @@ def model_bytes(model: LoadedModel, run: Path) -> int:
     return (run / ADAPTER_FILE).stat().st_size + latents.numel() * latents.element_size()
 
 
+def full_steps(steps: int, cache_interval: int) -> int:
+    """Sampling steps of a window that run the full UNet (the others run its shallow part)."""
+    return -(-steps // max(cache_interval, 1))
+
+
 @dataclass
 class Cost:
-    """Measured seconds per UNet call and per decoded frame, to estimate how long a request will run."""
+    """Measured seconds per UNet call and per decoded frame, and a shallow pass's share of a full call's time
+    (feature reuse, `cache_interval` > 1), to estimate how long a request will run. The share starts at 1, never
+    an under-estimate, and is learned from the requests that reuse features."""
 
     per_call: float
     per_frame: float
+    shallow_share: float = 1.0
 
     def estimate(self, options: GenerationOptions, default_steps: int) -> float:
         steps = options.steps if options.steps is not None else default_steps
         frames = min(options.frames, MAX_FRAMES)  # options not yet checked fail fast, but must not plan forever
         windows = len(plan_windows(max(frames, UNET_FRAMES), UNET_FRAMES))
-        calls = steps * windows * (2 if options.invert else 1)
+        full = full_steps(steps, options.cache_interval)
+        calls = windows * (full + self.shallow_share * (steps - full) + (steps if options.invert else 0))
         return calls * self.per_call + frames * self.per_frame
 
     def observe(self, result: GenerationResult) -> None:
-        """Blend in a finished generation's timings."""
+        """Blend in a finished generation's timings: the time per call from a request without feature reuse,
+        the shallow share from one with it."""
         windows = len(plan_windows(max(len(result.frames), UNET_FRAMES), UNET_FRAMES))
-        self.per_call = 0.5 * self.per_call + 0.5 * result.timings["sample"] / (result.steps * windows)
+        per_window = result.timings["sample"] / windows
+        full = full_steps(result.steps, result.cache_interval)
+        if full == result.steps:
+            self.per_call = 0.5 * self.per_call + 0.5 * per_window / result.steps
+        else:
+            share = (per_window / self.per_call - full) / (result.steps - full)
+            self.shallow_share = 0.5 * self.shallow_share + 0.5 * min(max(share, 0.05), 1.0)
         self.per_frame = 0.5 * self.per_frame + 0.5 * result.timings["decode"] / len(result.frames)
 
 
@@ -115,6 +131,7 @@ class ModelEntry:
     base: str  # the base model's name
     tokenizer: CLIPTokenizer | None = None
     cost: Cost | None = None
+    cache_supported: bool = False  # the backend serves cache_interval > 1 for it
     defaults: dict = field(default_factory=dict)
 
     @property
@@ -145,7 +162,8 @@ def read_entry(path: Path, backend: str) -> ModelEntry:
                             f"workers export what their --export names: add {export}; or run tav-export)")
     identity = hashlib.sha256(json.dumps([tuned.config, manifest], sort_keys=True).encode()).hexdigest()
     return ModelEntry(path.name, path, tuned.config, backends, identity, tuned.base_id,
-                      defaults=dict(tuned.config.get("recommended", {})))
+                      defaults=dict(tuned.config.get("recommended", {})),
+                      cache_supported=supports_cache_interval(backend, manifest))
 
 
 def _stat(path: Path) -> tuple | None:

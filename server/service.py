@@ -24,6 +24,7 @@ import numpy as np
 from tuneavideo.v1 import tuneavideo_pb2 as pb2
 from tuneavideo.v1 import tuneavideo_pb2_grpc as pb2_grpc
 
+from server.engines.base import Unsupported
 from server.generate import (
     GenerationOptions,
     GenerationResult,
@@ -77,6 +78,7 @@ def options_from_request(request: pb2.GenerateRequest) -> GenerationOptions:
         seed=request.seed if request.HasField("seed") else None,
         invert=request.invert if request.HasField("invert") else True,
         source_video=request.source_video or None,
+        cache_interval=request.cache_interval if request.HasField("cache_interval") else 1,
     )
 
 
@@ -193,8 +195,13 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
             model = self.registry.ready(entry.id)
             if model is not None:
                 options = resolve(options, model)
+            elif options.cache_interval > 1 and not entry.cache_supported:
+                raise Unsupported(f"cache_interval: the {self.registry.backend} backend cannot reuse UNet features "
+                                  f"for model {entry.id!r} (cache_interval must be 1)")
         except InvalidRequest as e:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except Unsupported as e:
+            raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
         except ModelUnavailable as e:
             raise RequestFailed(grpc.StatusCode.NOT_FOUND, str(e)) from None
         with self._tokenizing:  # a fast (Rust) tokenizer must not be used by two threads at once
@@ -213,7 +220,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
         info = pb2.ResultInfo(
             mime_type=MIME_TYPES[fmt], files=len(files), size_bytes=sum(map(len, files)), frames=frames,
             width=width, height=height, fps=result.fps, seed=result.seed, steps=result.steps,
-            guidance=result.guidance, timings=timings,
+            guidance=result.guidance, timings=timings, cache_interval=result.cache_interval,
         )
         yield pb2.GenerateResponse(result=info)
         for chunk in chunks(files):
@@ -252,7 +259,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
             fps=config["fps"], source_prompt=config["prompt"], attention_mode=config["attention_mode"],
             backends=entry.backends, backend=self.registry.backend, profiles=profiles,
             default_steps=entry.defaults.get("steps", 50), default_guidance=entry.defaults.get("guidance", 12.5),
-            loaded=self.registry.ready(entry.id) is not None,
+            loaded=self.registry.ready(entry.id) is not None, cache_interval_supported=entry.cache_supported,
             adapter_kind=adapter.get("kind", "full"), lora_rank=adapter.get("rank", 0),
         )
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from server.engines.base import Unsupported
 from server.generate import Cancelled, GenerationOptions, GenerationResult, InvalidRequest
 from server.registry import ModelRegistry, ModelUnavailable
 
@@ -250,6 +251,8 @@ class Worker:
             )
         except InvalidRequest as e:
             return Failed(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Unsupported as e:
+            return Failed(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except ModelUnavailable as e:
             return Failed(grpc.StatusCode.NOT_FOUND, str(e))
         except Cancelled:

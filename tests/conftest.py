@@ -1,11 +1,14 @@
-"""Shared fixtures, each made once a session: the tiny base model, a small synthetic clip, a tuned tiny model, the
-tiny base's ONNX engine store (seeded into test repositories), a tiny pretrained shapes model, and one inductor
-cache. The `needs_tool` marker comes from tests/tools.py."""
+"""Shared fixtures, each made once a run, whatever the number of pytest-xdist workers (`built_once`): the tiny base
+model, a small synthetic clip, a tuned tiny model, the tiny base's ONNX engine store (seeded into test repositories),
+a tiny pretrained shapes model, the AOTInductor packages, and one inductor cache. The `needs_tool` marker comes from
+tests/tools.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable
 
 # PyTorch's OpenMP workers spin while idle; on 2 shared cores that made UNet calls 5-20x slower (measured).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from tuner.tiny import make_tiny
 from tuner.tune import TuneSettings, tune
@@ -37,62 +41,85 @@ def moving_square_clip(frames: int = 12, width: int = 48, height: int = 40) -> n
     return clip
 
 
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory, worker_id) -> Callable[[str, Callable[[Path], None]], Path]:
+    """`built_once(name, build)`: the directory `build(directory)` filled, built by the first of the run's pytest
+    processes to ask (the xdist workers share the run's temporary root) while the others wait for it."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root if worker_id == "master" else root.parent) / "built-once"
+    shared.mkdir(exist_ok=True)
+
+    def get(name: str, build: Callable[[Path], None]) -> Path:
+        directory = shared / name
+        with FileLock(shared / f"{name}.lock"):
+            if not (shared / f"{name}.done").exists():
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.mkdir()
+                build(directory)
+                (shared / f"{name}.done").touch()
+        return directory
+
+    return get
+
+
 @pytest.fixture(scope="session", autouse=True)
-def inductor_cache(tmp_path_factory):
-    """One inductor cache for the session, the processes it starts included: AOTInductor packages of the same graphs
-    compile once a session (tests/test_aoti.py builds the tiny base's), and never come from an earlier session's
-    cache, so the suite's time is a cold cache's."""
+def inductor_cache(built_once):
+    """One inductor cache for the run, the processes it starts included: AOTInductor packages of the same graphs
+    compile once a run (tests/test_aoti.py builds the tiny base's), and never come from an earlier run's cache, so
+    the suite's time is a cold cache's."""
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(built_once("inductor", lambda directory: None)))
         yield
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-sd")
+def tiny_base(built_once) -> Path:
+    return built_once("models", lambda directory: make_tiny(directory / "tiny-sd")) / "tiny-sd"
 
 
 @pytest.fixture(scope="session")
-def clip_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("clips") / "square.mp4"
-    write_video(path, moving_square_clip(), fps=8)
-    return path
+def clip_path(built_once) -> Path:
+    return built_once("clips", lambda directory: write_video(directory / "square.mp4", moving_square_clip(),
+                                                             fps=8)) / "square.mp4"
 
 
 @pytest.fixture(scope="session")
-def tuned_run(tiny_base, clip_path, tmp_path_factory) -> Path:
+def tuned_run(tiny_base, clip_path, built_once) -> Path:
     """The tiny model tuned for a few steps on the synthetic clip, at 32x32 pixels (16x16 latents)."""
-    out = tmp_path_factory.mktemp("runs") / "square"
     settings = TuneSettings(frames=8, width=32, height=32, steps=4, lr=1e-3, seed=1)
-    return tune(tiny_base, clip_path, "a red square is moving right", out, settings, progress=False)
+    return built_once("runs", lambda directory: tune(tiny_base, clip_path, "a red square is moving right",
+                                                     directory / "square", settings, progress=False)) / "square"
 
 
 @pytest.fixture(scope="session")
-def tiny_shapes_base(tmp_path_factory) -> Path:
+def tiny_shapes_base(built_once) -> Path:
     """A shapes-world model pretrained by `tav-pretrain-shapes` at its tiny size for three steps a stage, once a
-    session (tests/test_shapes.py checks what it writes; tests/test_quality.py benchmarks on it)."""
+    run (tests/test_shapes.py checks what it writes; tests/test_quality.py benchmarks on it)."""
     from tuner.shapes.pretrain import main as pretrain_main
 
-    out = tmp_path_factory.mktemp("shapes") / "tiny-sd"
-    pretrain_main(["--out", str(out), "--arch", "tiny", "--images", "48", "--vae-steps", "3", "--vae-batch", "4",
-                   "--unet-steps", "3", "--unet-batch", "4", "--seed", "1"])
-    return out
+    def build(directory: Path) -> None:
+        pretrain_main(["--out", str(directory / "tiny-sd"), "--arch", "tiny", "--images", "48", "--vae-steps", "3",
+                       "--vae-batch", "4", "--unet-steps", "3", "--unet-batch", "4", "--seed", "1"])
+
+    return built_once("shapes", build) / "tiny-sd"
 
 
 @pytest.fixture(scope="session")
-def engine_store(tiny_base, clip_path, tmp_path_factory) -> Path:
+def engine_store(tiny_base, clip_path, built_once) -> Path:
     """A shared graph store (`REPO/.engines`) holding the tiny base's ONNX graphs for the tuning service's jobs at
     32x32 (the tuner's defaults for the base otherwise: the architecture the store key names), exported once a
-    session. The store is content-addressed, so a test repository seeded with it (`seed_engines`) exports
+    run. The store is content-addressed, so a test repository seeded with it (`seed_engines`) exports
     each tuned model's adapter only, as a repository whose first job built the entry would."""
     from exporter.cli import export
     from tuner.tune import default_settings
 
-    repo = tmp_path_factory.mktemp("engine-store") / "repo"
-    settings = replace(default_settings(tiny_base), frames=8, width=32, height=32, steps=1, seed=1)
-    run = tune(tiny_base, clip_path, "a red square is moving right", repo / "seed", settings, progress=False)
-    export(run, progress=lambda message: None, check_tuned=False)
-    return repo / ".engines"
+    def build(directory: Path) -> None:
+        settings = replace(default_settings(tiny_base), frames=8, width=32, height=32, steps=1, seed=1)
+        run = tune(tiny_base, clip_path, "a red square is moving right", directory / "repo" / "seed", settings,
+                   progress=False)
+        export(run, progress=lambda message: None, check_tuned=False)
+
+    return built_once("engine-store", build) / "repo" / ".engines"
 
 
 @pytest.fixture(scope="session")
@@ -136,34 +163,36 @@ MODELS = {"square-a": ("a red square is moving right", TuneSettings(frames=8, wi
 
 
 @pytest.fixture(scope="session")
-def aoti_repo(tiny_base, clip_path, tmp_path_factory):
+def aoti_repo(tiny_base, clip_path, built_once):
     """Two tuned models of the tiny base; the first exported by `tav-export --aoti`, which builds the packages, the
     second by the API, which reuses them. Returns the repository and the second export's messages."""
     from exporter.cli import export, main
 
-    root = tmp_path_factory.mktemp("aoti")
-    repo = root / "repo"
-    for name, (prompt, settings) in MODELS.items():
-        tune(tiny_base, clip_path, prompt, repo / name, settings, progress=False)
-    messages: list[str] = []
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-        main(["--model", str(repo / "square-a"), "--aoti", "--device", "cpu"])
-        export(repo / "square-b", aoti=True, device="cpu", progress=messages.append)
-    return repo, messages
+    def build(root: Path) -> None:
+        repo = root / "repo"
+        for name, (prompt, settings) in MODELS.items():
+            tune(tiny_base, clip_path, prompt, repo / name, settings, progress=False)
+        messages: list[str] = []
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+            main(["--model", str(repo / "square-a"), "--aoti", "--device", "cpu"])
+            export(repo / "square-b", aoti=True, device="cpu", progress=messages.append)
+        (root / "messages.json").write_text(json.dumps(messages))
+
+    root = built_once("aoti", build)
+    return root / "repo", json.loads((root / "messages.json").read_text())
 
 
 @pytest.fixture(scope="session")
-def paper_engine_store(tuned_run, tmp_path_factory) -> tuple[Path, str]:
+def paper_engine_store(tuned_run, built_once) -> tuple[Path, str]:
     """An engine store (`.engines/`) with the ONNX entry of the tiny base at 32x32 in `tuned_run`'s architecture
-    (frame positions "none"), built once for the session to be copied into test repositories; and the entry's key."""
-    import json
-    import shutil
-
+    (frame positions "none"), built once for the run to be copied into test repositories; and the entry's key."""
     from exporter.cli import export
 
-    root = tmp_path_factory.mktemp("seed")
-    shutil.copytree(tuned_run, root / "square")
-    export(root / "square", progress=lambda message: None)
+    def build(root: Path) -> None:
+        shutil.copytree(tuned_run, root / "square")
+        export(root / "square", progress=lambda message: None)
+
+    root = built_once("paper-engine-store", build)
     manifest = json.loads((root / "square" / "engines" / "manifest.json").read_text())
     return root / ".engines", manifest["store"]["key"]

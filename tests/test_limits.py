@@ -158,7 +158,9 @@ def test_a_failing_background_round_is_logged_and_counted_and_the_loops_go_on(tu
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / MODEL).symlink_to(tuned_run, target_is_directory=True)
-    server = ServeProcess("--repo", str(repo), "--broker", redis_url, "--rescan-seconds", "0.5", "--metrics-port", "0")
+    # the sweep reads running jobs once it has watched Redis reachable for --worker-dead-after (60 s by default)
+    server = ServeProcess("--repo", str(repo), "--broker", redis_url, "--rescan-seconds", "0.5", "--metrics-port", "0",
+                          "--worker-dead-after", "1")
     try:
         server.wait_for("serving ")
         metrics_port = int(next(m.group(1) for line in server.log

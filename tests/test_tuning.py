@@ -152,7 +152,7 @@ def service(tiny_base, seed_engines, tmp_path_factory):
         for replica in replicas:
             replica.wait_for("tuning service serving")
         if broker.tls_url:  # the TLS worker reached the queue, not just the plain-text one
-            wait_until(lambda: "Connected to rediss://" in workers[0].log.read_text(), 120)
+            wait_until(lambda: "Connected to rediss://" in workers[0].log.read_text(), TIMEOUT)
         yield type("Service", (), dict(repo=repo, redis=broker, workers=workers, replicas=replicas, root=root,
                                        brokers=urls))
     finally:

@@ -20,6 +20,12 @@ subclass of the stock module it replaces, so every pretrained tensor keeps its d
 Convolutions, up/down-sampling and cross-attention stay per frame. The frame count reaches the inflated modules
 through one `FrameContext` per UNet, set at the start of each forward pass; a UNet must therefore not run two
 forward passes concurrently (the server's single worker owns its engines).
+
+`VideoUNet.forward` runs diffusers' blocks layer by layer itself (the one place that knows their order), so it
+can stop at and resume from the branch of feature reuse between denoising steps (DeepCache, Ma et al. 2024;
+docs/ARCHITECTURE.md, "Feature reuse"): `return_branch` also returns the input of the last `branch_layers` layers
+of the final up block, and `branch=` runs only the shallow path from such features: `conv_in`, the first
+`branch_layers - 1` layers of the first down block (the skips those up layers read), those up layers, `conv_out`.
 """
 
 from __future__ import annotations
@@ -182,23 +188,101 @@ class VideoUNet(UNet2DConditionModel):
 
     frame_context: FrameContext
     attention_mode: str
+    branch_layers: int = 1  # DeepCache's finest branch: only the final up block's last layer is shallow
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        branch: torch.Tensor | None = None,
+        return_branch: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The noise prediction `[B, C, F, H, W]`; with `return_branch`, also the branch features
+        `[B, C', F, H, W]` for later shallow passes; with `branch` (such features), the shallow pass from them."""
+        if branch is not None and return_branch:
+            raise ValueError("a shallow pass (branch given) has no branch features to return")
         b, c, f, h, w = sample.shape
         self.frame_context.frames = f
-        frames = sample.transpose(1, 2).reshape(b * f, c, h, w)
+        x = _fold(sample)
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1)
         timestep = timestep.expand(b * f) if timestep.numel() == 1 else timestep.repeat_interleave(f)
         text = encoder_hidden_states.repeat_interleave(f, dim=0)
-        out = super().forward(frames, timestep, text, return_dict=False)[0]
-        return out.reshape(b, f, -1, h, w).transpose(1, 2)
+        emb = self.time_embedding(self.time_proj(timestep).to(x.dtype))
+        x = self.conv_in(x)
+        skips = [x]
+        last = self.up_blocks[-1]
+        shallow = range(len(last.resnets) - self.branch_layers, len(last.resnets))
+        if branch is not None:
+            for layer in range(self.branch_layers - 1):
+                skips.append(x := _down_layer(self.down_blocks[0], layer, x, emb, text))
+            x = _fold(branch)
+            for layer in shallow:
+                x = _up_layer(last, layer, x, skips[len(last.resnets) - 1 - layer], emb, text)
+            return _unfold(self._out(x), b)
+        for block in self.down_blocks:
+            for layer in range(len(block.resnets)):
+                skips.append(x := _down_layer(block, layer, x, emb, text))
+            if block.downsamplers is not None:
+                for downsampler in block.downsamplers:
+                    x = downsampler(x)
+                skips.append(x)
+        if self.mid_block is not None:
+            x = self.mid_block.resnets[0](x, emb)
+            for attention, resnet in zip(self.mid_block.attentions, self.mid_block.resnets[1:], strict=True):
+                x = resnet(attention(x, encoder_hidden_states=text, return_dict=False)[0], emb)
+        # like diffusers: upsample to the skip's size only where the latent size is not a multiple of the factor
+        odd = any(dim % 2**self.num_upsamplers for dim in (h, w))
+        features = None
+        for block in self.up_blocks:
+            count = len(block.resnets)
+            block_skips, skips = skips[-count:], skips[:-count]
+            for layer in range(count):
+                if block is last and layer == shallow.start:
+                    features = x
+                x = _up_layer(block, layer, x, block_skips[count - 1 - layer], emb, text)
+            if block.upsamplers is not None:
+                for upsampler in block.upsamplers:
+                    x = upsampler(x, skips[-1].shape[2:] if odd else None)
+        out = _unfold(self._out(x), b)
+        return (out, _unfold(features, b)) if return_branch else out
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_norm_out is not None:
+            x = self.conv_act(self.conv_norm_out(x))
+        return self.conv_out(x)
 
     def set_attention_mode(self, mode: str) -> None:
         """Switch attn1 between `sparse_causal`, `per_frame` and `full` (weights are the same in every mode)."""
         self.set_attn_processor(_processors(self, mode))
         self.attention_mode = mode
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """`[B, C, F, H, W]` -> `[(B F), C, H, W]`."""
+    b, c, f, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+def _unfold(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """`[(B F), C, H, W]` -> `[B, C, F, H, W]`."""
+    bf, c, h, w = x.shape
+    return x.reshape(batch, bf // batch, c, h, w).transpose(1, 2)
+
+
+def _down_layer(block: nn.Module, layer: int, x: torch.Tensor, emb: torch.Tensor, text: torch.Tensor
+                ) -> torch.Tensor:
+    """Layer `layer` of a diffusers down block: its ResNet, then its transformer if it has them."""
+    x = block.resnets[layer](x, emb)
+    if getattr(block, "attentions", None) is not None:
+        x = block.attentions[layer](x, encoder_hidden_states=text, return_dict=False)[0]
+    return x
+
+
+def _up_layer(block: nn.Module, layer: int, x: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor,
+              text: torch.Tensor) -> torch.Tensor:
+    """Layer `layer` of a diffusers up block on `x` and its skip connection."""
+    return _down_layer(block, layer, torch.cat([x, skip], dim=1), emb, text)
 
 
 def inflate(
@@ -218,6 +302,7 @@ def inflate(
         raise ValueError(f"frame positions must be one of {FRAME_POSITIONS}, got {frame_positions!r}")
     if isinstance(unet, VideoUNet):
         raise ValueError("this UNet is already inflated")
+    _check_stable_diffusion_1(unet)
     context = FrameContext()
     middle = set(unet.mid_block.modules()) if unet.mid_block is not None else set()
     for module in list(unet.modules()):
@@ -232,6 +317,13 @@ def inflate(
     _become(unet, VideoUNet, context)
     unet.set_attention_mode(mode)
     return unet
+
+
+def _check_stable_diffusion_1(unet: UNet2DConditionModel) -> None:
+    """`VideoUNet.forward` runs what a Stable Diffusion 1.x UNet has: no class, added or projected embeddings."""
+    extras = ("class_embedding", "add_embedding", "encoder_hid_proj", "time_embed_act")
+    if any(getattr(unet, name, None) is not None for name in extras) or unet.config.center_input_sample:
+        raise ValueError("only Stable Diffusion 1.x-style UNets can be inflated")
 
 
 def _position_wavelength(frame_positions: str, in_middle_block: bool) -> float | None:

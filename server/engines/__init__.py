@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from server.engines.base import Engines, LoadedModel
+from tuner.artefacts import BRANCH_GRAPHS
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "aoti")
 
@@ -25,6 +26,16 @@ def check_backend(backend: str, device: str | None = None) -> None:
         from tuner.aoti_support import require_aoti
 
         require_aoti((device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0], ValueError)
+
+
+def supports_cache_interval(backend: str, manifest: dict | None) -> bool:
+    """Whether `backend` serves `cache_interval` > 1 for a model whose engine manifest is `manifest` (None: not
+    exported), told without loading it: torch always, ONNX Runtime with the branch graphs, the others not yet."""
+    if backend == "torch":
+        return True
+    if backend == "onnxruntime":
+        return manifest is not None and set(BRANCH_GRAPHS) <= set(manifest.get("graphs", {}))
+    return False
 
 
 def load_model(path: str | Path, backend: str = "torch", device: str | None = None, name: str | None = None
@@ -49,4 +60,4 @@ def load_model(path: str | Path, backend: str = "torch", device: str | None = No
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
-__all__ = ["BACKENDS", "Engines", "LoadedModel", "check_backend", "load_model"]
+__all__ = ["BACKENDS", "Engines", "LoadedModel", "check_backend", "load_model", "supports_cache_interval"]

@@ -5,6 +5,10 @@ An `Engines` object runs the three networks of one tuned model at fixed shapes: 
 (inversion, unguided sampling) or batch 2 (classifier-free guidance). Tensors cross the interface as torch
 tensors on `device`; what a backend does inside is its own business. A `LoadedModel` bundles the engines with
 what the loop needs to drive them: tokenizer, scheduler config, VAE scale, source clip latents, fps, defaults.
+
+Feature reuse between denoising steps (`cache_interval`) needs two more UNet passes: the full one that also returns
+the branch features, and the shallow one from them (`tuner.inflate.VideoUNet.forward`). A backend that has them
+implements `run_unet_branch` and says so in `cache_unsupported`; the others refuse with `Unsupported`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ UNET_BATCHES = (1, 2)
 
 class EngineShapeError(ValueError):
     """An input whose shape the engine was not built for."""
+
+
+class Unsupported(Exception):
+    """A request option this model's backend cannot serve (the gRPC service answers FAILED_PRECONDITION)."""
 
 
 class Engines(ABC):
@@ -78,10 +86,31 @@ class Engines(ABC):
     def run_unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """`[B, C, 8, h, w]`, float32 `[1]`, `[B, L, D]` -> `[B, C, 8, h, w]`, B in `batches`."""
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Check the shapes, then run the UNet."""
+    def cache_unsupported(self) -> str | None:
+        """Why these engines cannot reuse UNet features between steps, or None when they can."""
+        return f"the {self.backend} backend does not reuse UNet features between steps (cache_interval must be 1)"
+
+    def run_unet_branch(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                        branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """With `branch` None, the full pass and its branch features; else the shallow pass from `branch` (and
+        None). Only for engines whose `cache_unsupported()` is None."""
+        raise Unsupported(self.cache_unsupported() or f"{type(self).__name__} lacks run_unet_branch")
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+             branch: torch.Tensor | None = None, return_branch: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Check the shapes, then run the UNet: the noise prediction; with `return_branch` also the branch
+        features for later shallow passes; with `branch` (such features) the shallow pass from them."""
         self.check_unet_input(sample, text)
-        return self.run_unet(sample, timestep, text)
+        if branch is None and not return_branch:
+            return self.run_unet(sample, timestep, text)
+        if branch is not None and return_branch:
+            raise ValueError("a shallow pass (branch given) has no branch features to return")
+        reason = self.cache_unsupported()
+        if reason is not None:
+            raise Unsupported(reason)
+        prediction, features = self.run_unet_branch(sample, timestep, text, branch)
+        return (prediction, features) if return_branch else prediction
 
 
 class TunedTensors:

@@ -1,5 +1,6 @@
-"""ONNX Runtime engines: the exported graphs of an engine directory, with the model's adapter tensors applied as
-initializer overrides on the shared base UNet graph.
+"""ONNX Runtime engines: the exported graphs of an engine directory, with the model's adapter tensors fed as
+inputs of the shared base UNet graphs (the plain one, and for feature reuse between steps the full pass that also
+outputs the branch features and the shallow pass from them, loaded on first use).
 
 A LoRA model's tensors are merged onto its base's W0 when a call needs them; the merged sets of the models used
 last are kept (`MergedSets`, least recently used out past a byte budget), so requests to one model merge once.
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from server.engines.base import Engines, LoadedModel, TunedTensors, model_from_engine_dir, open_engine_dir
-from tuner.artefacts import EngineDir
+from tuner.artefacts import BRANCH_GRAPHS, EngineDir
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # engine part -> the graph of the store it runs
@@ -85,6 +86,8 @@ class OnnxEngines(Engines):
         self._weight_map = manifest["weight_map"]
         self._weights = None if self.tensors.is_lora else self._merged()
         self.sessions = {name: self._session(engine_dir.graph_path(graph)) for name, graph in SESSION_GRAPHS.items()}
+        self.branch_graphs = {name: engine_dir.graph_path(name) for name in BRANCH_GRAPHS
+                              if name in manifest["graphs"]}
 
     def _merged(self) -> dict[str, torch.Tensor]:
         return {self._weight_map[name]["input"]: tensor.contiguous()
@@ -111,20 +114,23 @@ class OnnxEngines(Engines):
             session = _SESSIONS[key] = ort.InferenceSession(str(path), options, providers=self.providers)
         return session
 
-    def _run(self, name: str, inputs: dict[str, torch.Tensor], out_shape: tuple[int, ...]) -> torch.Tensor:
+    def _run(self, name: str, inputs: dict[str, torch.Tensor], *out_shapes: tuple[int, ...]) -> torch.Tensor:
+        """The graph's first output (its outputs, in order, when given more than one shape)."""
         session = self.sessions[name]
         if not self.on_gpu:
             feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
-            return torch.from_numpy(session.run(None, feeds)[0])
+            outs = [torch.from_numpy(out) for out in session.run(None, feeds)[: len(out_shapes)]]
+            return outs[0] if len(outs) == 1 else outs
         binding = session.io_binding()  # GPU: inputs and output stay in device memory
         for key, tensor in inputs.items():
             tensor = tensor.to(self.device).contiguous()
             inputs[key] = tensor
             binding.bind_input(key, "cuda", 0, _np_of(tensor.dtype), tuple(tensor.shape), tensor.data_ptr())
-        out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
-        binding.bind_output(session.get_outputs()[0].name, "cuda", 0, _np_of(out.dtype), out_shape, out.data_ptr())
+        outs = [torch.empty(shape, dtype=self.dtype, device=self.device) for shape in out_shapes]
+        for output, out in zip(session.get_outputs(), outs, strict=False):
+            binding.bind_output(output.name, "cuda", 0, _np_of(out.dtype), tuple(out.shape), out.data_ptr())
         session.run_with_iobinding(binding)
-        return out
+        return outs[0] if len(outs) == 1 else outs
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._run("text_encoder", {"input_ids": input_ids.to(torch.int64)}, (1, *self.text_shape))
@@ -139,6 +145,29 @@ class OnnxEngines(Engines):
         inputs = {"sample": sample.to(self.dtype), "timestep": timestep.float(),
                   "encoder_hidden_states": text.to(self.dtype), **self.weights}
         return self._run("unet", inputs, tuple(sample.shape)).float()
+
+    def cache_unsupported(self) -> str | None:
+        if len(self.branch_graphs) == len(BRANCH_GRAPHS):
+            return None
+        return "the onnxruntime engines of this model were exported without the feature-reuse graphs: re-run tav-export"
+
+    def run_unet_branch(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                        branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        name = "unet_full_branch" if branch is None else "unet_shallow"
+        if name not in self.sessions:
+            self.sessions[name] = self._session(self.branch_graphs[name])
+        session = self.sessions[name]
+        inputs = {"sample": sample.to(self.dtype), "timestep": timestep.float(),
+                  "encoder_hidden_states": text.to(self.dtype)}
+        if branch is not None:
+            inputs["branch"] = branch.to(self.dtype)
+        wanted = {i.name for i in session.get_inputs()}
+        inputs.update({k: v for k, v in self.weights.items() if k in wanted})  # the shallow graph has a few only
+        if branch is not None:
+            return self._run(name, inputs, tuple(sample.shape)).float(), None
+        features = [sample.shape[0], *session.get_outputs()[1].shape[1:]]
+        out, kept = self._run(name, inputs, tuple(sample.shape), tuple(features))
+        return out.float(), kept
 
 
 def _np_of(dtype: torch.dtype):

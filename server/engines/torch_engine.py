@@ -79,6 +79,19 @@ class TorchEngines(Engines):
         out = self.components.unet(sample.to(self.dtype), timestep.to(self.device), text.to(self.dtype))
         return out.float()
 
+    def cache_unsupported(self) -> str | None:
+        return None
+
+    @torch.inference_mode()
+    def run_unet_branch(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                        branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.base.activate(self, self.adapter)
+        args = (sample.to(self.dtype), timestep.to(self.device), text.to(self.dtype))
+        if branch is None:
+            out, features = self.components.unet(*args, return_branch=True)
+            return out.float(), features
+        return self.components.unet(*args, branch=branch.to(self.dtype)).float(), None
+
 
 def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype) -> SharedBase:
     key = (str(model.base_path.resolve()), model.config["base"]["sha256"], *model.architecture, str(device), dtype)

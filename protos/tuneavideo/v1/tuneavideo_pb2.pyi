@@ -30,7 +30,7 @@ PHASE_SAMPLE: Phase
 PHASE_DECODE: Phase
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "frames", "steps", "guidance", "seed", "invert", "source_video", "format")
+    __slots__ = ("model", "prompt", "negative_prompt", "frames", "steps", "guidance", "seed", "invert", "source_video", "format", "cache_interval")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class GenerateRequest(_message.Message):
     INVERT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_VIDEO_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -51,7 +52,8 @@ class GenerateRequest(_message.Message):
     invert: bool
     source_video: bytes
     format: OutputFormat
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., invert: _Optional[bool] = ..., source_video: _Optional[bytes] = ..., format: _Optional[_Union[OutputFormat, str]] = ...) -> None: ...
+    cache_interval: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., frames: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., seed: _Optional[int] = ..., invert: _Optional[bool] = ..., source_video: _Optional[bytes] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., cache_interval: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("accepted", "progress", "result", "chunk", "started")
@@ -94,7 +96,7 @@ class Progress(_message.Message):
     def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., step: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class ResultInfo(_message.Message):
-    __slots__ = ("mime_type", "files", "size_bytes", "frames", "width", "height", "fps", "seed", "steps", "guidance", "timings")
+    __slots__ = ("mime_type", "files", "size_bytes", "frames", "width", "height", "fps", "seed", "steps", "guidance", "timings", "cache_interval")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +115,7 @@ class ResultInfo(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     mime_type: str
     files: int
     size_bytes: int
@@ -124,7 +127,8 @@ class ResultInfo(_message.Message):
     steps: int
     guidance: float
     timings: _containers.ScalarMap[str, float]
-    def __init__(self, mime_type: _Optional[str] = ..., files: _Optional[int] = ..., size_bytes: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    cache_interval: int
+    def __init__(self, mime_type: _Optional[str] = ..., files: _Optional[int] = ..., size_bytes: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., timings: _Optional[_Mapping[str, float]] = ..., cache_interval: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("file", "offset", "data", "last")
@@ -177,7 +181,7 @@ class Profile(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., frames: _Optional[int] = ..., latent_height: _Optional[int] = ..., latent_width: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "base_model", "width", "height", "frames", "source_frames", "fps", "source_prompt", "attention_mode", "backends", "backend", "profiles", "default_steps", "default_guidance", "loaded", "adapter_kind", "lora_rank")
+    __slots__ = ("id", "base_model", "width", "height", "frames", "source_frames", "fps", "source_prompt", "attention_mode", "backends", "backend", "profiles", "default_steps", "default_guidance", "loaded", "cache_interval_supported", "adapter_kind", "lora_rank")
     ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +197,7 @@ class ModelInfo(_message.Message):
     DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_INTERVAL_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_KIND_FIELD_NUMBER: _ClassVar[int]
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     id: str
@@ -210,16 +215,17 @@ class ModelInfo(_message.Message):
     default_steps: int
     default_guidance: float
     loaded: bool
+    cache_interval_supported: bool
     adapter_kind: str
     lora_rank: int
-    def __init__(self, id: _Optional[str] = ..., base_model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., source_frames: _Optional[int] = ..., fps: _Optional[float] = ..., source_prompt: _Optional[str] = ..., attention_mode: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., loaded: _Optional[bool] = ..., adapter_kind: _Optional[str] = ..., lora_rank: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., base_model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., source_frames: _Optional[int] = ..., fps: _Optional[float] = ..., source_prompt: _Optional[str] = ..., attention_mode: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., loaded: _Optional[bool] = ..., cache_interval_supported: _Optional[bool] = ..., adapter_kind: _Optional[str] = ..., lora_rank: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GenerationLimits(_message.Message):
-    __slots__ = ("max_frames", "default_frames", "max_steps", "min_guidance", "max_guidance", "max_prompt_chars", "max_seed", "max_source_bytes", "max_source_frames", "max_source_pixels")
+    __slots__ = ("max_frames", "default_frames", "max_steps", "min_guidance", "max_guidance", "max_prompt_chars", "max_seed", "max_source_bytes", "max_source_frames", "max_source_pixels", "max_cache_interval")
     MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +236,7 @@ class GenerationLimits(_message.Message):
     MAX_SOURCE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SOURCE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_SOURCE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CACHE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     max_frames: int
     default_frames: int
     max_steps: int
@@ -240,7 +247,8 @@ class GenerationLimits(_message.Message):
     max_source_bytes: int
     max_source_frames: int
     max_source_pixels: int
-    def __init__(self, max_frames: _Optional[int] = ..., default_frames: _Optional[int] = ..., max_steps: _Optional[int] = ..., min_guidance: _Optional[float] = ..., max_guidance: _Optional[float] = ..., max_prompt_chars: _Optional[int] = ..., max_seed: _Optional[int] = ..., max_source_bytes: _Optional[int] = ..., max_source_frames: _Optional[int] = ..., max_source_pixels: _Optional[int] = ...) -> None: ...
+    max_cache_interval: int
+    def __init__(self, max_frames: _Optional[int] = ..., default_frames: _Optional[int] = ..., max_steps: _Optional[int] = ..., min_guidance: _Optional[float] = ..., max_guidance: _Optional[float] = ..., max_prompt_chars: _Optional[int] = ..., max_seed: _Optional[int] = ..., max_source_bytes: _Optional[int] = ..., max_source_frames: _Optional[int] = ..., max_source_pixels: _Optional[int] = ..., max_cache_interval: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("backend", "limits", "formats", "options", "max_queue")

@@ -30,6 +30,8 @@ class VideoGenerationStub:
 
     Status codes: INVALID_ARGUMENT (the message names the request field), NOT_FOUND (unknown model),
     RESOURCE_EXHAUSTED (queue full, too many calls or request bytes in flight, or a message over the size limit),
+    FAILED_PRECONDITION (an option the model's backend cannot serve, e.g. cache_interval > 1 on tensorrt or aoti;
+    the message names the field and the backend),
     UNAVAILABLE (not ready yet or draining; safe to retry when no Started message was received: the request never
     began), UNAUTHENTICATED (missing or wrong bearer token when auth is on), DEADLINE_EXCEEDED, CANCELLED.
     """
@@ -67,6 +69,8 @@ class VideoGenerationServicer:
 
     Status codes: INVALID_ARGUMENT (the message names the request field), NOT_FOUND (unknown model),
     RESOURCE_EXHAUSTED (queue full, too many calls or request bytes in flight, or a message over the size limit),
+    FAILED_PRECONDITION (an option the model's backend cannot serve, e.g. cache_interval > 1 on tensorrt or aoti;
+    the message names the field and the backend),
     UNAVAILABLE (not ready yet or draining; safe to retry when no Started message was received: the request never
     began), UNAUTHENTICATED (missing or wrong bearer token when auth is on), DEADLINE_EXCEEDED, CANCELLED.
     """
@@ -137,6 +141,8 @@ class VideoGeneration:
 
     Status codes: INVALID_ARGUMENT (the message names the request field), NOT_FOUND (unknown model),
     RESOURCE_EXHAUSTED (queue full, too many calls or request bytes in flight, or a message over the size limit),
+    FAILED_PRECONDITION (an option the model's backend cannot serve, e.g. cache_interval > 1 on tensorrt or aoti;
+    the message names the field and the backend),
     UNAVAILABLE (not ready yet or draining; safe to retry when no Started message was received: the request never
     began), UNAUTHENTICATED (missing or wrong bearer token when auth is on), DEADLINE_EXCEEDED, CANCELLED.
     """
