@@ -182,6 +182,7 @@ def run_flood(repo: Path, tmp_path: Path, seconds: float) -> None:
         target = f"127.0.0.1:{server.port}"
         ceiling = MemoryCeiling(server.proc.pid, 1536)
         health = HealthWatch(target)
+        flood_start = time.monotonic()
         flood = subprocess.Popen([sys.executable, str(Path(__file__).with_name("flood.py")), target, "16",
                                   str(seconds), "4"], stdout=subprocess.PIPE, text=True)
         time.sleep(1.0)
@@ -200,11 +201,12 @@ def run_flood(repo: Path, tmp_path: Path, seconds: float) -> None:
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
         refused = float(re.search(r"^tav_auth_failures_total (\S+)$", metrics, re.M).group(1))
         assert refused >= outcomes["UNAUTHENTICATED"], (refused, outcomes)
+        refusing = time.monotonic() - flood_start  # refusals may go on past `seconds` on a loaded machine
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(120) == 0
         server.wait_for("stopped", 30)  # the whole log read
         logged = "".join(server.log).count("refused without a valid token")
-        assert 1 <= logged <= seconds / 10 + 2, logged  # at most one line per 10 s, however many refusals
+        assert 1 <= logged <= refusing / 10 + 2, (logged, refusing)  # one line per 10 s, however many refusals
         print(f"flood of {seconds:.0f} s: peak {peak:.0f} MiB, slowest health {slowest * 1000:.0f} ms, {outcomes}")
     finally:
         for process in (flood, server.proc):
