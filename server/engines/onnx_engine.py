@@ -57,6 +57,7 @@ class OnnxEngines(Engines):
         self.sessions = {name: self._session(engine_dir.graph_path(graph)) for name, graph in SESSION_GRAPHS.items()}
         self.branch_graphs = {name: engine_dir.graph_path(name) for name in BRANCH_GRAPHS
                               if name in manifest["graphs"]}
+        self._branch_weights: dict[str, dict[str, torch.Tensor]] = {}  # graph -> the adapter inputs it takes
 
     def _session(self, path: Path):
         key = (str(path), tuple(self.providers), self._threads)
@@ -112,15 +113,15 @@ class OnnxEngines(Engines):
     def run_unet_branch(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                         branch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         name = "unet_full_branch" if branch is None else "unet_shallow"
-        if name not in self.sessions:
-            self.sessions[name] = self._session(self.branch_graphs[name])
+        if name not in self.sessions:  # first use: the session, and the adapter tensors it takes (the shallow
+            self.sessions[name] = session = self._session(self.branch_graphs[name])  # graph has a few only)
+            wanted = {i.name for i in session.get_inputs()}
+            self._branch_weights[name] = {k: v for k, v in self.weights.items() if k in wanted}
         session = self.sessions[name]
         inputs = {"sample": sample.to(self.dtype), "timestep": timestep.float(),
-                  "encoder_hidden_states": text.to(self.dtype)}
+                  "encoder_hidden_states": text.to(self.dtype), **self._branch_weights[name]}
         if branch is not None:
             inputs["branch"] = branch.to(self.dtype)
-        wanted = {i.name for i in session.get_inputs()}
-        inputs.update({k: v for k, v in self.weights.items() if k in wanted})  # the shallow graph has a few only
         if branch is not None:
             return self._run(name, inputs, tuple(sample.shape)).float(), None
         features = [sample.shape[0], *session.get_outputs()[1].shape[1:]]
