@@ -10,7 +10,13 @@ import torch
 
 from tuner.shapes import world
 from tuner.shapes.checker import check_clip, check_frame, score_clip
-from tuner.shapes.pretrain import STRUCTURE_LEVEL, build_tokenizer, latent_signature, structure_target
+from tuner.shapes.pretrain import (
+    STRUCTURE_LEVEL,
+    ThreadGovernor,
+    build_tokenizer,
+    latent_signature,
+    structure_target,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
 
@@ -144,6 +150,17 @@ def test_structure_target_marks_the_object_whatever_its_colour_and_background():
     assert target.min() == -STRUCTURE_LEVEL and target.max() == STRUCTURE_LEVEL
     truth = world.make_clip("red", "square", "white", "right", frames=1, seed=3)[2][0]
     assert (target[:, 0, int(truth.cy) // 4, int(truth.cx) // 4] == STRUCTURE_LEVEL).all()
+
+
+def test_pretraining_gives_the_process_its_thread_count_back():
+    """`tav-pretrain-shapes` runs in the test process too (the tiny_shapes_base fixture): the thread count its
+    governor picks by the machine's load must not outlive it, or other tests in the same process compute other
+    floats than the servers they start (seen: test_multimodel's frames, one pixel off, under pytest-xdist)."""
+    before = torch.get_num_threads()
+    with ThreadGovernor(max_threads=before + 1) as governor:
+        assert torch.get_num_threads() == before + 1
+        governor.step(0)  # picks by the load now: one thread per core left free
+    assert torch.get_num_threads() == before
 
 
 def test_pretrain_tiny_run_loads_as_stable_diffusion(tiny_shapes_base):

@@ -219,7 +219,8 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 
 class ThreadGovernor:
-    """Runs torch on `max_threads` while the machine's other cores are free, on fewer while others work.
+    """Runs torch, within its `with` block, on `max_threads` while the machine's other cores are free, on fewer
+    while others work; the process's own thread count again after it.
 
     A niced multi-threaded job stalls when one of its threads shares a core with someone else's busy process:
     every parallel region waits for the starved thread (measured here: 7.9 s per VAE step on two threads
@@ -231,7 +232,16 @@ class ThreadGovernor:
         self.max_threads, self.every = max_threads, every
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.mark = self._sample()
-        torch.set_num_threads(max_threads)
+        self.callers_threads = torch.get_num_threads()
+
+    def __enter__(self) -> ThreadGovernor:
+        torch.set_num_threads(self.max_threads)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Give the process its thread count back: a caller in the same process (the test suite's fixture) would
+        otherwise run on whatever the machine's load last left, and compute different floats."""
+        torch.set_num_threads(self.callers_threads)
 
     @staticmethod
     def _sample() -> tuple[float, float, float] | None:
@@ -544,57 +554,57 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Train everything from scratch and save it to `cfg.out`; returns a summary."""
     start = time.monotonic()
     deadline = start + 60.0 * cfg.minutes
-    governor = ThreadGovernor(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    arch = ARCHITECTURES[cfg.arch]
+    with ThreadGovernor(cfg.threads) as governor:
+        torch.manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        arch = ARCHITECTURES[cfg.arch]
 
-    print(f"data: {cfg.images} images (held out: {world.HELD_OUT})")
-    images, captions = world.sample_dataset(cfg.images, seed=cfg.seed, motion_fraction=cfg.motion_fraction)
-    unique = sorted(set(captions))
-    caption_index = torch.tensor([unique.index(c) for c in captions])
+        print(f"data: {cfg.images} images (held out: {world.HELD_OUT})")
+        images, captions = world.sample_dataset(cfg.images, seed=cfg.seed, motion_fraction=cfg.motion_fraction)
+        unique = sorted(set(captions))
+        caption_index = torch.tensor([unique.index(c) for c in captions])
 
-    tokenizer_files = Path(tempfile.mkdtemp(prefix="shapes-tokenizer-"))
-    tokenizer = build_tokenizer(tokenizer_files, world.vocabulary())
-    token_ids = tokenizer(
-        [*unique, ""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids
-    vae, text_encoder, unet = build_models(arch, tokenizer)
-    counts = {
-        name: parameter_count(m) for name, m in [("vae", vae), ("text_encoder", text_encoder), ("unet", unet)]
-    }
-    print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items()))
+        tokenizer_files = Path(tempfile.mkdtemp(prefix="shapes-tokenizer-"))
+        tokenizer = build_tokenizer(tokenizer_files, world.vocabulary())
+        token_ids = tokenizer(
+            [*unique, ""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
+        vae, text_encoder, unet = build_models(arch, tokenizer)
+        counts = {
+            name: parameter_count(m) for name, m in [("vae", vae), ("text_encoder", text_encoder), ("unet", unet)]
+        }
+        print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in counts.items()))
 
-    # The VAE gets at most a quarter of the budget; the UNet the rest, less a minute to save.
-    stats = train_vae(vae, images, cfg, generator, governor, 15.0 * cfg.minutes)
-    vae.requires_grad_(False)
-    probe, _ = world.sample_dataset(256, seed=cfg.seed + 1, motion_fraction=0.0)
-    stats["vae_psnr_db"] = reconstruction_psnr(vae, probe)
-    latents = encode_latents(vae, images)
-    stats["scaling_factor"] = vae.config.scaling_factor
-    print(
-        f"vae: {stats['vae_psnr_db']:.1f} dB PSNR, latents {tuple(latents.shape)}, "
-        f"scaling factor {stats['scaling_factor']:.4f}"
-    )
+        # The VAE gets at most a quarter of the budget; the UNet the rest, less a minute to save.
+        stats = train_vae(vae, images, cfg, generator, governor, 15.0 * cfg.minutes)
+        vae.requires_grad_(False)
+        probe, _ = world.sample_dataset(256, seed=cfg.seed + 1, motion_fraction=0.0)
+        stats["vae_psnr_db"] = reconstruction_psnr(vae, probe)
+        latents = encode_latents(vae, images)
+        stats["scaling_factor"] = vae.config.scaling_factor
+        print(
+            f"vae: {stats['vae_psnr_db']:.1f} dB PSNR, latents {tuple(latents.shape)}, "
+            f"scaling factor {stats['scaling_factor']:.4f}"
+        )
 
-    ema, unet_stats = train_unet(
-        unet,
-        text_encoder,
-        latents,
-        token_ids,
-        caption_index,
-        len(unique),
-        cfg,
-        generator,
-        governor,
-        deadline - 60.0 - time.monotonic(),
-    )
-    stats.update(unet_stats)
-    ema.copy_to([unet, text_encoder])
-    stats.update(parameters=counts, minutes=(time.monotonic() - start) / 60.0)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    save_pipeline(cfg.out, vae, text_encoder, tokenizer, unet, tokenizer_files, {"config": config, **stats})
-    shutil.rmtree(tokenizer_files)
+        ema, unet_stats = train_unet(
+            unet,
+            text_encoder,
+            latents,
+            token_ids,
+            caption_index,
+            len(unique),
+            cfg,
+            generator,
+            governor,
+            deadline - 60.0 - time.monotonic(),
+        )
+        stats.update(unet_stats)
+        ema.copy_to([unet, text_encoder])
+        stats.update(parameters=counts, minutes=(time.monotonic() - start) / 60.0)
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+        save_pipeline(cfg.out, vae, text_encoder, tokenizer, unet, tokenizer_files, {"config": config, **stats})
+        shutil.rmtree(tokenizer_files)
     stats["size_bytes"] = directory_size(cfg.out)
     return stats
 
