@@ -538,13 +538,14 @@ def _cuda_options(setup: Setup, eager) -> dict:
     """The torch engine's CUDA options, each a UNet call: bf16, each SDPA backend, channels-last, CUDA graphs."""
     from torch.nn.attention import SDPBackend
 
+    from server.engines.base import TunedTensors
     from server.engines.torch_engine import TorchEngines, shared_base
     from tuner.artefacts import TunedModel
 
     engines = eager.engines
     model = TunedModel.open(setup.run)
     bf16 = TorchEngines(shared_base(model, engines.device, torch.bfloat16),
-                        {k: v.to(engines.device, torch.bfloat16) for k, v in model.adapter().items()},
+                        TunedTensors.of_model(model, engines.device, torch.bfloat16),
                         model.latent_size, engines.device, torch.bfloat16)
     options = {"torch eager bf16": bf16.unet}
     dtype = _dtype_name(engines.dtype)

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=int, default=20)
     p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, aoti")
     p.add_argument("--switches", type=int, default=10, help="requests alternating between two models")
+    p.add_argument("--adapters", action="store_true",
+                   help="instead: cost per model by adapter kind and LoRA rank (benchmarks/adapters.py; --models "
+                   "of each, at least 50 for the resident figure)")
 
 
 def rss_mib() -> float:
@@ -101,6 +104,10 @@ def switch_times(models: list, switches: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.adapters:
+        from benchmarks import adapters
+
+        return adapters.run(args)
     backends = args.backends.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -54,7 +54,7 @@ from tuner.artefacts import TunedModel
 from tuner.shapes import world
 from tuner.shapes.checker import check_clip, score_clip
 from tuner.shapes.pretrain import latent_signature
-from tuner.tune import TuneSettings, default_settings, is_tuned, tune
+from tuner.tune import TuneSettings, adapter_defaults, default_settings, is_tuned, tune
 
 SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
 SOURCES = (  # colour, shape, background, trajectory
@@ -164,7 +164,9 @@ class Study:
         (default: the settings'), reused when present."""
         mode, tuning = METHODS[method]
         if tuning == "default":
-            settings = replace(default_settings(self.args.base), **parse_overrides(self.args.tune))
+            overrides = parse_overrides(self.args.tune)  # adapter_kind=lora: a LoRA's defaults, then the overrides
+            defaults = adapter_defaults(default_settings(self.args.base), overrides.get("adapter_kind", "full"))
+            settings = replace(defaults, **overrides)
         else:
             settings = TuneSettings()
         if tuning and self.args.tune_steps is not None:
@@ -210,13 +212,14 @@ class Study:
 
 def parse_overrides(text: str) -> dict:
     """`--tune`'s KEY=VALUE,... as TuneSettings fields, each value of its field's type."""
-    fields = asdict(TuneSettings())
+    types = {k: type(v) for k, v in asdict(TuneSettings()).items() if v is not None and not isinstance(v, bool)}
+    types.update(lora_rank=int, lora_alpha=float)  # None by default (a full adapter's)
     overrides = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, _, value = item.partition("=")
-        if key not in fields or fields[key] is None or isinstance(fields[key], bool):
+        if key not in types:
             raise SystemExit(f"tav-bench quality: error: --tune {item}: not a tuning setting this study can change")
-        overrides[key] = type(fields[key])(value)
+        overrides[key] = types[key](value)
     return overrides
 
 

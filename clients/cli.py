@@ -87,7 +87,8 @@ def _tune(args: argparse.Namespace) -> None:
     video = args.video.read_bytes()
     settings = {name: getattr(args, name) for name in ("steps", "frames", "width", "height", "seed", "attention_mode",
                                                         "group_norm", "start", "stride", "trainable",
-                                                        "frame_positions", "timestep_power")}
+                                                        "frame_positions", "timestep_power", "adapter_kind",
+                                                        "lora_rank", "lora_alpha")}
     with _client(args) as client:
         job = client.create_tune_job(args.model, video, args.prompt, base=args.base or "", learning_rate=args.lr,
                                      **settings)
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--base", help="base model id on the server's allow-list (default: shapes-sd)")
     for name, kind in [("steps", int), ("frames", int), ("width", int), ("height", int), ("lr", float),
                        ("seed", int), ("start", int), ("stride", int), ("attention-mode", str), ("group-norm", str),
-                       ("trainable", str), ("frame-positions", str), ("timestep-power", float)]:
+                       ("trainable", str), ("frame-positions", str), ("timestep-power", float),
+                       ("adapter-kind", str), ("lora-rank", int), ("lora-alpha", float)]:
         t.add_argument(f"--{name}", type=kind, help="default: the tuner's for the base")
     t.add_argument("--wait", action="store_true", help="show progress until the model is ready (exit 1 if not)")
     commands.add_parser("jobs", parents=[common], help="list the tune jobs")

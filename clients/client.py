@@ -100,6 +100,8 @@ class Model:
     default_guidance: float
     loaded: bool
     cache_interval_supported: bool = False  # the server's backend serves cache_interval > 1 for it
+    adapter_kind: str = "full"  # "lora": low-rank factors merged onto the base's W0 when it becomes active
+    lora_rank: int = 0
 
     @classmethod
     def from_proto(cls, info: pb2.ModelInfo) -> Model:
@@ -108,6 +110,7 @@ class Model:
             info.source_prompt, info.attention_mode, tuple(info.backends), info.backend,
             tuple((p.batch, p.frames, p.latent_height, p.latent_width) for p in info.profiles),
             info.default_steps, info.default_guidance, info.loaded, info.cache_interval_supported,
+            info.adapter_kind or "full", info.lora_rank,
         )
 
 
@@ -143,7 +146,8 @@ class ServerInfo:
 JOB_STATES = {value: name.removeprefix("STATE_").lower() for name, value in tuning_pb2.TuneJob.State.items()}
 ENDED = ("ready", "failed", "cancelled")
 TUNE_SETTINGS = ("steps", "frames", "width", "height", "learning_rate", "seed", "attention_mode", "group_norm",
-                 "start", "stride", "trainable", "frame_positions", "timestep_power")
+                 "start", "stride", "trainable", "frame_positions", "timestep_power", "adapter_kind", "lora_rank",
+                 "lora_alpha")
 JobProgressFn = Callable[["TuneJob"], None]
 
 

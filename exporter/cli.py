@@ -259,7 +259,10 @@ def export(
     for directory in (out.parent, store_root):
         _check_writable(directory)
 
-    adapter = model.adapter()
+    try:  # every tuned tensor (a LoRA model's merged onto W0): what the graphs' tunable inputs are checked against
+        adapter = model.tuned_tensors()
+    except ArtefactError as e:
+        raise ExportError(f"{run}: {e}") from e
     built: dict = {}
     if onnx_graphs:
         built, index = export_onnx(model, adapter, store_root, out, precision, check_tuned, progress)
@@ -287,8 +290,10 @@ def export(
         built.setdefault("text_shape", index["text_shape"])
 
     with atomic_directory(out, overwrite=True) as tmp:
-        # fp32, the tuned values exactly: each runtime casts them to the precision it runs at
-        save_file({k: v.float().contiguous() for k, v in adapter.items()}, tmp / artefacts.ENGINE_ADAPTER_FILE)
+        # fp32, the tuned values exactly: each runtime casts them to the precision it runs at. A LoRA model's are
+        # its factors: the runtimes merge them onto the W0 the manifest names
+        stored = model.adapter() if model.lora else adapter
+        save_file({k: v.float().contiguous() for k, v in stored.items()}, tmp / artefacts.ENGINE_ADAPTER_FILE)
         save_file({"latents": latents.contiguous()}, tmp / artefacts.ENGINE_SOURCE_FILE)
         shutil.copytree(model.base_path / "tokenizer", tmp / "tokenizer")
         shutil.copy(model.base_path / "scheduler" / "scheduler_config.json",
@@ -296,6 +301,11 @@ def export(
         manifest = {**model_manifest(model, built.pop("latent_channels"), built.pop("text_shape")), **built}
         manifest["adapter_sha256"] = sha256_files([tmp / artefacts.ENGINE_ADAPTER_FILE], tmp)
         manifest["source_sha256"] = sha256_files([model.path / artefacts.SOURCE_FILE], model.path)
+        if model.lora:
+            w0 = model.path / model.lora["w0"]["path"]
+            manifest["lora"] = {"rank": model.lora["rank"], "alpha": model.lora["alpha"],
+                                "w0": {"path": os.path.relpath(w0.resolve(), out.resolve()),
+                                       "sha256": model.lora["w0"]["sha256"]}}
         manifest = merge_manifest(_previous_manifest(out, model), manifest)
         (tmp / artefacts.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     progress(f"engines: {out}")

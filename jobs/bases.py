@@ -35,7 +35,7 @@ from tuner.components import (
 )
 from tuner.io_utils import atomic_directory, file_lock
 from tuner.shapes import SHAPES_MODEL
-from tuner.tune import TuneSettings, default_settings
+from tuner.tune import TuneSettings, default_settings, max_lora_rank
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class Base:
     size_multiple: int  # width and height must be multiples of this
     default_size: int  # the base's native size in pixels
     defaults: TuneSettings  # the tuner's settings for this base (`default_settings`)
+    max_lora_rank: int  # the largest LoRA rank the base takes (`max_lora_rank`)
 
 
 def parse_base(arg: str) -> tuple[str, str]:
@@ -101,7 +102,7 @@ def load_base(base_id: str, source: str) -> Base:
     """Resolve an allowed base and read its size rules (from its configs: no weights are loaded)."""
     path, _ = resolve(source)
     size_multiple, default_size = base_sizes(path)
-    return Base(base_id, source, path, size_multiple, default_size, default_settings(path))
+    return Base(base_id, source, path, size_multiple, default_size, default_settings(path), max_lora_rank(path))
 
 
 def load_bases(specs: dict[str, str]) -> dict[str, Base]:

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from tuner.io_utils import parse_json
-from tuner.tune import TuneSettings, invalid_choice
+from tuner.tune import ADAPTER_KINDS, TuneSettings, adapter_defaults, invalid_choice
 
 QUEUED, TUNING, EXPORTING, READY, FAILED, CANCELLED = "queued", "tuning", "exporting", "ready", "failed", "cancelled"
 STATES = (QUEUED, TUNING, EXPORTING, READY, FAILED, CANCELLED)
@@ -28,7 +28,8 @@ MAX_SEED = 2**63 - 1
 MAX_TIMESTEP_POWER = 8
 MAX_CAPTION_CHARS = 1000
 CLIENT_SETTINGS = ("steps", "frames", "width", "height", "lr", "seed", "attention_mode", "group_norm", "start",
-                   "stride", "trainable", "frame_positions", "timestep_power")  # precision, device: the worker's
+                   "stride", "trainable", "frame_positions", "timestep_power", "adapter_kind", "lora_rank",
+                   "lora_alpha")  # precision, device: the worker's
 
 
 class InvalidField(ValueError):
@@ -39,13 +40,18 @@ class InvalidField(ValueError):
         self.field = field_name
 
 
-def resolve_settings(requested: dict, defaults: TuneSettings, size_multiple: int) -> TuneSettings:
+def resolve_settings(requested: dict, defaults: TuneSettings, size_multiple: int,
+                     max_lora_rank: int | None = None) -> TuneSettings:
     """The settings a job runs with: `defaults` (the tuner's, for the base) with the client's `requested` values
-    (setting name -> value, only those the client set), each checked against its bounds."""
+    (setting name -> value, only those the client set), each checked against its bounds (a LoRA rank at most
+    `max_lora_rank`)."""
     unknown = set(requested) - set(CLIENT_SETTINGS)
     if unknown:
         raise InvalidField(f"settings.{sorted(unknown)[0]}", "cannot be chosen by a client")
-    s = replace(defaults, **requested)
+    kind = requested.get("adapter_kind", defaults.adapter_kind)
+    if kind not in ADAPTER_KINDS:
+        raise InvalidField("settings.adapter_kind", f"must be one of {', '.join(ADAPTER_KINDS)}")
+    s = replace(adapter_defaults(defaults, kind), **requested)
 
     def bounded(name: str, value, low, high) -> None:
         if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
@@ -64,11 +70,15 @@ def resolve_settings(requested: dict, defaults: TuneSettings, size_multiple: int
             if value % size_multiple:
                 raise InvalidField(f"settings.{name}", f"must be a multiple of {size_multiple} for this base, "
                                                        f"got {value}")
-    bad = invalid_choice(s)
+    bad = invalid_choice(s, max_lora_rank)
     if bad:
         raise InvalidField(f"settings.{bad[0]}", bad[1])
     bounded("timestep_power", s.timestep_power, 0, MAX_TIMESTEP_POWER)
     return s
+
+
+class UnreadableRecord(ValueError):
+    """A job record this worker cannot run as it was meant (written by a newer server); the message says why."""
 
 
 @dataclass
@@ -131,4 +141,10 @@ class Job:
         return cls(**values)
 
     def tune_settings(self) -> TuneSettings:
+        """The record's settings; a record written by a newer server, with settings this worker does not know, is
+        refused naming them (it must not be tuned without them)."""
+        unknown = sorted(set(self.settings) - {f.name for f in fields(TuneSettings)})
+        if unknown:
+            raise UnreadableRecord(f"job {self.id}: settings {', '.join(unknown)} are unknown to this worker (an older "
+                             "version than the server that queued the job): upgrade the worker")
         return TuneSettings(**self.settings)

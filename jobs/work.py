@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Protocol
 
 from jobs.bases import base_in_use, resolve
-from jobs.spec import EXPORTING, TUNING, Job
+from jobs.spec import EXPORTING, TUNING, Job, UnreadableRecord
 from tuner.tune import TuneSettings
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def failure_reason(error: Exception) -> str:
     from tuner.tune import TuneError
     from tuner.video_io import VideoError
 
-    if isinstance(error, TuneError | ExportError | BaseModelError | VideoError | ExportFailed):
+    if isinstance(error, TuneError | ExportError | BaseModelError | VideoError | ExportFailed | UnreadableRecord):
         return str(error)
     if isinstance(error, OSError) and error.errno in (errno.EEXIST, errno.ENOTEMPTY):
         return "the model id was taken while the job ran (a model was published under it by hand)"

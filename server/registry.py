@@ -31,6 +31,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +75,9 @@ def check_model_id(model_id: str, field_name: str = "model") -> None:
 
 
 def model_bytes(model: LoadedModel, run: Path) -> int:
-    """Memory a loaded model adds: its adapter tensors and source latents. The base graphs or modules it runs are
-    shared by every model of the same base (the engines load them once per process), so they do not count."""
+    """Memory a loaded model adds: its adapter tensors (a LoRA model's factors) and source latents. The base graphs or
+    modules it runs, a LoRA base's W0 and the tokenizer are shared by every model of the same base (the engines load
+    them once per process), so they do not count."""
     latents = model.source_latents
     return (run / ADAPTER_FILE).stat().st_size + latents.numel() * latents.element_size()
 
@@ -222,6 +224,8 @@ class ModelRegistry:
         self._failed: dict[str, tuple[tuple, str]] = {}  # id -> (files signature, why its engines failed to load)
         self._scan_started = 0.0
         self._withdrawn: frozenset[str] = frozenset()  # ids whose deletion is pending: not served
+        # the engines' (shared) tokenizer -> the request thread's copy of it
+        self._tokenizers: weakref.WeakKeyDictionary[CLIPTokenizer, CLIPTokenizer] = weakref.WeakKeyDictionary()
         self.scan()
 
     def scan(self, since: float | None = None) -> None:
@@ -369,8 +373,10 @@ class ModelRegistry:
             log.warning("model %s skipped: %s", model_id, reason, exc_info=not isinstance(e, ArtefactError))
             self._skip(model_id, entry.path, reason)
             raise ModelUnavailable(f"model {model_id!r} is not available: {reason}") from e
-        if entry.tokenizer is None:
-            entry.tokenizer = copy.deepcopy(model.tokenizer)
+        if entry.tokenizer is None:  # one copy per base (engines share a base's tokenizer), not per model
+            entry.tokenizer = self._tokenizers.get(model.tokenizer)
+            if entry.tokenizer is None:
+                entry.tokenizer = self._tokenizers[model.tokenizer] = copy.deepcopy(model.tokenizer)
         entry.defaults = dict(model.defaults)
         with self._lock:
             if self.models.get(model_id) is entry:  # not replaced or removed while it loaded

@@ -251,6 +251,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
 
     def _info(self, entry: ModelEntry) -> pb2.ModelInfo:
         config = entry.config
+        adapter = config.get("adapter", {})
         profiles = [pb2.Profile(batch=b, frames=f, latent_height=h, latent_width=w) for b, f, h, w in entry.profiles]
         return pb2.ModelInfo(
             id=entry.id, base_model=entry.base, width=config["width"],
@@ -259,6 +260,7 @@ class VideoGenerationService(pb2_grpc.VideoGenerationServicer):
             backends=entry.backends, backend=self.registry.backend, profiles=profiles,
             default_steps=entry.defaults.get("steps", 50), default_guidance=entry.defaults.get("guidance", 12.5),
             loaded=self.registry.ready(entry.id) is not None, cache_interval_supported=entry.cache_supported,
+            adapter_kind=adapter.get("kind", "full"), lora_rank=adapter.get("rank", 0),
         )
 
     async def GetServerInfo(self, request: pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext

@@ -133,7 +133,8 @@ class TuningService(pb2_grpc.TuningServicer):
             raise InvalidField("video", "is empty: send the clip's encoded bytes")
         if len(request.video) > MAX_SOURCE_BYTES:
             raise InvalidField("video", f"must be at most {MAX_SOURCE_BYTES >> 20} MiB")
-        settings = resolve_settings(requested_settings(request.settings), base.defaults, base.size_multiple)
+        settings = resolve_settings(requested_settings(request.settings), base.defaults, base.size_multiple,
+                                    base.max_lora_rank)
         if request.model_id in self.registry.models or request.model_id in self.registry.skipped_models():
             raise IdTaken(request.model_id, "repository")
         try:

@@ -182,10 +182,10 @@ def test_tuned_directory_contents(tuned_run, clip_path):
     assert not list(tuned_run.parent.glob(".*tmp*")), "no temporary directory left behind"
 
 
-def test_format_v1_still_loads_without_frame_positions_and_v4_is_refused(tuned_run, tmp_path):
+def test_format_v1_still_loads_without_frame_positions_and_v5_is_refused(tuned_run, tmp_path):
     config = json.loads((tuned_run / artefacts.CONFIG_FILE).read_text())
-    assert config["format_version"] == 3 and config["frame_positions"] == "none"
-    for version, loads in ((1, True), (4, False)):
+    assert config["format_version"] == 4 and config["frame_positions"] == "none"
+    for version, loads in ((1, True), (5, False)):
         copy = tmp_path / f"v{version}"
         shutil.copytree(tuned_run, copy)
         old = {k: v for k, v in config.items() if k != "frame_positions"} | {"format_version": version}
@@ -196,7 +196,7 @@ def test_format_v1_still_loads_without_frame_positions_and_v4_is_refused(tuned_r
             assert all(b.position_wavelength is None for b in components.unet.modules()
                        if hasattr(b, "position_wavelength"))
         else:
-            with pytest.raises(artefacts.ArtefactError, match="v4"):
+            with pytest.raises(artefacts.ArtefactError, match="v5"):
                 TunedModel.open(copy)
 
 

@@ -3,7 +3,8 @@
 ```
 RUN/
   tav_config.json      what was tuned and how: base model (path + content hash), clip, prompt, settings
-  adapter.safetensors  every tuned tensor of the video UNet (attn1/attn2 to_q, attn_temp q/k/v/out), nothing else
+  adapter.safetensors  full: every tuned tensor of the video UNet (attn1/attn2 to_q, attn_temp q/k/v/out), nothing
+                       else; lora: the LoRA factors and whole-tuned biases (`tuner.lora`), changes to the base's W0
   source.safetensors   the source clip at the tuning stride (`frames`, uint8 [N, H, W, 3], N <= 128) and its
                        scaled VAE latents (`latents`, float32 [C, N, h, w]) for DDIM inversion
 ```
@@ -26,15 +27,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tuner import lora
 from tuner.components import Components, load_components
 from tuner.inflate import FRAME_POSITIONS, VideoUNet, inflate, is_trainable
 from tuner.io_utils import JsonError, read_json_file, sha256_files
 
 FORMAT = "tav-tuned-model"
 # v2 added `frame_positions` (a v1 model has none); v3 its value "sinusoidal_short_middle", which a v2 reader
-# would run as plain "sinusoidal" if it skipped the schema. v1 and v2 directories still load.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# would run as plain "sinusoidal" if it skipped the schema; v4 `adapter` (a LoRA model's adapter is not the tuned
+# tensors, which a v3 reader would load as if it were). Earlier directories still load (as full adapters).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 CONFIG_FILE = "tav_config.json"
 ADAPTER_FILE = "adapter.safetensors"
 SOURCE_FILE = "source.safetensors"
@@ -70,6 +73,15 @@ CONFIG_SCHEMA = {
         "fps": {"type": "number", "exclusiveMinimum": 0},
         "recommended": _RECOMMENDED,
         "adapter_sha256": _STRING,
+        "adapter": {
+            "type": "object", "required": ["kind"],
+            "properties": {"kind": {"enum": ["full", "lora"]}, "rank": _POSITIVE_INT,
+                           "alpha": {"type": "number", "exclusiveMinimum": 0},
+                           "w0": {"type": "object", "required": ["path", "sha256"],
+                                  "properties": {"path": _STRING, "sha256": _STRING}}},
+            "if": {"properties": {"kind": {"const": "lora"}}},
+            "then": {"required": ["kind", "rank", "alpha", "w0"]},
+        },
     },
 }
 
@@ -157,8 +169,27 @@ class TunedModel:
         """(height, width) of the latents."""
         return self.config["latent_height"], self.config["latent_width"]
 
+    @property
+    def lora(self) -> dict | None:
+        """The `adapter` record of a LoRA model (rank, alpha, W0's path and hash), None for a full one."""
+        adapter = self.config.get("adapter", {"kind": "full"})
+        return adapter if adapter["kind"] == "lora" else None
+
     def adapter(self) -> dict[str, torch.Tensor]:
+        """The adapter file's tensors as stored: the tuned tensors, or a LoRA model's factors and extras."""
         return read_safetensors(self.path / ADAPTER_FILE, ADAPTER_FILE)
+
+    def w0(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> lora.W0:
+        """A LoRA model's W0 (shared per process), checked against the hash the model recorded."""
+        record = self.lora["w0"]
+        return lora.load_w0(self.path / record["path"], record["sha256"], "this LoRA model", device, dtype)
+
+    def tuned_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tuned tensor under its state-dict name, fp32 on the CPU: a LoRA model's merged onto its W0."""
+        adapter = self.adapter()
+        if self.lora is None:
+            return adapter
+        return lora_tensors(adapter, self.w0().tensors, self.lora, ADAPTER_FILE)
 
     def source(self) -> tuple[np.ndarray, torch.Tensor]:
         """The source clip's frames (uint8 `[N, H, W, 3]`) and scaled latents (`[C, N, h, w]`)."""
@@ -187,11 +218,23 @@ def adapter_state(unet: VideoUNet) -> dict[str, torch.Tensor]:
     }
 
 
+def lora_tensors(adapter: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], record: dict, name: str,
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A LoRA adapter (`record`: its rank and alpha) checked against W0 and merged onto it; ArtefactError naming
+    the file `name` when it does not fit."""
+    try:
+        lora.check_lora(adapter, w0, record["rank"])
+    except lora.LoraFormatError as e:
+        raise ArtefactError(f"{name}: {e}") from None
+    return lora.merge(adapter, w0, record["alpha"] / record["rank"], dtype)
+
+
 def write_tuned_model(
-    directory: Path, config: dict, unet: VideoUNet, frames: np.ndarray, latents: torch.Tensor
+    directory: Path, config: dict, adapter: dict[str, torch.Tensor], frames: np.ndarray, latents: torch.Tensor
 ) -> None:
-    """Fill `directory` (a fresh temporary one) with a complete tuned model."""
-    save_file(adapter_state(unet), directory / ADAPTER_FILE)
+    """Fill `directory` (a fresh temporary one) with a complete tuned model whose adapter file holds `adapter`
+    (`adapter_state`, or a LoRA model's `tuner.lora.lora_state`)."""
+    save_file(adapter, directory / ADAPTER_FILE)
     source = {"frames": torch.from_numpy(np.ascontiguousarray(frames)), "latents": latents.float().contiguous()}
     save_file(source, directory / SOURCE_FILE)
     adapter_hash = sha256_files([directory / ADAPTER_FILE], directory)
@@ -220,7 +263,7 @@ def load_tuned(
     model = TunedModel.open(run)
     components = load_components(model.base_path, device, dtype)
     inflate(components.unet, *model.architecture)
-    apply_adapter(components.unet, model.adapter())
+    apply_adapter(components.unet, model.tuned_tensors())
     return model, components
 
 
@@ -282,6 +325,11 @@ MANIFEST_SCHEMA = {
         "adapter_sha256": _STRING,
         "source_sha256": _STRING,
         "aoti": {"type": "object", "additionalProperties": {"type": "object", "required": ["store"]}},
+        # a LoRA model's: the adapter file holds its factors, merged by the runtimes onto this W0
+        "lora": {"type": "object", "required": ["rank", "alpha", "w0"],
+                 "properties": {"rank": _POSITIVE_INT, "alpha": {"type": "number", "exclusiveMinimum": 0},
+                                "w0": {"type": "object", "required": ["path", "sha256"],
+                                       "properties": {"path": _STRING, "sha256": _STRING}}}},
     },
 }
 

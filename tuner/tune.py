@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from tuner import artefacts
+from tuner import artefacts, lora
+from tuner.base_lora import BaseLoraError, merged_base, parse_base_lora
 from tuner.components import (
     BaseModelError,
     base_model_hash,
@@ -68,6 +69,9 @@ class TuneSettings:
     timestep_power: float = 0.0  # timesteps drawn with density ~ t ** power; 0: uniform, the paper's
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # "auto" | "no" | "fp16" | "bf16" (the last two CUDA only): see `precision_for`
+    adapter_kind: str = "full"  # "lora": low-rank factors on the trainable projections (`tuner.lora`)
+    lora_rank: int | None = None  # lora only; default `LORA_RANK`
+    lora_alpha: float | None = None  # lora only; default: the rank (a scale of 1)
 
 
 def precision_for(mixed_precision: str, device: torch.device) -> str:
@@ -89,12 +93,39 @@ SMALL_BASE_SETTINGS = {"steps": 600, "lr": 1e-3, "trainable": "temporal",
                        "frame_positions": "sinusoidal_short_middle", "timestep_power": 3.0}
 
 
-def unet_parameters(base: str | Path) -> int:
-    """The base UNet's parameter count, from its config alone (built on the meta device: no weights are read)."""
+ADAPTER_KINDS = ("full", "lora")
+LORA_RANK = 16
+# A LoRA's learning rate, as a multiple of the full adapter's for the base. On the shapes model (1e-3 full; one clip,
+# rank 16, 600 steps) 3e-3 kept every edit from the inversion right, where 1e-2 broke them (53% alignment); neither
+# carries the clip's motion from noise as full tuning does (benchmarks/README.md, "Quality by LoRA rank"). For
+# SD-size bases it gives 9e-5, the order LoRA fine-tunes of SD 1.x use (not measured here).
+LORA_LR_FACTOR = 3.0
+
+
+def adapter_defaults(defaults: TuneSettings, kind: str) -> TuneSettings:
+    """`defaults` (a base's, `default_settings`) for adapter kind `kind`: a LoRA gets its rank and learning rate."""
+    if kind != "lora":
+        return replace(defaults, adapter_kind=kind)
+    return replace(defaults, adapter_kind=kind, lora_rank=LORA_RANK, lr=defaults.lr * LORA_LR_FACTOR)
+
+
+def _meta_unet(base: str | Path) -> UNet2DConditionModel:
+    """The base's UNet built from its config alone on the meta device: no weights are read."""
     config = read_json_file(check_base_dir(base) / "unet" / "config.json", f"{base}/unet/config.json")
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    return sum(p.numel() for p in unet.parameters())
+        return UNet2DConditionModel.from_config(config)
+
+
+def unet_parameters(base: str | Path) -> int:
+    """The base UNet's parameter count, from its config alone."""
+    return sum(p.numel() for p in _meta_unet(base).parameters())
+
+
+def max_lora_rank(base: str | Path) -> int:
+    """The largest LoRA rank tuning `base` takes: the smallest width of the projections it can target."""
+    with torch.device("meta"):
+        unet = inflate(_meta_unet(base))
+    return lora.smallest_width(unet, TRAINABLE_MODULES["paper"])
 
 
 def default_rule(parameters: int) -> dict:
@@ -127,16 +158,30 @@ TRAINABLE_MODULES = {
 }
 
 
-def invalid_choice(s: TuneSettings) -> tuple[str, str] | None:
-    """The first of `s`'s named choices (and its timestep power) that is not one the tuner knows, as (setting,
-    what it must be); None when all are. `tune` and the tuning service's request check both use it."""
+def invalid_choice(s: TuneSettings, max_rank: int | None = None) -> tuple[str, str] | None:
+    """The first of `s`'s named choices (and its timestep power and LoRA settings, the rank at most `max_rank`)
+    that is not one the tuner takes, as (setting, what it must be); None when all are. `tune` and the tuning
+    service's request check both use it."""
     choices = {"attention_mode": ATTENTION_MODES, "group_norm": GROUP_NORMS, "trainable": tuple(TRAINABLE_MODULES),
-               "frame_positions": FRAME_POSITIONS}
+               "frame_positions": FRAME_POSITIONS, "adapter_kind": ADAPTER_KINDS}
     for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
             return name, f"must be one of {', '.join(allowed)}"
     if not s.timestep_power >= 0:  # NaN too
         return "timestep_power", "must be >= 0"
+    if s.adapter_kind == "full":
+        for name in ("lora_rank", "lora_alpha"):
+            if getattr(s, name) is not None:
+                return name, "is for adapter kind lora only (the full adapter has no rank)"
+        return None
+    rank = s.lora_rank
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        return "lora_rank", f"must be a whole number >= 1, got {rank!r}"
+    if rank is not None and max_rank is not None and rank > max_rank:
+        return "lora_rank", f"must be at most {max_rank} (the smallest width of the projections it adapts), got {rank}"
+    alpha = s.lora_alpha
+    if alpha is not None and not (isinstance(alpha, int | float) and not isinstance(alpha, bool) and 0 < alpha < 1e6):
+        return "lora_alpha", f"must be a number > 0, got {alpha!r}"
     return None
 
 
@@ -178,8 +223,9 @@ def is_tuned(out: str | Path, base: str | Path, prompt: str, settings: TuneSetti
         config = artefacts.TunedModel.open(out).config
     except artefacts.ArtefactError:
         return False
+    recorded = {**asdict(TuneSettings()), **config["settings"]}  # a model tuned before a setting existed: its default
     return (is_same_base(base, config["base"]["sha256"]) and config["prompt"] == prompt
-            and config["settings"] == asdict(settings))
+            and recorded == asdict(settings))
 
 
 def tune(
@@ -193,17 +239,22 @@ def tune(
     progress: bool = True,
     on_step: Callable[[int, int, float], None] | None = None,
     base_id: str | None = None,
+    base_loras: list[tuple[Path, float]] = (),
 ) -> Path:
     """Tune `base` on `video` (a file, a folder of frames, or encoded bytes) captioned `prompt` and write the tuned
     model directory `out`, with `settings` (default: `default_settings(base)`). `on_step(step, total, loss)` is
     called after every step (raise from it to stop: nothing is written); `base_id` names the base in the tuned
-    model's config (default: its directory's name)."""
+    model's config (default: its directory's name). `base_loras` (file, scale) are SD 1.x LoRAs fused into the base
+    first (`tuner.base_lora`): the model is tuned from, and refers to, the merged base."""
     try:
         s = settings or default_settings(base)
     except BaseModelError as e:
         raise TuneError(str(e)) from e
     out = Path(out)
-    bad = invalid_choice(s)
+    try:
+        bad = invalid_choice(s, max_lora_rank(base) if s.adapter_kind == "lora" else None)
+    except BaseModelError as e:
+        raise TuneError(str(e)) from e
     if bad:
         raise TuneError(f"--{bad[0].replace('_', '-')} {bad[1]}")
     if s.frames < 1 or s.steps < 0 or s.stride < 1 or s.start < 0:
@@ -236,6 +287,13 @@ def tune(
     if len(clip) < s.frames:
         raise TuneError(f"{source_name} gives only {len(clip)} frames from index {s.start} at stride {s.stride}; "
                         f"--frames asks for {s.frames}")
+    base_lora_records = None
+    if base_loras:
+        try:
+            base, base_lora_records = merged_base(Path(base), list(base_loras), out.parent)
+        except BaseLoraError as e:
+            raise TuneError(str(e)) from e
+        base_id = base.name
     try:
         base_hash = base_model_hash(base)
         components = load_components(base, device)
@@ -244,9 +302,21 @@ def tune(
     parameters = sum(p.numel() for p in components.unet.parameters())
     frames = clip.frames
 
-    torch.manual_seed(s.seed)
-    unet = inflate(components.unet, s.attention_mode, s.group_norm, s.frame_positions)
-    trainable = list(mark_trainable(unet, s.trainable).values())
+    lora_record = None
+    if s.adapter_kind == "lora":  # the temporal attentions start from the base's W0, not from the tuning seed
+        torch.manual_seed(lora.W0_SEED)
+        unet = inflate(components.unet, s.attention_mode, s.group_norm, s.frame_positions)
+        w0, w0_hash = lora.store_w0(out.parent, base_hash, unet)
+        rank = s.lora_rank or LORA_RANK
+        lora_record = {"kind": "lora", "rank": rank, "alpha": s.lora_alpha or rank,
+                       "targets": list(TRAINABLE_MODULES[s.trainable]),
+                       "w0": {"path": artefacts.base_reference(w0, out), "sha256": w0_hash}}
+        torch.manual_seed(s.seed)
+        trainable = lora.inject(unet, TRAINABLE_MODULES[s.trainable], rank, lora_record["alpha"])
+    else:
+        torch.manual_seed(s.seed)
+        unet = inflate(components.unet, s.attention_mode, s.group_norm, s.frame_positions)
+        trainable = list(mark_trainable(unet, s.trainable).values())
     if s.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -314,10 +384,13 @@ def tune(
         "tuning_seconds": round(seconds, 3),
         "step_seconds_median": round(statistics.median(step_seconds[1:]), 4) if len(step_seconds) > 1 else None,
         "recommended": {"guidance": 12.5, "steps": 50},
+        "adapter": lora_record or {"kind": "full"},
+        **({"base_loras": base_lora_records} if base_lora_records else {}),
         "versions": versions(),
     }
+    adapter = lora.lora_state(unet) if lora_record else artefacts.adapter_state(unet)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        artefacts.write_tuned_model(tmp, config, unet, frames, mean)
+        artefacts.write_tuned_model(tmp, config, adapter, frames, mean)
     return out
 
 
@@ -349,15 +422,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"],
                    help="auto: bf16 on CUDA (fastest measured), fp32 on CPU")
+    p.add_argument("--adapter-kind", choices=ADAPTER_KINDS,
+                   help="full (the paper: every trainable tensor whole) or lora (low-rank factors, a few MB)")
+    p.add_argument("--lora-rank", type=int, help=f"LoRA rank (--adapter-kind lora; default {LORA_RANK})")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank (default: rank)")
+    p.add_argument("--base-lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="an SD 1.x LoRA (diffusers, peft or kohya safetensors) fused into the base before tuning, "
+                   "at SCALE (default 1); repeatable. The merged base is stored as a base of its own")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
     try:
-        defaults = default_settings(args.base)
+        defaults = adapter_defaults(default_settings(args.base), args.adapter_kind or "full")
         given = {k: v for k, v in vars(args).items() if k in asdict(defaults) and v is not None}
+        base_loras = [parse_base_lora(arg) for arg in args.base_lora]
         out = tune(args.base, args.video, args.prompt, args.out, replace(defaults, **given), args.overwrite,
-                   args.device)
-    except (BaseModelError, TuneError) as e:
+                   args.device, base_loras=base_loras)
+    except (BaseModelError, TuneError, BaseLoraError) as e:
         print(f"tav-tune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(out)

@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from server.engines.base import Engines, EngineShapeError, LoadedModel, model_from_engine_dir, open_engine_dir
+from server.engines.base import (
+    Engines,
+    EngineShapeError,
+    LoadedModel,
+    TunedTensors,
+    model_from_engine_dir,
+    open_engine_dir,
+)
 from tuner import artefacts
 from tuner.aoti_support import build_metadata, package_problems, read_package_metadata, require_aoti
 from tuner.artefacts import ArtefactError, EngineDir
@@ -155,18 +162,29 @@ class AotiEngines(Engines):
         unet = self.packages["unet"]
         self.dtype = _dtype(next(i["dtype"] for i in unet.inputs if i["name"] == "sample"))
         self.vae_dtype = _dtype(self.packages["vae_decoder"].inputs[0]["dtype"])
-        adapter = engine_dir.adapter()
-        if set(adapter) != set(record["tunable"]):
+        # a LoRA model keeps its factors and merges them onto W0 on each swap into the package
+        self.tensors = TunedTensors.of_engine_dir(engine_dir, device, self.dtype)
+        names = self.tensors.w0.tensors if self.tensors.is_lora else self.tensors.stored
+        if set(names) != set(record["tunable"]):
             raise ArtefactError(f"model {model!r}: its adapter's tensors are not the UNet package's tunable tensors")
-        self.adapter = {n: t.to(device, _dtype(unet.constants[n][1])).contiguous() for n, t in adapter.items()}
-        check_constants(self.adapter, unet.constants, f"model {model!r}: the adapter")
+        check_constants({n: t.to(_dtype(unet.constants[n][1])) for n, t in names.items()}, unet.constants,
+                        f"model {model!r}: the adapter")
+        self.adapter = None if self.tensors.is_lora else self._adapter()
         self.adapter_key = manifest["adapter_sha256"]
         self.last_switch_seconds: float | None = None
         self.activate()  # swap in now, so that the first request does not pay for it
 
+    def _adapter(self) -> dict[str, torch.Tensor]:
+        """The tuned tensors in the UNet package's constants' dtypes (a LoRA model's merged now)."""
+        constants = self.packages["unet"].constants
+        return {n: t.to(_dtype(constants[n][1])).contiguous() for n, t in self.tensors.merged().items()}
+
     def activate(self) -> None:
         """Make this model's tuned tensors the shared UNet's (a swap only if another model's are active)."""
-        seconds = self.packages["unet"].swap(self.adapter_key, self.adapter)
+        unet = self.packages["unet"]
+        if unet.active == self.adapter_key:
+            return
+        seconds = unet.swap(self.adapter_key, self.adapter if self.adapter is not None else self._adapter())
         if seconds is not None:
             self.last_switch_seconds = seconds
 

@@ -13,6 +13,7 @@ implements `run_unet_branch` and says so in `cache_unsupported`; the others refu
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,15 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from tuner.artefacts import EngineDir
+from tuner import lora
+from tuner.artefacts import (
+    ADAPTER_FILE,
+    ENGINE_ADAPTER_FILE,
+    ArtefactError,
+    EngineDir,
+    TunedModel,
+)
+from tuner.io_utils import sha256_files
 
 UNET_FRAMES = 8
 UNET_BATCHES = (1, 2)
@@ -104,6 +113,64 @@ class Engines(ABC):
         return (prediction, features) if return_branch else prediction
 
 
+class TunedTensors:
+    """A model's tuned tensors as a loaded model keeps them: whole (a full adapter), or as LoRA factors plus the
+    base's shared W0, merged (W0 + B @ A * alpha / r) only when an engine needs the tensors themselves. `key` (the
+    adapter file's hash) tells models apart; `nbytes` is what the model holds of its own."""
+
+    def __init__(self, key: str, stored: dict[str, torch.Tensor], record: dict | None, w0: lora.W0 | None,
+                 name: str) -> None:
+        self.key = key
+        self.stored = stored
+        self.record = record
+        self.w0 = w0
+        if w0 is not None:  # check the factors now: a model that does not fit is skipped at load, not on a request
+            try:
+                lora.check_lora(stored, w0.tensors, record["rank"])
+            except lora.LoraFormatError as e:
+                raise ArtefactError(f"{name}: {e}") from None
+        self.name = name
+
+    @property
+    def is_lora(self) -> bool:
+        return self.w0 is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.stored.values())
+
+    def merged(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every tuned tensor under its state-dict name, on the stored tensors' device."""
+        if self.w0 is None:
+            return self.stored if dtype is None else {k: v.to(dtype) for k, v in self.stored.items()}
+        return lora.merge(self.stored, self.w0.tensors, self.record["alpha"] / self.record["rank"], dtype)
+
+    @classmethod
+    def of_model(cls, model: TunedModel, device: torch.device, dtype: torch.dtype) -> TunedTensors:
+        """A tuned model directory's tensors on `device`: whole ones in `dtype`, LoRA factors in fp32 (W0 in
+        `dtype`)."""
+        stored = model.adapter()
+        if model.lora is None:
+            return cls(model.config["adapter_sha256"], {k: v.to(device, dtype) for k, v in stored.items()}, None,
+                       None, "adapter.safetensors")
+        if sha256_files([model.path / ADAPTER_FILE], model.path) != model.config["adapter_sha256"]:  # a few MB
+            raise ArtefactError(f"{ADAPTER_FILE} does not match its recorded hash")
+        w0 = model.w0(device, dtype)
+        return cls(model.config["adapter_sha256"], {k: v.to(device) for k, v in stored.items()}, model.lora, w0,
+                   "adapter.safetensors")
+
+    @classmethod
+    def of_engine_dir(cls, engine_dir: EngineDir, device: torch.device, dtype: torch.dtype) -> TunedTensors:
+        """An engine directory's tensors, as `of_model` (a LoRA model's W0 is the one its manifest records)."""
+        stored, record = engine_dir.adapter(), engine_dir.manifest.get("lora")
+        key, name = engine_dir.manifest["adapter_sha256"], f"engines/{ENGINE_ADAPTER_FILE}"
+        if record is None:
+            return cls(key, {k: v.to(device, dtype) for k, v in stored.items()}, None, None, name)
+        w0 = lora.load_w0(engine_dir.path / record["w0"]["path"], record["w0"]["sha256"], "this LoRA model",
+                          device, dtype)
+        return cls(key, {k: v.to(device) for k, v in stored.items()}, record, w0, name)
+
+
 @dataclass
 class LoadedModel:
     """A model ready to generate: its engines and everything else the loop reads."""
@@ -122,6 +189,19 @@ class LoadedModel:
     info: dict = field(default_factory=dict)  # what GetModel reports: base model, prompt, profiles, ...
 
 
+# tokenizer files' content hash -> the tokenizer, shared by the loaded models whose files are the same (one per base)
+_TOKENIZERS: weakref.WeakValueDictionary[str, CLIPTokenizer] = weakref.WeakValueDictionary()
+
+
+def shared_tokenizer(directory: Path) -> CLIPTokenizer:
+    """The tokenizer of `directory`, loaded once per process for all directories with the same files."""
+    key = sha256_files([p for p in directory.iterdir() if p.is_file()], directory)
+    tokenizer = _TOKENIZERS.get(key)
+    if tokenizer is None:
+        tokenizer = _TOKENIZERS[key] = CLIPTokenizer.from_pretrained(directory)
+    return tokenizer
+
+
 def open_engine_dir(run: str | Path) -> tuple[EngineDir, str]:
     """A tuned model's engine directory (`RUN/engines`, or an engine directory given itself) and the model name."""
     path = Path(run)
@@ -135,7 +215,7 @@ def model_from_engine_dir(engine_dir: EngineDir, engines: Engines, name: str, **
     return LoadedModel(
         name=name,
         engines=engines,
-        tokenizer=CLIPTokenizer.from_pretrained(engine_dir.path / "tokenizer"),
+        tokenizer=shared_tokenizer(engine_dir.path / "tokenizer"),
         scheduler_config=engine_dir.scheduler_config(),
         scaling_factor=float(manifest["scaling_factor"]),
         source_latents=engine_dir.source_latents(),

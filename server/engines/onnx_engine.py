@@ -2,6 +2,9 @@
 inputs of the shared base UNet graphs (the plain one, and for feature reuse between steps the full pass that also
 outputs the branch features and the shallow pass from them, loaded on first use).
 
+A LoRA model's tensors are merged onto its base's W0 when a call needs them; the merged sets of the models used
+last are kept (`MergedSets`, least recently used out past a byte budget), so requests to one model merge once.
+
 CPU here; with `onnxruntime-gpu` installed, the CUDA (or TensorRT) execution provider and I/O binding keep the
 tensors on the GPU between calls.
 """
@@ -10,12 +13,13 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from server.engines.base import Engines, LoadedModel, model_from_engine_dir, open_engine_dir
+from server.engines.base import Engines, LoadedModel, TunedTensors, model_from_engine_dir, open_engine_dir
 from tuner.artefacts import BRANCH_GRAPHS, EngineDir
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -25,6 +29,34 @@ SESSION_GRAPHS = {"text_encoder": "text_encoder", "vae_encoder": "vae_encoder", 
 # One session per (graph file, providers, threads), shared by every model of the same base: a tuned model costs
 # only its adapter tensors. Held weakly: the engines of the models that use a session keep it alive.
 _SESSIONS: weakref.WeakValueDictionary[tuple, object] = weakref.WeakValueDictionary()
+MERGED_BYTES = 2 * 2**30  # the merged LoRA sets kept, at most (at least the last one used)
+
+
+class MergedSets:
+    """The merged input tensors of the LoRA models used last, by adapter key, within `max_bytes`."""
+
+    def __init__(self, max_bytes: int = MERGED_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.sets: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self.merges = 0  # merges done: a request to a model whose set is kept adds none
+
+    def get(self, key: tuple, merge) -> dict[str, torch.Tensor]:
+        """The set for `key`, made with `merge()` unless kept."""
+        if key in self.sets:
+            self.sets.move_to_end(key)
+            return self.sets[key]
+        weights = self.sets[key] = merge()
+        self.merges += 1
+        while len(self.sets) > 1 and sum(map(_set_bytes, self.sets.values())) > self.max_bytes:
+            self.sets.popitem(last=False)
+        return weights
+
+
+def _set_bytes(weights: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+MERGED = MergedSets()
 
 
 def _ort():
@@ -50,14 +82,24 @@ class OnnxEngines(Engines):
         self.pixel_size = tuple(manifest["pixel_size"])
         self._threads = threads or len(os.sched_getaffinity(0))
         # The tuned tensors are inputs of the shared base UNet graph, fed with every call.
-        self.weights = {manifest["weight_map"][name]["input"]: tensor.to(self.dtype).contiguous()
-                        for name, tensor in engine_dir.adapter().items()}
-        if self.on_gpu:
-            self.weights = {k: v.to(self.device) for k, v in self.weights.items()}
+        self.tensors = TunedTensors.of_engine_dir(engine_dir, self.device, self.dtype)
+        self._weight_map = manifest["weight_map"]
+        self._weights = None if self.tensors.is_lora else self._merged()
         self.sessions = {name: self._session(engine_dir.graph_path(graph)) for name, graph in SESSION_GRAPHS.items()}
         self.branch_graphs = {name: engine_dir.graph_path(name) for name in BRANCH_GRAPHS
                               if name in manifest["graphs"]}
         self._branch_weights: dict[str, dict[str, torch.Tensor]] = {}  # graph -> the adapter inputs it takes
+
+    def _merged(self) -> dict[str, torch.Tensor]:
+        return {self._weight_map[name]["input"]: tensor.contiguous()
+                for name, tensor in self.tensors.merged(self.dtype).items()}
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The UNet graph's tuned-tensor inputs: a full model's own, a LoRA model's merged set (`MERGED`)."""
+        if self._weights is not None:
+            return self._weights
+        return MERGED.get((self.tensors.key, self.tensors.w0.sha256, self.dtype, str(self.device)), self._merged)
 
     def _session(self, path: Path):
         key = (str(path), tuple(self.providers), self._threads)

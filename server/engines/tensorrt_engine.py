@@ -29,7 +29,14 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from server.engines.base import Engines, EngineShapeError, LoadedModel, model_from_engine_dir, open_engine_dir
+from server.engines.base import (
+    Engines,
+    EngineShapeError,
+    LoadedModel,
+    TunedTensors,
+    model_from_engine_dir,
+    open_engine_dir,
+)
 from tuner import artefacts
 from tuner.artefacts import ArtefactError, EngineDir
 from tuner.io_utils import sha256_files
@@ -190,13 +197,23 @@ class Plan:
         raise EngineShapeError(f"{self.path.name} runs at {shapes}, got {got}")
 
 
-@dataclass(frozen=True, eq=False)
 class Adapter:
     """A model's refit weights by the UNet plan's weight names, on the GPU in the plan's dtypes. `key` (the adapter's
-    content hash) tells adapters apart: models with equal adapters never refit between them."""
+    content hash) tells adapters apart: models with equal adapters never refit between them. A LoRA model keeps its
+    factors and merges them onto W0 each time its weights are asked for (a refit); a full one keeps its weights."""
 
-    key: str
-    weights: dict[str, torch.Tensor]
+    def __init__(self, key: str, tensors: TunedTensors, weight_map: dict, dtypes: dict[str, torch.dtype]) -> None:
+        self.key = key
+        self._tensors, self._weight_map, self._dtypes = tensors, weight_map, dtypes
+        self._weights = None if tensors.is_lora else self._merged()
+
+    def _merged(self) -> dict[str, torch.Tensor]:
+        weights = refit_weights(self._tensors.merged(), self._weight_map)
+        return {name: tensor.to(self._dtypes[name]).contiguous() for name, tensor in weights.items()}
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self._weights if self._weights is not None else self._merged()
 
 
 class RefittablePlan(Plan):
@@ -295,13 +312,14 @@ class TensorRTEngines(Engines):
         if set(dtypes) != set(record["refit_weights"]):
             raise ArtefactError(f"model {model!r}: the UNet plan's refittable weights are not those its manifest "
                                 "records: re-run tav-export --tensorrt")
-        adapter, weight_map = engine_dir.adapter(), manifest["weight_map"]
-        check_weight_map(weight_map, {n: tuple(t.shape) for n, t in adapter.items()}, record["refit_weights"])
-        weights = refit_weights(adapter, weight_map)
-        self.unet_plan.load_base_weights(set(dtypes) - set(weights), engine_dir.graph_path("unet"))
-        self.adapter = Adapter(manifest["adapter_sha256"], {
-            name: tensor.to(self.device, dtypes[name]).contiguous() for name, tensor in weights.items()
-        })
+        # a LoRA model's weight map keys on the merged tensors' names (W0's), as a full model's on its adapter's
+        tensors = TunedTensors.of_engine_dir(engine_dir, self.device, self.dtype)
+        shapes = {n: tuple(t.shape) for n, t in (tensors.w0.tensors if tensors.is_lora else tensors.stored).items()}
+        weight_map = manifest["weight_map"]
+        check_weight_map(weight_map, shapes, record["refit_weights"])
+        refitted = {weight_map[n]["initializer"] for n in shapes}
+        self.unet_plan.load_base_weights(set(dtypes) - refitted, engine_dir.graph_path("unet"))
+        self.adapter = Adapter(manifest["adapter_sha256"], tensors, weight_map, dtypes)
         self.last_refit_seconds: float | None = None
         self.activate()  # refit now, so that the first request does not pay for it
 

@@ -1,8 +1,9 @@
 """PyTorch engines: the video UNet, VAE and text encoder as PyTorch modules, eager, under `torch.inference_mode`.
 
 fp32 on CPU; fp16 on CUDA. The reference every other backend is checked against. Models of one base share one
-set of modules (`SharedBase`); each model holds only its adapter tensors, copied into the shared UNet in place
-when a request for it starts and another model's were active. The engines hold their base; the process-wide
+set of modules (`SharedBase`); each model holds only its adapter tensors (a LoRA model its factors; the base's W0
+is shared and kept apart from the UNet, whose tensors a switch overwrites), copied (or merged) into the shared UNet
+in place when a request for it starts and another model's were active. The engines hold their base; the process-wide
 index of bases holds them weakly, so a base is freed once no loaded model uses it.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from server.engines.base import Engines, LoadedModel
+from server.engines.base import Engines, LoadedModel, TunedTensors
 from tuner.artefacts import TunedModel, apply_adapter
 from tuner.components import Components, load_components
 from tuner.inflate import inflate
@@ -29,10 +30,11 @@ class SharedBase:
         self.active = lambda: None  # a weak reference to the owner of the adapter now in the UNet
         self.last_switch_seconds = 0.0
 
-    def activate(self, owner: object, adapter: dict[str, torch.Tensor]) -> None:
+    def activate(self, owner: object, tensors: TunedTensors) -> None:
         if self.active() is not owner:
             started = time.perf_counter()
-            apply_adapter(self.components.unet, adapter)
+            self.active = lambda: None  # until the copy is complete
+            apply_adapter(self.components.unet, tensors.merged())
             self.active = weakref.ref(owner)
             self.last_switch_seconds = time.perf_counter() - started
 
@@ -44,7 +46,7 @@ _BASES: weakref.WeakValueDictionary[tuple, SharedBase] = weakref.WeakValueDictio
 class TorchEngines(Engines):
     backend = "torch"
 
-    def __init__(self, base: SharedBase, adapter: dict[str, torch.Tensor], latent_size: tuple[int, int],
+    def __init__(self, base: SharedBase, adapter: TunedTensors, latent_size: tuple[int, int],
                  device: torch.device, dtype: torch.dtype) -> None:
         components = base.components
         channels = int(components.unet.config.in_channels)
@@ -107,7 +109,7 @@ def load_torch_model(run: str | Path, device: str | None = None, name: str | Non
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = TunedModel.open(run)
     base = shared_base(model, device, dtype)
-    adapter = {k: v.to(device, dtype) for k, v in model.adapter().items()}
+    adapter = TunedTensors.of_model(model, device, dtype)
     engines = TorchEngines(base, adapter, model.latent_size, device, dtype)
     _, latents = model.source()
     config = model.config

@@ -181,7 +181,7 @@ class Profile(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., frames: _Optional[int] = ..., latent_height: _Optional[int] = ..., latent_width: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "base_model", "width", "height", "frames", "source_frames", "fps", "source_prompt", "attention_mode", "backends", "backend", "profiles", "default_steps", "default_guidance", "loaded", "cache_interval_supported")
+    __slots__ = ("id", "base_model", "width", "height", "frames", "source_frames", "fps", "source_prompt", "attention_mode", "backends", "backend", "profiles", "default_steps", "default_guidance", "loaded", "cache_interval_supported", "adapter_kind", "lora_rank")
     ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,8 @@ class ModelInfo(_message.Message):
     DEFAULT_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     CACHE_INTERVAL_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_KIND_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     id: str
     base_model: str
     width: int
@@ -214,7 +216,9 @@ class ModelInfo(_message.Message):
     default_guidance: float
     loaded: bool
     cache_interval_supported: bool
-    def __init__(self, id: _Optional[str] = ..., base_model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., source_frames: _Optional[int] = ..., fps: _Optional[float] = ..., source_prompt: _Optional[str] = ..., attention_mode: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., loaded: _Optional[bool] = ..., cache_interval_supported: _Optional[bool] = ...) -> None: ...
+    adapter_kind: str
+    lora_rank: int
+    def __init__(self, id: _Optional[str] = ..., base_model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., source_frames: _Optional[int] = ..., fps: _Optional[float] = ..., source_prompt: _Optional[str] = ..., attention_mode: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., default_steps: _Optional[int] = ..., default_guidance: _Optional[float] = ..., loaded: _Optional[bool] = ..., cache_interval_supported: _Optional[bool] = ..., adapter_kind: _Optional[str] = ..., lora_rank: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

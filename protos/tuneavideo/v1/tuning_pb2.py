@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atuneavideo/v1/tuning.proto\x12\rtuneavideo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x03\n\x0cTuneSettings\x12\x12\n\x05steps\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x66rames\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05width\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x13\n\x06height\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1b\n\x0e\x61ttention_mode\x18\x07 \x01(\tH\x06\x88\x01\x01\x12\x17\n\ngroup_norm\x18\x08 \x01(\tH\x07\x88\x01\x01\x12\x12\n\x05start\x18\t \x01(\rH\x08\x88\x01\x01\x12\x13\n\x06stride\x18\n \x01(\rH\t\x88\x01\x01\x12\x16\n\ttrainable\x18\x0b \x01(\tH\n\x88\x01\x01\x12\x1c\n\x0f\x66rame_positions\x18\x0c \x01(\tH\x0b\x88\x01\x01\x12\x1b\n\x0etimestep_power\x18\r \x01(\x01H\x0c\x88\x01\x01\x42\x08\n\x06_stepsB\t\n\x07_framesB\x08\n\x06_widthB\t\n\x07_heightB\x10\n\x0e_learning_rateB\x07\n\x05_seedB\x11\n\x0f_attention_modeB\r\n\x0b_group_normB\x08\n\x06_startB\t\n\x07_strideB\x0c\n\n_trainableB\x12\n\x10_frame_positionsB\x11\n\x0f_timestep_power\"\x85\x01\n\x14\x43reateTuneJobRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x03 \x01(\t\x12\r\n\x05video\x18\x04 \x01(\x0c\x12-\n\x08settings\x18\x05 \x01(\x0b\x32\x1b.tuneavideo.v1.TuneSettings\"\x1f\n\x11GetTuneJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x13ListTuneJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x14ListTuneJobsResponse\x12)\n\ttune_jobs\x18\x01 \x03(\x0b\x32\x16.tuneavideo.v1.TuneJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14\x43\x61ncelTuneJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44\x65leteTuneJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteTuneJobResponse\"!\n\x13WatchTuneJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12\x44\x65leteModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"&\n\x13\x44\x65leteModelResponse\x12\x0f\n\x07pending\x18\x01 \x01(\x08\"\xc0\x05\n\x07TuneJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x04 \x01(\t\x12+\n\x05state\x18\x05 \x01(\x0e\x32\x1c.tuneavideo.v1.TuneJob.State\x12\x16\n\x0equeue_position\x18\x06 \x01(\r\x12\x0c\n\x04step\x18\x07 \x01(\r\x12\x13\n\x0btotal_steps\x18\x08 \x01(\r\x12\x0c\n\x04loss\x18\t \x01(\x01\x12-\n\x08settings\x18\n \x01(\x0b\x32\x1b.tuneavideo.v1.TuneSettings\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0f \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x10 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x11 \x01(\r\x12\x0e\n\x06worker\x18\x12 \x01(\t\x12\x16\n\x0etuning_seconds\x18\x13 \x01(\x01\x12\x16\n\x0e\x65xport_seconds\x18\x14 \x01(\x01\"\x8f\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x10\n\x0cSTATE_TUNING\x10\x02\x12\x13\n\x0fSTATE_EXPORTING\x10\x03\x12\x0f\n\x0bSTATE_READY\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05\x12\x13\n\x0fSTATE_CANCELLED\x10\x06\"\x12\n\x10ListBasesRequest\"|\n\x11ListBasesResponse\x12&\n\x05\x62\x61ses\x18\x01 \x03(\x0b\x32\x17.tuneavideo.v1.BaseInfo\x12\x14\n\x0c\x64\x65\x66\x61ult_base\x18\x02 \x01(\t\x12)\n\x06limits\x18\x03 \x01(\x0b\x32\x19.tuneavideo.v1.TuneLimits\"z\n\x08\x42\x61seInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rsize_multiple\x18\x02 \x01(\r\x12\x14\n\x0c\x64\x65\x66\x61ult_size\x18\x03 \x01(\r\x12\x35\n\x10\x64\x65\x66\x61ult_settings\x18\x04 \x01(\x0b\x32\x1b.tuneavideo.v1.TuneSettings\"\xaf\x01\n\nTuneLimits\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x12\n\nmax_frames\x18\x02 \x01(\r\x12\x10\n\x08max_size\x18\x03 \x01(\r\x12\x19\n\x11min_learning_rate\x18\x04 \x01(\x01\x12\x19\n\x11max_learning_rate\x18\x05 \x01(\x01\x12\x19\n\x11max_caption_chars\x18\x06 \x01(\r\x12\x17\n\x0fmax_video_bytes\x18\x07 \x01(\x04\x32\x95\x05\n\x06Tuning\x12L\n\rCreateTuneJob\x12#.tuneavideo.v1.CreateTuneJobRequest\x1a\x16.tuneavideo.v1.TuneJob\x12\x46\n\nGetTuneJob\x12 .tuneavideo.v1.GetTuneJobRequest\x1a\x16.tuneavideo.v1.TuneJob\x12W\n\x0cListTuneJobs\x12\".tuneavideo.v1.ListTuneJobsRequest\x1a#.tuneavideo.v1.ListTuneJobsResponse\x12L\n\rCancelTuneJob\x12#.tuneavideo.v1.CancelTuneJobRequest\x1a\x16.tuneavideo.v1.TuneJob\x12Z\n\rDeleteTuneJob\x12#.tuneavideo.v1.DeleteTuneJobRequest\x1a$.tuneavideo.v1.DeleteTuneJobResponse\x12L\n\x0cWatchTuneJob\x12\".tuneavideo.v1.WatchTuneJobRequest\x1a\x16.tuneavideo.v1.TuneJob0\x01\x12T\n\x0b\x44\x65leteModel\x12!.tuneavideo.v1.DeleteModelRequest\x1a\".tuneavideo.v1.DeleteModelResponse\x12N\n\tListBases\x12\x1f.tuneavideo.v1.ListBasesRequest\x1a .tuneavideo.v1.ListBasesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atuneavideo/v1/tuning.proto\x12\rtuneavideo.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x04\n\x0cTuneSettings\x12\x12\n\x05steps\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x66rames\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05width\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x13\n\x06height\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1b\n\x0e\x61ttention_mode\x18\x07 \x01(\tH\x06\x88\x01\x01\x12\x17\n\ngroup_norm\x18\x08 \x01(\tH\x07\x88\x01\x01\x12\x12\n\x05start\x18\t \x01(\rH\x08\x88\x01\x01\x12\x13\n\x06stride\x18\n \x01(\rH\t\x88\x01\x01\x12\x16\n\ttrainable\x18\x0b \x01(\tH\n\x88\x01\x01\x12\x1c\n\x0f\x66rame_positions\x18\x0c \x01(\tH\x0b\x88\x01\x01\x12\x1b\n\x0etimestep_power\x18\r \x01(\x01H\x0c\x88\x01\x01\x12\x19\n\x0c\x61\x64\x61pter_kind\x18\x0e \x01(\tH\r\x88\x01\x01\x12\x16\n\tlora_rank\x18\x0f \x01(\x05H\x0e\x88\x01\x01\x12\x17\n\nlora_alpha\x18\x10 \x01(\x01H\x0f\x88\x01\x01\x42\x08\n\x06_stepsB\t\n\x07_framesB\x08\n\x06_widthB\t\n\x07_heightB\x10\n\x0e_learning_rateB\x07\n\x05_seedB\x11\n\x0f_attention_modeB\r\n\x0b_group_normB\x08\n\x06_startB\t\n\x07_strideB\x0c\n\n_trainableB\x12\n\x10_frame_positionsB\x11\n\x0f_timestep_powerB\x0f\n\r_adapter_kindB\x0c\n\n_lora_rankB\r\n\x0b_lora_alpha\"\x85\x01\n\x14\x43reateTuneJobRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x03 \x01(\t\x12\r\n\x05video\x18\x04 \x01(\x0c\x12-\n\x08settings\x18\x05 \x01(\x0b\x32\x1b.tuneavideo.v1.TuneSettings\"\x1f\n\x11GetTuneJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x13ListTuneJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x14ListTuneJobsResponse\x12)\n\ttune_jobs\x18\x01 \x03(\x0b\x32\x16.tuneavideo.v1.TuneJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14\x43\x61ncelTuneJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14\x44\x65leteTuneJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteTuneJobResponse\"!\n\x13WatchTuneJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12\x44\x65leteModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"&\n\x13\x44\x65leteModelResponse\x12\x0f\n\x07pending\x18\x01 \x01(\x08\"\xc0\x05\n\x07TuneJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x04 \x01(\t\x12+\n\x05state\x18\x05 \x01(\x0e\x32\x1c.tuneavideo.v1.TuneJob.State\x12\x16\n\x0equeue_position\x18\x06 \x01(\r\x12\x0c\n\x04step\x18\x07 \x01(\r\x12\x13\n\x0btotal_steps\x18\x08 \x01(\r\x12\x0c\n\x04loss\x18\t \x01(\x01\x12-\n\x08settings\x18\n \x01(\x0b\x32\x1b.tuneavideo.v1.TuneSettings\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0f \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x10 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x11 \x01(\r\x12\x0e\n\x06worker\x18\x12 \x01(\t\x12\x16\n\x0etuning_seconds\x18\x13 \x01(\x01\x12\x16\n\x0e\x65xport_seconds\x18\x14 \x01(\x01\"\x8f\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x10\n\x0cSTATE_TUNING\x10\x02\x12\x13\n\x0fSTATE_EXPORTING\x10\x03\x12\x0f\n\x0bSTATE_READY\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05\x12\x13\n\x0fSTATE_CANCELLED\x10\x06\"\x12\n\x10ListBasesRequest\"|\n\x11ListBasesResponse\x12&\n\x05\x62\x61ses\x18\x01 \x03(\x0b\x32\x17.tuneavideo.v1.BaseInfo\x12\x14\n\x0c\x64\x65\x66\x61ult_base\x18\x02 \x01(\t\x12)\n\x06limits\x18\x03 \x01(\x0b\x32\x19.tuneavideo.v1.TuneLimits\"z\n\x08\x42\x61seInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rsize_multiple\x18\x02 \x01(\r\x12\x14\n\x0c\x64\x65\x66\x61ult_size\x18\x03 \x01(\r\x12\x35\n\x10\x64\x65\x66\x61ult_settings\x18\x04 \x01(\x0b\x32\x1b.tuneavideo.v1.TuneSettings\"\xaf\x01\n\nTuneLimits\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x12\n\nmax_frames\x18\x02 \x01(\r\x12\x10\n\x08max_size\x18\x03 \x01(\r\x12\x19\n\x11min_learning_rate\x18\x04 \x01(\x01\x12\x19\n\x11max_learning_rate\x18\x05 \x01(\x01\x12\x19\n\x11max_caption_chars\x18\x06 \x01(\r\x12\x17\n\x0fmax_video_bytes\x18\x07 \x01(\x04\x32\x95\x05\n\x06Tuning\x12L\n\rCreateTuneJob\x12#.tuneavideo.v1.CreateTuneJobRequest\x1a\x16.tuneavideo.v1.TuneJob\x12\x46\n\nGetTuneJob\x12 .tuneavideo.v1.GetTuneJobRequest\x1a\x16.tuneavideo.v1.TuneJob\x12W\n\x0cListTuneJobs\x12\".tuneavideo.v1.ListTuneJobsRequest\x1a#.tuneavideo.v1.ListTuneJobsResponse\x12L\n\rCancelTuneJob\x12#.tuneavideo.v1.CancelTuneJobRequest\x1a\x16.tuneavideo.v1.TuneJob\x12Z\n\rDeleteTuneJob\x12#.tuneavideo.v1.DeleteTuneJobRequest\x1a$.tuneavideo.v1.DeleteTuneJobResponse\x12L\n\x0cWatchTuneJob\x12\".tuneavideo.v1.WatchTuneJobRequest\x1a\x16.tuneavideo.v1.TuneJob0\x01\x12T\n\x0b\x44\x65leteModel\x12!.tuneavideo.v1.DeleteModelRequest\x1a\".tuneavideo.v1.DeleteModelResponse\x12N\n\tListBases\x12\x1f.tuneavideo.v1.ListBasesRequest\x1a .tuneavideo.v1.ListBasesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,39 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tuneavideo.v1.tuning_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TUNESETTINGS']._serialized_start=79
-  _globals['_TUNESETTINGS']._serialized_end=577
-  _globals['_CREATETUNEJOBREQUEST']._serialized_start=580
-  _globals['_CREATETUNEJOBREQUEST']._serialized_end=713
-  _globals['_GETTUNEJOBREQUEST']._serialized_start=715
-  _globals['_GETTUNEJOBREQUEST']._serialized_end=746
-  _globals['_LISTTUNEJOBSREQUEST']._serialized_start=748
-  _globals['_LISTTUNEJOBSREQUEST']._serialized_end=808
-  _globals['_LISTTUNEJOBSRESPONSE']._serialized_start=810
-  _globals['_LISTTUNEJOBSRESPONSE']._serialized_end=900
-  _globals['_CANCELTUNEJOBREQUEST']._serialized_start=902
-  _globals['_CANCELTUNEJOBREQUEST']._serialized_end=936
-  _globals['_DELETETUNEJOBREQUEST']._serialized_start=938
-  _globals['_DELETETUNEJOBREQUEST']._serialized_end=972
-  _globals['_DELETETUNEJOBRESPONSE']._serialized_start=974
-  _globals['_DELETETUNEJOBRESPONSE']._serialized_end=997
-  _globals['_WATCHTUNEJOBREQUEST']._serialized_start=999
-  _globals['_WATCHTUNEJOBREQUEST']._serialized_end=1032
-  _globals['_DELETEMODELREQUEST']._serialized_start=1034
-  _globals['_DELETEMODELREQUEST']._serialized_end=1066
-  _globals['_DELETEMODELRESPONSE']._serialized_start=1068
-  _globals['_DELETEMODELRESPONSE']._serialized_end=1106
-  _globals['_TUNEJOB']._serialized_start=1109
-  _globals['_TUNEJOB']._serialized_end=1813
-  _globals['_TUNEJOB_STATE']._serialized_start=1670
-  _globals['_TUNEJOB_STATE']._serialized_end=1813
-  _globals['_LISTBASESREQUEST']._serialized_start=1815
-  _globals['_LISTBASESREQUEST']._serialized_end=1833
-  _globals['_LISTBASESRESPONSE']._serialized_start=1835
-  _globals['_LISTBASESRESPONSE']._serialized_end=1959
-  _globals['_BASEINFO']._serialized_start=1961
-  _globals['_BASEINFO']._serialized_end=2083
-  _globals['_TUNELIMITS']._serialized_start=2086
-  _globals['_TUNELIMITS']._serialized_end=2261
-  _globals['_TUNING']._serialized_start=2264
-  _globals['_TUNING']._serialized_end=2925
+  _globals['_TUNESETTINGS']._serialized_end=699
+  _globals['_CREATETUNEJOBREQUEST']._serialized_start=702
+  _globals['_CREATETUNEJOBREQUEST']._serialized_end=835
+  _globals['_GETTUNEJOBREQUEST']._serialized_start=837
+  _globals['_GETTUNEJOBREQUEST']._serialized_end=868
+  _globals['_LISTTUNEJOBSREQUEST']._serialized_start=870
+  _globals['_LISTTUNEJOBSREQUEST']._serialized_end=930
+  _globals['_LISTTUNEJOBSRESPONSE']._serialized_start=932
+  _globals['_LISTTUNEJOBSRESPONSE']._serialized_end=1022
+  _globals['_CANCELTUNEJOBREQUEST']._serialized_start=1024
+  _globals['_CANCELTUNEJOBREQUEST']._serialized_end=1058
+  _globals['_DELETETUNEJOBREQUEST']._serialized_start=1060
+  _globals['_DELETETUNEJOBREQUEST']._serialized_end=1094
+  _globals['_DELETETUNEJOBRESPONSE']._serialized_start=1096
+  _globals['_DELETETUNEJOBRESPONSE']._serialized_end=1119
+  _globals['_WATCHTUNEJOBREQUEST']._serialized_start=1121
+  _globals['_WATCHTUNEJOBREQUEST']._serialized_end=1154
+  _globals['_DELETEMODELREQUEST']._serialized_start=1156
+  _globals['_DELETEMODELREQUEST']._serialized_end=1188
+  _globals['_DELETEMODELRESPONSE']._serialized_start=1190
+  _globals['_DELETEMODELRESPONSE']._serialized_end=1228
+  _globals['_TUNEJOB']._serialized_start=1231
+  _globals['_TUNEJOB']._serialized_end=1935
+  _globals['_TUNEJOB_STATE']._serialized_start=1792
+  _globals['_TUNEJOB_STATE']._serialized_end=1935
+  _globals['_LISTBASESREQUEST']._serialized_start=1937
+  _globals['_LISTBASESREQUEST']._serialized_end=1955
+  _globals['_LISTBASESRESPONSE']._serialized_start=1957
+  _globals['_LISTBASESRESPONSE']._serialized_end=2081
+  _globals['_BASEINFO']._serialized_start=2083
+  _globals['_BASEINFO']._serialized_end=2205
+  _globals['_TUNELIMITS']._serialized_start=2208
+  _globals['_TUNELIMITS']._serialized_end=2383
+  _globals['_TUNING']._serialized_start=2386
+  _globals['_TUNING']._serialized_end=3047
 # @@protoc_insertion_point(module_scope)

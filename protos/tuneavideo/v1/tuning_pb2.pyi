@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TuneSettings(_message.Message):
-    __slots__ = ("steps", "frames", "width", "height", "learning_rate", "seed", "attention_mode", "group_norm", "start", "stride", "trainable", "frame_positions", "timestep_power")
+    __slots__ = ("steps", "frames", "width", "height", "learning_rate", "seed", "attention_mode", "group_norm", "start", "stride", "trainable", "frame_positions", "timestep_power", "adapter_kind", "lora_rank", "lora_alpha")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,9 @@ class TuneSettings(_message.Message):
     TRAINABLE_FIELD_NUMBER: _ClassVar[int]
     FRAME_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_POWER_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_KIND_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     steps: int
     frames: int
     width: int
@@ -38,7 +41,10 @@ class TuneSettings(_message.Message):
     trainable: str
     frame_positions: str
     timestep_power: float
-    def __init__(self, steps: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., attention_mode: _Optional[str] = ..., group_norm: _Optional[str] = ..., start: _Optional[int] = ..., stride: _Optional[int] = ..., trainable: _Optional[str] = ..., frame_positions: _Optional[str] = ..., timestep_power: _Optional[float] = ...) -> None: ...
+    adapter_kind: str
+    lora_rank: int
+    lora_alpha: float
+    def __init__(self, steps: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., attention_mode: _Optional[str] = ..., group_norm: _Optional[str] = ..., start: _Optional[int] = ..., stride: _Optional[int] = ..., trainable: _Optional[str] = ..., frame_positions: _Optional[str] = ..., timestep_power: _Optional[float] = ..., adapter_kind: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ...) -> None: ...
 
 class CreateTuneJobRequest(_message.Message):
     __slots__ = ("model_id", "base", "caption", "video", "settings")
