@@ -59,6 +59,8 @@ def settings(cores: int) -> dict[str, dict]:
         f"threads={fewer} (cores-1), passive": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}, "threads": fewer},
         "GOMP_SPINCOUNT=10000": {"env": {"GOMP_SPINCOUNT": "10000"}, "threads": 0},
         "GOMP_SPINCOUNT=3000": {"env": {"GOMP_SPINCOUNT": "3000"}, "threads": 0},
+        "GOMP_SPINCOUNT=1000": {"env": {"GOMP_SPINCOUNT": "1000"}, "threads": 0},
+        "GOMP_SPINCOUNT=300": {"env": {"GOMP_SPINCOUNT": "300"}, "threads": 0},
         "active (spin forever)": {"env": {"OMP_WAIT_POLICY": "ACTIVE"}, "threads": 0},
     }
 
