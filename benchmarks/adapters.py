@@ -4,7 +4,8 @@
   `benchmarks.params.SD14_UNET_CONFIG`, fp32 and fp16) and on the shipped shapes model;
 - resident bytes per loaded model: the RSS growth of a fresh process (the server's registry, torch backend) over
   `--models` loaded models of the shapes model, its tokenizer replaced by one of CLIP's size (49,408 tokens), fitted
-  as a line; and the models the registry's default budget (16 GiB) holds at that cost;
+  as a line; and the models the registry's default budget (16 GiB) holds at that cost; with `--sd-models N`, the
+  same for N rank-16 LoRA models of an SD 1.x-size random-weight base (`benchmarks.gpu.make_sd14_base`);
 - merge time on activation (W0 + B @ A * alpha / r, then copied into the shared UNet's tensors), median of 20: for
   the shapes model through the torch engine's own switch, for SD 1.x as the same merge and copy on its tensors.
 """
@@ -96,8 +97,6 @@ def sd_sizes_and_merge(repeats: int) -> dict:
 def make_repository(root: Path, count: int) -> dict[str, list[Path]]:
     """The shapes model with a CLIP-size tokenizer as a base, and `count` models of each kind and rank: one tuned
     (one step), the others its copies with other adapter values (as distinct models as tuning would make)."""
-    from tuner.artefacts import ADAPTER_FILE, CONFIG_FILE
-    from tuner.io_utils import sha256_files
     from tuner.shapes import SHAPES_MODEL
     from tuner.shapes.world import make_clip
     from tuner.tune import adapter_defaults, default_settings, tune
@@ -111,22 +110,44 @@ def make_repository(root: Path, count: int) -> dict[str, list[Path]]:
     defaults = replace(default_settings(base), steps=1, frames=8)
     kinds = {"full": adapter_defaults(defaults, "full")}
     kinds.update({f"lora-r{r}": replace(adapter_defaults(defaults, "lora"), lora_rank=r) for r in (4, 16, 32)})
-    runs: dict[str, list[Path]] = {}
+    return {kind: copies(tune(base, root / "clip.mp4", caption, root / kind / "m000", settings, progress=False), count)
+            for kind, settings in kinds.items()}
+
+
+def make_sd_repository(root: Path, count: int) -> list[Path]:
+    """A random-weight SD 1.4-size base (`benchmarks.gpu.make_sd14_base`) and `count` rank-16 LoRA models of it with
+    the base's own (paper) tuning set: one tuned one step on an 8-frame 64x64 clip, the others its copies."""
+    from benchmarks.gpu import make_sd14_base
+    from tuner.shapes.world import make_clip
+    from tuner.tune import adapter_defaults, default_settings, tune
+    from tuner.video_io import write_video
+
+    base = make_sd14_base(root / "sd14", "cpu")
+    frames, caption, _ = make_clip("red", "circle", "white", "right", frames=8, seed=0)
+    write_video(root / "clip.mp4", frames, fps=8)
+    settings = replace(adapter_defaults(default_settings(base), "lora"), steps=1, frames=8, width=64, height=64)
+    return copies(tune(base, root / "clip.mp4", caption, root / "sd-lora-r16" / "m000", settings, progress=False),
+                  count)
+
+
+def copies(first: Path, count: int) -> list[Path]:
+    """The tuned model `first` and `count - 1` copies beside it with other adapter values (each as distinct a model
+    as tuning would make: its own file and hash)."""
+    from tuner.artefacts import ADAPTER_FILE, CONFIG_FILE
+    from tuner.io_utils import sha256_files
+
     generator = torch.Generator().manual_seed(0)
-    for kind, settings in kinds.items():
-        repo = root / kind
-        first = tune(base, root / "clip.mp4", caption, repo / "m000", settings, progress=False)
-        runs[kind] = [first]
-        adapter = load_file(first / ADAPTER_FILE)
-        for i in range(1, count):
-            run = repo / f"m{i:03d}"
-            shutil.copytree(first, run, ignore=shutil.ignore_patterns(ADAPTER_FILE))
-            save_file({k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in adapter.items()},
-                      run / ADAPTER_FILE)
-            config = json.loads((run / CONFIG_FILE).read_text())
-            config["adapter_sha256"] = sha256_files([run / ADAPTER_FILE], run)
-            (run / CONFIG_FILE).write_text(json.dumps(config))
-            runs[kind].append(run)
+    adapter = load_file(first / ADAPTER_FILE)
+    runs = [first]
+    for i in range(1, count):
+        run = first.parent / f"m{i:03d}"
+        shutil.copytree(first, run, ignore=shutil.ignore_patterns(ADAPTER_FILE))
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in adapter.items()},
+                  run / ADAPTER_FILE)
+        config = json.loads((run / CONFIG_FILE).read_text())
+        config["adapter_sha256"] = sha256_files([run / ADAPTER_FILE], run)
+        (run / CONFIG_FILE).write_text(json.dumps(config))
+        runs.append(run)
     return runs
 
 
@@ -152,31 +173,40 @@ def resident(repo: Path, count: int) -> dict:
     return {"rss_mib": curve, "switch": summarize(switches[1:])}
 
 
+def measured_resident(runs: list[Path], count: int) -> dict:
+    """Load the models `runs` (one repository) one by one in a fresh process (`resident`): the RSS after each, its
+    slope per model, the models the registry's default budget holds at that cost, and the switch times."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.adapters", str(runs[0].parent), str(count)],
+                         capture_output=True, text=True, check=True, env=env)
+    measured = json.loads(out.stdout.splitlines()[-1])
+    curve = np.array(measured["rss_mib"])
+    slope = float(np.polyfit(np.arange(len(curve) - 1), curve[1:], 1)[0]) * 2**20  # bytes per model
+    return {"adapter_bytes": (runs[0] / "adapter.safetensors").stat().st_size,
+            "resident_bytes_per_model": slope, "models_per_gib": 2**30 / slope if slope > 0 else None,
+            "models_in_default_budget": int(DEFAULT_BUDGET / slope) if slope > 0 else None,
+            "rss_mib": measured["rss_mib"], "switch": measured["switch"]}
+
+
 def run(args: argparse.Namespace) -> dict:
     result: dict = {"study": "models --adapters", "models": args.models, "sd": sd_sizes_and_merge(20), "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = make_repository(Path(tmp), args.models)
-        for kind, kind_runs in runs.items():
-            env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-            out = subprocess.run([sys.executable, "-m", "benchmarks.adapters", str(kind_runs[0].parent),
-                                  str(args.models)], capture_output=True, text=True, check=True, env=env)
-            measured = json.loads(out.stdout.splitlines()[-1])
-            curve = np.array(measured["rss_mib"])
-            slope = float(np.polyfit(np.arange(len(curve) - 1), curve[1:], 1)[0]) * 2**20  # bytes per model
-            result["shapes"][kind] = {
-                "adapter_bytes": (kind_runs[0] / "adapter.safetensors").stat().st_size,
-                "resident_bytes_per_model": slope, "models_per_gib": 2**30 / slope if slope > 0 else None,
-                "models_in_default_budget": int(DEFAULT_BUDGET / slope) if slope > 0 else None,
-                "rss_mib": measured["rss_mib"], "switch": measured["switch"]}
+        for kind, kind_runs in make_repository(Path(tmp) / "shapes", args.models).items():
+            result["shapes"][kind] = measured_resident(kind_runs, args.models)
+    if args.sd_models:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["sd"]["resident"] = {"lora-r16": measured_resident(make_sd_repository(Path(tmp), args.sd_models),
+                                                                      args.sd_models)}
     result["note"] = ("resident bytes: slope of a line through the RSS of a fresh process after each loaded model "
                       "(the first excluded: it loads the base); models_in_default_budget: the registry's 16 GiB "
                       "divided by it")
     write_result(args.out, "models-adapters", result)
 
     def draw(ax):
-        for kind, r in result["shapes"].items():
+        curves = {**result["shapes"], **{f"SD 1.x {k}": v for k, v in result["sd"].get("resident", {}).items()}}
+        for kind, r in curves.items():
             ax.plot(np.arange(len(r["rss_mib"])), np.array(r["rss_mib"]) - r["rss_mib"][0], marker=".", label=kind)
-        ax.set_xlabel("tuned models of the shapes model loaded (CLIP-size tokenizer)")
+        ax.set_xlabel("tuned models loaded (shapes model with a CLIP-size tokenizer; SD 1.x-size random base)")
         ax.set_ylabel("resident memory added (MiB)")
         ax.legend()
 
@@ -186,13 +216,19 @@ def run(args: argparse.Namespace) -> dict:
 
 def quality_by_rank(results: Path) -> dict:
     """Gather `tav-bench quality` runs, one per adapter (`results/<full|rK|...>/quality.json`, each with its
-    `--work` models' tuning seconds per step), into `results/quality-by-rank.json` and a plot."""
+    `--work` models' tuning seconds per step), into `results/quality-by-rank.json` and a plot. A run gathered
+    before whose `--work` directory is gone keeps its earlier row."""
+    gathered = results / "quality-by-rank.json"
+    earlier = json.loads(gathered.read_text())["runs"] if gathered.is_file() else {}
     rows = {}
     for run in sorted(p for p in results.iterdir() if (p / "quality.json").is_file()):
         quality = json.loads((run / "quality.json").read_text())
         by = quality["by_method"]
         edits = {k.split("/")[0]: v for k, v in quality["tune_a_video_by_edit"].items() if k.endswith("/inversion")}
         work = Path(quality["settings"]["work"])
+        if not work.is_dir() and run.name in earlier:
+            rows[run.name] = earlier[run.name]
+            continue
         configs = [json.loads(p.read_text()) for p in work.glob("models/*/tav_config.json")]
         rows[run.name] = {
             "edit_alignment_min": min(v["all"] for k, v in edits.items() if k != "reconstruction"),
@@ -202,7 +238,7 @@ def quality_by_rank(results: Path) -> dict:
             "tune_seconds_per_step": [c["step_seconds_median"] for c in configs],
             "adapter": configs[0].get("adapter", {"kind": "full"}) if configs else None}
     out = {"study": "quality by adapter", "runs": rows}
-    (results / "quality-by-rank.json").write_text(json.dumps(out, indent=2) + "\n")
+    gathered.write_text(json.dumps(out, indent=2) + "\n")
 
     def draw(ax):
         names = list(rows)
