@@ -201,17 +201,22 @@ def run(args: argparse.Namespace) -> dict:
                       "(the first excluded: it loads the base); models_in_default_budget: the registry's 16 GiB "
                       "divided by it")
     write_result(args.out, "models-adapters", result)
+    plot(result, args.out / "models-adapters.png")
+    return result
 
+
+def plot(result: dict, path: Path) -> None:
+    """The resident memory added by each loaded model, by base and adapter kind."""
     def draw(ax):
-        curves = {**result["shapes"], **{f"SD 1.x {k}": v for k, v in result["sd"].get("resident", {}).items()}}
+        curves = {f"shapes {k}": v for k, v in result["shapes"].items()}
+        curves.update({f"SD 1.x {k}": v for k, v in result["sd"].get("resident", {}).items()})
         for kind, r in curves.items():
             ax.plot(np.arange(len(r["rss_mib"])), np.array(r["rss_mib"]) - r["rss_mib"][0], marker=".", label=kind)
-        ax.set_xlabel("tuned models loaded (shapes model with a CLIP-size tokenizer; SD 1.x-size random base)")
+        ax.set_xlabel("tuned models loaded (torch backend)")
         ax.set_ylabel("resident memory added (MiB)")
         ax.legend()
 
-    save_plot(args.out / "models-adapters.png", draw)
-    return result
+    save_plot(path, draw)
 
 
 def quality_by_rank(results: Path) -> dict:
