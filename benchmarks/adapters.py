@@ -98,19 +98,16 @@ def make_repository(root: Path, count: int) -> dict[str, list[Path]]:
     """The shapes model with a CLIP-size tokenizer as a base, and `count` models of each kind and rank: one tuned
     (one step), the others its copies with other adapter values (as distinct models as tuning would make)."""
     from tuner.shapes import SHAPES_MODEL
-    from tuner.shapes.world import make_clip
     from tuner.tune import adapter_defaults, default_settings, tune
-    from tuner.video_io import write_video
 
     base = root / "shapes-clip-tokenizer"
     shutil.copytree(SHAPES_MODEL, base)
     clip_size_tokenizer(base / "tokenizer")
-    frames, caption, _ = make_clip("red", "circle", "white", "right", frames=8, seed=0)
-    write_video(root / "clip.mp4", frames, fps=8)
+    clip, caption = source_clip(root)
     defaults = replace(default_settings(base), steps=1, frames=8)
     kinds = {"full": adapter_defaults(defaults, "full")}
     kinds.update({f"lora-r{r}": replace(adapter_defaults(defaults, "lora"), lora_rank=r) for r in (4, 16, 32)})
-    return {kind: copies(tune(base, root / "clip.mp4", caption, root / kind / "m000", settings, progress=False), count)
+    return {kind: copies(tune(base, clip, caption, root / kind / "m000", settings, progress=False), count)
             for kind, settings in kinds.items()}
 
 
@@ -118,16 +115,22 @@ def make_sd_repository(root: Path, count: int) -> list[Path]:
     """A random-weight SD 1.4-size base (`benchmarks.gpu.make_sd14_base`) and `count` rank-16 LoRA models of it with
     the base's own (paper) tuning set: one tuned one step on an 8-frame 64x64 clip, the others its copies."""
     from benchmarks.gpu import make_sd14_base
-    from tuner.shapes.world import make_clip
     from tuner.tune import adapter_defaults, default_settings, tune
-    from tuner.video_io import write_video
 
     base = make_sd14_base(root / "sd14", "cpu")
+    clip, caption = source_clip(root)
+    settings = replace(adapter_defaults(default_settings(base), "lora"), steps=1, frames=8, width=64, height=64)
+    return copies(tune(base, clip, caption, root / "sd-lora-r16" / "m000", settings, progress=False), count)
+
+
+def source_clip(root: Path) -> tuple[Path, str]:
+    """The clip every model here is tuned on (the demo's: a red circle moving right, 8 frames), written to `root`."""
+    from tuner.shapes.world import make_clip
+    from tuner.video_io import write_video
+
     frames, caption, _ = make_clip("red", "circle", "white", "right", frames=8, seed=0)
     write_video(root / "clip.mp4", frames, fps=8)
-    settings = replace(adapter_defaults(default_settings(base), "lora"), steps=1, frames=8, width=64, height=64)
-    return copies(tune(base, root / "clip.mp4", caption, root / "sd-lora-r16" / "m000", settings, progress=False),
-                  count)
+    return root / "clip.mp4", caption
 
 
 def copies(first: Path, count: int) -> list[Path]:

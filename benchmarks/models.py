@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "of each, at least 50 for the resident figure)")
     p.add_argument("--sd-models", type=int, default=0,
                    help="with --adapters: also this many rank-16 LoRA models of an SD 1.x-size random base loaded for "
-                   "the resident figure (about 1 GB of disk for 60; 0: skip)")
+                   "the resident figure (about 3 GB of temporary disk for 60; 0: skip)")
 
 
 def rss_mib() -> float:

@@ -98,8 +98,8 @@ LORA_RANK = 16
 # A LoRA's learning rate, as a multiple of the full adapter's for the base. On the shapes model (1e-3 full; one clip,
 # rank 16, 600 steps) 3e-3 kept every edit from the inversion right, where 1e-2 broke them (53% alignment); neither
 # redraws the clip from noise as well as full tuning from its seed's start, nor does full tuning from LoRA's start,
-# W0 (benchmarks/README.md, "Quality by LoRA rank"). For
-# SD-size bases it gives 9e-5, the order LoRA fine-tunes of SD 1.x use (not measured here).
+# W0 (benchmarks/README.md, "Quality by LoRA rank"). For SD-size bases it gives 9e-5, the order LoRA fine-tunes of
+# SD 1.x use (not measured here).
 LORA_LR_FACTOR = 3.0
 
 
