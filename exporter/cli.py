@@ -251,7 +251,7 @@ def export(
     except BaseModelError as e:
         raise ExportError(f"the base model of {run} is unusable: {e}") from e
     try:
-        _, latents = model.source()  # checked against the size tav_config.json gives
+        source = model.source(with_frames=False)  # checked against the size tav_config.json gives
     except ArtefactError as e:
         raise ExportError(f"{run}: {e}") from e
     out = Path(out) if out else model.path / "engines"
@@ -294,13 +294,14 @@ def export(
         # its factors: the runtimes merge them onto the W0 the manifest names
         stored = model.adapter() if model.lora else adapter
         save_file({k: v.float().contiguous() for k, v in stored.items()}, tmp / artefacts.ENGINE_ADAPTER_FILE)
-        save_file({"latents": latents.contiguous()}, tmp / artefacts.ENGINE_SOURCE_FILE)
+        save_file(source.tensors(), tmp / artefacts.ENGINE_SOURCE_FILE)
         shutil.copytree(model.base_path / "tokenizer", tmp / "tokenizer")
         shutil.copy(model.base_path / "scheduler" / "scheduler_config.json",
                     tmp / artefacts.SCHEDULER_FILE)
         manifest = {**model_manifest(model, built.pop("latent_channels"), built.pop("text_shape")), **built}
         manifest["adapter_sha256"] = sha256_files([tmp / artefacts.ENGINE_ADAPTER_FILE], tmp)
         manifest["source_sha256"] = sha256_files([model.path / artefacts.SOURCE_FILE], model.path)
+        manifest["source"] = model.config.get("source", {"kind": "clip"})
         if model.lora:
             w0 = model.path / model.lora["w0"]["path"]
             manifest["lora"] = {"rank": model.lora["rank"], "alpha": model.lora["alpha"],

@@ -8,7 +8,7 @@ changed leaves the old ones; nothing else ever removes them. An entry is kept wh
   under a directory of the repository (models, `.job-*` directories, the tuner's and exporter's temporary ones),
   read as text, so a file that does not parse still protects what it names;
 - it is in use: its lock `.<name>.lock` is held (exclusively while an export builds it; shared by a tune job for
-  its base from before the copy is made until its model is published, `jobs.bases.base_in_use`);
+  its base from before the copy is made until its model is published, `tuner.base_store.base_in_use`);
 - it was made or last used (its mtime: an export that reuses an entry touches it under the lock, as does a job
   that reuses a base) within the grace period, which covers the moment between an export's use of an entry and
   the manifest that names it.

@@ -39,8 +39,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from jobs.bases import base_in_use, resolve
 from jobs.spec import EXPORTING, TUNING, Job, UnreadableRecord
+from tuner.base_store import base_in_use
+from tuner.hub import resolve_base
 from tuner.tune import TuneSettings
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def run(job: Job, clip: bytes | Path, repo: Path, hooks: Hooks, device: str | No
         return Outcome(0.0, 0.0)
     settings = replace(job.tune_settings(), **worker_settings)
     hooks.progress(TUNING, 0, settings.steps)
-    with base_in_use(*resolve(job.base_source), repo) as base:
+    with base_in_use(*resolve_base(job.base_source), repo) as base:
         return _run(job, clip, repo, hooks, device, exports, settings, base)
 
 

@@ -173,7 +173,7 @@ def check_source_video(video: bytes) -> None:
 
 def resolve(options: GenerationOptions, model: LoadedModel) -> GenerationOptions:
     """Check every option against its bounds (InvalidRequest names the field) and fill in the defaults;
-    Unsupported when the model's backend cannot serve the cache interval."""
+    Unsupported when the model's backend cannot serve the cache interval, or it has no source to invert."""
     check_options(options)
     steps = model.defaults.get("steps", 50) if options.steps is None else options.steps
     guidance = model.defaults.get("guidance", 12.5) if options.guidance is None else options.guidance
@@ -181,11 +181,14 @@ def resolve(options: GenerationOptions, model: LoadedModel) -> GenerationOptions
     engines = model.engines
     if options.cache_interval > 1 and (reason := engines.cache_unsupported()) is not None:
         raise Unsupported(f"cache_interval: {reason}")
-    if model.source_latents.shape[0] != engines.latent_shape[0] or tuple(
-        model.source_latents.shape[2:]
-    ) != tuple(engines.latent_shape[1:]):
-        raise InvalidRequest("model", f"source latents {tuple(model.source_latents.shape)} do not fit the engine's "
+    latents = model.source.latents if model.source.latents is not None else model.source.inverted
+    if latents is not None and (latents.shape[0] != engines.latent_shape[0]
+                                or tuple(latents.shape[2:]) != tuple(engines.latent_shape[1:])):
+        raise InvalidRequest("model", f"source latents {tuple(latents.shape)} do not fit the engine's "
                                       f"latent shape {engines.latent_shape}")
+    if options.invert and options.source_video is None and model.source.kind == "none":
+        raise Unsupported("invert: this model has no source clip to invert (it was imported without one): send "
+                          "source_video, or set invert = false to generate from noise")
     return GenerationOptions(options.prompt, options.negative_prompt, options.frames, int(steps), float(guidance),
                              int(seed), options.invert, options.source_video, options.cache_interval)
 
@@ -246,7 +249,10 @@ class Generator:
         generator = torch.Generator().manual_seed(opts.seed)
         noise = torch.randn((1, c, total, h, w), generator=generator).to(self.engines.device)
         start = noise * DDIMScheduler.from_config(self.model.scheduler_config).init_noise_sigma
-        if opts.invert:
+        if opts.invert and opts.source_video is None and self.model.source.kind == "inverted":
+            inverted = self.model.source.inverted[:, :total][None].to(self.engines.device)
+            start[:, :, : inverted.shape[2]] = inverted  # inverted once, at the model's own step count
+        elif opts.invert:
             source, source_hash = self._source(opts.source_video)
             lap("encode")
             inverted = self._invert(source, source_hash, opts.steps, total)
@@ -259,6 +265,15 @@ class Generator:
         lap("sample")
         return latents, truncated
 
+    def invert_source(self, steps: int, frames: int) -> torch.Tensor:
+        """The model's source clip, its first `frames` frames DDIM-inverted at `steps` steps (empty prompt, no
+        guidance), `[1, C, frames, h, w]`: what an edit from the inversion starts from."""
+        self._progress = lambda phase, step, total: None
+        self._cancelled = lambda: False
+        if self.model.source.latents is None:
+            raise Unsupported("the model holds no source clip to invert")
+        return self._invert(self.model.source.latents, self.model.source_hash, steps, frames)
+
     def _encode_text(self, prompt: str) -> tuple[torch.Tensor, bool]:
         ids, truncated = tokenize(self.model.tokenizer, prompt)
         return self.engines.encode_text(ids).float(), truncated
@@ -266,7 +281,7 @@ class Generator:
     def _source(self, video: bytes | None) -> tuple[torch.Tensor, str]:
         """Scaled latents `[C, N, h, w]` of the clip to invert, and its content hash."""
         if video is None:
-            return self.model.source_latents, self.model.source_hash
+            return self.model.source.latents, self.model.source_hash
         height, width = self.model.pixel_size
         try:
             frames = read_video(video, MAX_FRAMES, MAX_SOURCE_PIXELS, (width, height), self._stop_if_cancelled).frames

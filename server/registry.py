@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -78,8 +78,7 @@ def model_bytes(model: LoadedModel, run: Path) -> int:
     """Memory a loaded model adds: its adapter tensors (a LoRA model's factors) and source latents. The base graphs or
     modules it runs, a LoRA base's W0 and the tokenizer are shared by every model of the same base (the engines load
     them once per process), so they do not count."""
-    latents = model.source_latents
-    return (run / ADAPTER_FILE).stat().st_size + latents.numel() * latents.element_size()
+    return (run / ADAPTER_FILE).stat().st_size + model.source.nbytes
 
 
 def full_steps(steps: int, cache_interval: int) -> int:
@@ -395,8 +394,13 @@ class ModelRegistry:
 
     @staticmethod
     def _warm_up(generator: Generator, entry: ModelEntry) -> Cost:
-        """One short generation through every engine (UNet at batch 1 and 2, VAE decoder); returns its cost."""
-        options = GenerationOptions(entry.config["prompt"], steps=1, guidance=2.0, seed=0, invert=True)
+        """One short generation through every engine (UNet at batch 1 and 2, VAE decoder); returns its cost. A
+        model without its clip (imported from inverted latents or none) has no inversion to run the UNet at batch 1:
+        one unguided step does."""
+        clip = generator.model.source.kind == "clip"
+        options = GenerationOptions(entry.config["prompt"], steps=1, guidance=2.0, seed=0, invert=clip)
         result = generator.generate(options)
-        per_call = max(result.timings["invert"], result.timings["sample"])
+        if not clip:
+            generator.generate_latents(replace(options, guidance=1.0))
+        per_call = max(result.timings.get("invert", 0.0), result.timings["sample"])
         return Cost(per_call, result.timings["decode"] / len(result.frames))

@@ -1,10 +1,11 @@
 """Shared fixtures, each made once a run, whatever the number of pytest-xdist workers (`built_once`): the tiny base
 model, a small synthetic clip, a tuned tiny model, the tiny base's ONNX engine store (seeded into test repositories),
-a tiny pretrained shapes model, the AOTInductor packages, and one inductor cache. The `needs_tool` marker comes from
-tests/tools.py."""
+a tiny pretrained shapes model, the AOTInductor packages, and one inductor cache; and `hub_cache_repository`, a
+huggingface_hub cache laid out on disk. The `needs_tool` marker comes from tests/tools.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -196,3 +197,20 @@ def paper_engine_store(tuned_run, built_once) -> tuple[Path, str]:
     root = built_once("paper-engine-store", build)
     manifest = json.loads((root / "square" / "engines" / "manifest.json").read_text())
     return root / ".engines", manifest["store"]["key"]
+
+
+def hub_cache_repository(cache: Path, repo_id: str, folder: Path) -> None:
+    """Lay `folder`'s files out as hub repository `repo_id` in the huggingface_hub cache `cache` (blobs by content
+    hash, a snapshot of links to them, refs/main), as a download would leave it: what `HF_HUB_OFFLINE=1` reads."""
+    model = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = model / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = model / "snapshots" / commit / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (model / "refs").mkdir(exist_ok=True)
+    (model / "refs" / "main").write_text(commit)

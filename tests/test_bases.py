@@ -3,7 +3,6 @@ repository holds three), and `tav-export --gc` removes the engine and base store
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hub_cache_repository
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
 
 from exporter.cli import main as export_main
 from exporter.gc import DEFAULT_GRACE, collect
-from jobs.bases import base_in_use, parse_base, resolve
+from jobs.bases import parse_base
+from tuner.base_store import base_in_use
 from tuner.components import (
     WEIGHT_NAMES,
     BaseModelError,
@@ -30,6 +31,7 @@ from tuner.components import (
     model_file_patterns,
     weights_file,
 )
+from tuner.hub import resolve_base
 from tuner.io_utils import sha256_files
 from tuner.threads import OPENMP, cpu_budget
 
@@ -102,12 +104,12 @@ def test_a_local_base_with_every_variant_hashes_and_copies_one(tiny_base, tmp_pa
     base = with_every_variant(tiny_base, tmp_path / "sd")
     repo = tmp_path / "repo"
 
-    with base_in_use(*resolve(str(base)), repo) as main:
+    with base_in_use(*resolve_base(str(base)), repo) as main:
         pass
     assert main.name == base_model_hash(tiny_base)
     assert files(main) == loaded_files(tiny_base)
 
-    with base_in_use(*resolve(f"{base}@fp16"), repo) as fp16:
+    with base_in_use(*resolve_base(f"{base}@fp16"), repo) as fp16:
         pass
     assert fp16.name == base_model_hash(base, "fp16") != main.name
     assert files(fp16) == sorted(p.replace(".safetensors", ".fp16.safetensors") if p.endswith(".safetensors") else p
@@ -130,25 +132,15 @@ def test_a_hub_cache_with_every_variant_gives_one(tiny_base, tmp_path):
     variant: each of `ID` and `ID@fp16` is hashed and copied as its one variant."""
     layout = with_every_variant(tiny_base, tmp_path / "layout")
     cache = tmp_path / "hub"
-    model = cache / "models--tav-test--sd"
-    commit = "1" * 40
-    for name in files(layout):
-        data = (layout / name).read_bytes()
-        blob = model / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = model / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (model / "refs").mkdir()
-    (model / "refs" / "main").write_text(commit)
+    hub_cache_repository(cache, "tav-test/sd", layout)
     code = """
 import json, sys
 from pathlib import Path
-from jobs.bases import base_in_use, resolve
+from tuner.base_store import base_in_use
+from tuner.hub import resolve_base
 copies = {}
 for source in ("tav-test/sd", "tav-test/sd@fp16"):
-    with base_in_use(*resolve(source), Path(sys.argv[1])) as copy:
+    with base_in_use(*resolve_base(source), Path(sys.argv[1])) as copy:
         copies[source] = str(copy)
 print(json.dumps(copies))
 """
@@ -170,8 +162,8 @@ def test_the_main_weights_are_the_default_never_a_variant_in_their_place(tiny_ba
         (base / weights_file(part, None)).unlink()
         (base / weights_file(part, "non_ema")).unlink(missing_ok=True)
     with pytest.raises(BaseModelError, match=f"only the fp16 variant: give it as {base}@fp16"):
-        resolve(str(base))
-    assert resolve(f"{base}@fp16") == (base, "fp16")
+        resolve_base(str(base))
+    assert resolve_base(f"{base}@fp16") == (base, "fp16")
 
 
 @pytest.mark.parametrize("arg", ["sd=org/model@", "sd=org/model@fp-16", "sd=@fp16"])
@@ -215,7 +207,7 @@ class LockHolder:
     CODE = """
 import sys
 from pathlib import Path
-from jobs.bases import base_in_use
+from tuner.base_store import base_in_use
 from tuner.io_utils import file_lock
 how, where, repo = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 with file_lock(where) if how == "build" else base_in_use(where, None, repo) as held:

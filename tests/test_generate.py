@@ -75,7 +75,7 @@ def test_inversion_reconstructs_the_source(model):
     Measured on the tiny random model (10 steps): relative error 17.8 from the inverted start, 120.0 from random
     noise (the random UNet predicts large noise, so both are large; the ratio is what inversion buys).
     """
-    source = model.source_latents[:, :8][None]
+    source = model.source.latents[:, :8][None]
     prompt = "a red square is moving right"
     generator = Generator(model)
     inverted = generator.generate_latents(GenerationOptions(prompt, steps=STEPS, guidance=1.0, seed=0))[0]
@@ -217,7 +217,7 @@ def test_v_prediction_models_generate(tmp_path, clip_path):
                progress=False)
     model = load_model(run)
     assert model.scheduler_config["prediction_type"] == "v_prediction"
-    source = model.source_latents[:, :8][None]
+    source = model.source.latents[:, :8][None]
     generator = Generator(model)
     inverted = generator.generate_latents(GenerationOptions("a red square", steps=STEPS, guidance=1.0, seed=0))[0]
     noise = generator.generate_latents(GenerationOptions("a red square", steps=STEPS, guidance=1.0, seed=0,

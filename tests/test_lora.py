@@ -95,7 +95,7 @@ def test_a_lora_tuning_writes_only_the_factors_and_the_biases_lora_does_not_cove
     assert any(adapter[f"{m}{lora.LORA_B}"].abs().max() > 0 for m in modules)  # it trained
     full_size = (repo / "full" / ADAPTER_FILE).stat().st_size
     assert (repo / "lora-a" / ADAPTER_FILE).stat().st_size < full_size
-    assert model.config["format_version"] == 4 and model.config["adapter"]["rank"] == 4
+    assert model.config["format_version"] == 5 and model.config["adapter"]["rank"] == 4
     # one W0 per base, whatever the tuning seed: both models record the same stored file
     records = [TunedModel.open(repo / name).lora["w0"] for name in ("lora-a", "lora-b")]
     assert records[0]["sha256"] == records[1]["sha256"]

@@ -14,9 +14,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from jobs.bases import base_in_use
 from tuner import artefacts
 from tuner.artefacts import TunedModel, load_tuned
+from tuner.base_store import base_in_use
 from tuner.components import base_model_files, base_model_hash, encode_prompt, is_same_base, load_components
 from tuner.inflate import inflate, is_trainable
 from tuner.io_utils import sha256_files
@@ -93,8 +93,7 @@ def test_tuning_lowers_the_loss_on_the_clip(tiny_base, clip_path, tmp_path):
     settings = TuneSettings(frames=8, width=32, height=32, steps=30, lr=2e-3, seed=3)
     run = tune(tiny_base, clip_path, "a red square is moving right", tmp_path / "run", settings, progress=False)
     model = TunedModel.open(run)
-    _, latents = model.source()
-    clean = latents[:, :8][None]
+    clean = model.source().latents[:, :8][None]
     g = torch.Generator().manual_seed(0)
     pairs = [(torch.tensor([t]), torch.randn(clean.shape, generator=g)) for t in (50, 250, 500, 750, 950)]
 
@@ -176,27 +175,31 @@ def test_tuned_directory_contents(tuned_run, clip_path):
     assert config["settings"]["mixed_precision"] == "auto" and config["mixed_precision"] == "no"  # fp32 on CPU
     legacy = TunedModel(model.path, {k: v for k, v in config.items() if k != "group_norm"})
     assert legacy.architecture[1] == "per_clip", "models tuned before the setting normalised per clip"
-    frames, latents = model.source()
+    source = model.source()
+    frames, latents = source.frames, source.latents
+    assert source.kind == "clip"
     assert frames.shape == (12, 32, 32, 3) and frames.dtype.name == "uint8"  # every frame of the clip
     assert latents.shape == (4, 12, 16, 16)
     assert not list(tuned_run.parent.glob(".*tmp*")), "no temporary directory left behind"
 
 
-def test_format_v1_still_loads_without_frame_positions_and_v5_is_refused(tuned_run, tmp_path):
+def test_format_v1_still_loads_without_frame_positions_and_v6_is_refused(tuned_run, tmp_path):
     config = json.loads((tuned_run / artefacts.CONFIG_FILE).read_text())
-    assert config["format_version"] == 4 and config["frame_positions"] == "none"
-    for version, loads in ((1, True), (5, False)):
+    assert config["format_version"] == 5 and config["frame_positions"] == "none"
+    assert config["source"] == {"kind": "clip"}
+    for version, loads in ((1, True), (4, True), (6, False)):
         copy = tmp_path / f"v{version}"
         shutil.copytree(tuned_run, copy)
-        old = {k: v for k, v in config.items() if k != "frame_positions"} | {"format_version": version}
+        old = {k: v for k, v in config.items() if k not in ("frame_positions", "source")} | {"format_version": version}
         (copy / artefacts.CONFIG_FILE).write_text(json.dumps(old))
         if loads:
             model, components = load_tuned(copy)
             assert model.architecture == ("sparse_causal", "per_frame", "none")
             assert all(b.position_wavelength is None for b in components.unet.modules()
                        if hasattr(b, "position_wavelength"))
+            assert model.source().kind == "clip", "a model before v5 holds its clip"
         else:
-            with pytest.raises(artefacts.ArtefactError, match="v5"):
+            with pytest.raises(artefacts.ArtefactError, match="v6"):
                 TunedModel.open(copy)
 
 

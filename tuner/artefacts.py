@@ -5,8 +5,10 @@ RUN/
   tav_config.json      what was tuned and how: base model (path + content hash), clip, prompt, settings
   adapter.safetensors  full: every tuned tensor of the video UNet (attn1/attn2 to_q, attn_temp q/k/v/out), nothing
                        else; lora: the LoRA factors and whole-tuned biases (`tuner.lora`), changes to the base's W0
-  source.safetensors   the source clip at the tuning stride (`frames`, uint8 [N, H, W, 3], N <= 128) and its
-                       scaled VAE latents (`latents`, float32 [C, N, h, w]) for DDIM inversion
+  source.safetensors   what an edit starts from (`Source`): the source clip at the tuning stride (`frames`, uint8
+                       [N, H, W, 3], N <= 128) and its scaled VAE latents (`latents`, float32 [C, N, h, w]), DDIM-
+                       inverted per request; or, for a model imported without its clip, latents already inverted
+                       (`inverted`, float32 [C, N, h, w]: the official implementation's `inv_latents`); or nothing
 ```
 
 Everything is safetensors or JSON; nothing is unpickled. Directories are written whole or not at all. Every JSON
@@ -35,9 +37,10 @@ from tuner.io_utils import JsonError, read_json_file, sha256_files
 FORMAT = "tav-tuned-model"
 # v2 added `frame_positions` (a v1 model has none); v3 its value "sinusoidal_short_middle", which a v2 reader
 # would run as plain "sinusoidal" if it skipped the schema; v4 `adapter` (a LoRA model's adapter is not the tuned
-# tensors, which a v3 reader would load as if it were). Earlier directories still load (as full adapters).
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# tensors, which a v3 reader would load as if it were); v5 a source without its clip (`source.kind`: inverted
+# latents only, or nothing), which a v4 reader would fail on. Earlier directories still load (as full adapters).
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 CONFIG_FILE = "tav_config.json"
 ADAPTER_FILE = "adapter.safetensors"
 SOURCE_FILE = "source.safetensors"
@@ -72,6 +75,10 @@ CONFIG_SCHEMA = {
         "latent_height": _POSITIVE_INT,
         "fps": {"type": "number", "exclusiveMinimum": 0},
         "recommended": _RECOMMENDED,
+        "suggested_prompts": {"type": "array", "items": _STRING, "maxItems": 64},
+        "source": {"type": "object", "required": ["kind"],
+                   "properties": {"kind": {"enum": ["clip", "inverted", "none"]},
+                                  "inverted_steps": {"type": ["integer", "null"], "minimum": 1}}},
         "adapter_sha256": _STRING,
         "adapter": {
             "type": "object", "required": ["kind"],
@@ -118,6 +125,56 @@ def read_safetensors(path: Path, name: str) -> dict[str, torch.Tensor]:
         raise ArtefactError(f"{name} is missing") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtefactError(f"{name} is not a readable safetensors file") from e
+
+
+SOURCE_KINDS = ("clip", "inverted", "none")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a model's edits start from. `latents`: the source clip's scaled VAE latents `[C, N, h, w]`, which the
+    server DDIM-inverts at each request's step count (and caches); or `inverted`: latents already inverted
+    (`[C, N, h, w]`, from an empty prompt at `inverted_steps` steps), which every request starts from whatever its
+    own step count, as the official pipeline does with its `inv_latents`; or neither: the model generates from
+    noise only. `frames` is the clip itself (uint8 `[N, H, W, 3]`) when the model has it."""
+
+    latents: torch.Tensor | None = None
+    inverted: torch.Tensor | None = None
+    inverted_steps: int | None = None
+    frames: np.ndarray | None = None
+
+    @property
+    def kind(self) -> str:
+        return "clip" if self.latents is not None else "inverted" if self.inverted is not None else "none"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The latents as a source file stores them (`latents` or `inverted`; empty for none)."""
+        found = {"latents": self.latents, "inverted": self.inverted}
+        return {name: tensor.float().contiguous() for name, tensor in found.items() if tensor is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def read_source(path: Path, name: str, kind: str, latent_size: tuple[int, int], inverted_steps: int | None = None,
+                with_frames: bool = True) -> Source:
+    """The `Source` of kind `kind` in the safetensors file `path` (called `name` in messages), its latents checked
+    against `latent_size`."""
+    tensors = read_safetensors(path, name)
+    key = {"clip": "latents", "inverted": "inverted"}.get(kind)
+    if key is None:
+        return Source()
+    latents = tensors.get(key)
+    if latents is None or latents.ndim != 4 or tuple(latents.shape[2:]) != tuple(latent_size):
+        raise ArtefactError(f"{name}: '{key}' must be [C, N, {latent_size[0]}, {latent_size[1]}] (the model's "
+                            "latent size)")
+    if kind == "inverted":
+        return Source(inverted=latents, inverted_steps=inverted_steps)
+    frames = tensors.get("frames")
+    if with_frames and (frames is None or frames.dtype != torch.uint8 or frames.ndim != 4):
+        raise ArtefactError(f"{name}: 'frames' must be uint8 [N, H, W, 3]")
+    return Source(latents=latents, frames=frames.numpy() if with_frames else None)
 
 
 @dataclass(frozen=True)
@@ -191,16 +248,12 @@ class TunedModel:
             return adapter
         return lora_tensors(adapter, self.w0().tensors, self.lora, ADAPTER_FILE)
 
-    def source(self) -> tuple[np.ndarray, torch.Tensor]:
-        """The source clip's frames (uint8 `[N, H, W, 3]`) and scaled latents (`[C, N, h, w]`)."""
-        tensors = read_safetensors(self.path / SOURCE_FILE, SOURCE_FILE)
-        frames, latents = tensors.get("frames"), tensors.get("latents")
-        if frames is None or frames.dtype != torch.uint8 or frames.ndim != 4:
-            raise ArtefactError(f"{SOURCE_FILE}: 'frames' must be uint8 [N, H, W, 3]")
-        if latents is None or latents.ndim != 4 or tuple(latents.shape[2:]) != self.latent_size:
-            raise ArtefactError(f"{SOURCE_FILE}: 'latents' must be [C, N, {self.latent_size[0]}, "
-                                f"{self.latent_size[1]}] ({CONFIG_FILE}'s latent size)")
-        return frames.numpy(), latents
+    def source(self, with_frames: bool = True) -> Source:
+        """What edits start from (`Source`), with the clip's frames or without; models before format v5 all hold
+        their clip."""
+        record = self.config.get("source", {"kind": "clip"})
+        return read_source(self.path / SOURCE_FILE, SOURCE_FILE, record["kind"], self.latent_size,
+                           record.get("inverted_steps"), with_frames)
 
 
 def base_reference(base: Path, model_dir: Path) -> str:
@@ -229,16 +282,18 @@ def lora_tensors(adapter: dict[str, torch.Tensor], w0: dict[str, torch.Tensor], 
     return lora.merge(adapter, w0, record["alpha"] / record["rank"], dtype)
 
 
-def write_tuned_model(
-    directory: Path, config: dict, adapter: dict[str, torch.Tensor], frames: np.ndarray, latents: torch.Tensor
-) -> None:
+def write_tuned_model(directory: Path, config: dict, adapter: dict[str, torch.Tensor], source: Source) -> None:
     """Fill `directory` (a fresh temporary one) with a complete tuned model whose adapter file holds `adapter`
-    (`adapter_state`, or a LoRA model's `tuner.lora.lora_state`)."""
+    (`adapter_state`, or a LoRA model's `tuner.lora.lora_state`) and whose edits start from `source`."""
     save_file(adapter, directory / ADAPTER_FILE)
-    source = {"frames": torch.from_numpy(np.ascontiguousarray(frames)), "latents": latents.float().contiguous()}
-    save_file(source, directory / SOURCE_FILE)
+    tensors = source.tensors()
+    if source.frames is not None:
+        tensors["frames"] = torch.from_numpy(np.ascontiguousarray(source.frames))
+    save_file(tensors, directory / SOURCE_FILE)
     adapter_hash = sha256_files([directory / ADAPTER_FILE], directory)
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **config, "adapter_sha256": adapter_hash}
+    record = {"kind": source.kind, **({"inverted_steps": source.inverted_steps} if source.kind == "inverted" else {})}
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **config, "source": record,
+            "adapter_sha256": adapter_hash}
     (directory / CONFIG_FILE).write_text(json.dumps(full, indent=2) + "\n")
 
 
@@ -275,7 +330,8 @@ def load_tuned(
 #   tokenizer/           the tokenizer files
 #   scheduler_config.json
 #   adapter.safetensors  the tuned tensors (fp32) under their names in the graphs and packages
-#   source.safetensors   the source clip's scaled latents
+#   source.safetensors   the source clip's scaled latents (`latents`), or inverted latents (`inverted`; the
+#                        manifest's `source` record says which), or nothing
 # The graphs and packages themselves live once per base model (and size, precision, attention mode; device,
 # torch version and compile target for packages) in the shared store `REPO/.engines/<key>/`, which the manifest
 # points to by a path relative to the engine directory.
@@ -324,6 +380,7 @@ MANIFEST_SCHEMA = {
         "defaults": _RECOMMENDED,
         "adapter_sha256": _STRING,
         "source_sha256": _STRING,
+        "source": CONFIG_SCHEMA["properties"]["source"],
         "aoti": {"type": "object", "additionalProperties": {"type": "object", "required": ["store"]}},
         # a LoRA model's: the adapter file holds its factors, merged by the runtimes onto this W0
         "lora": {"type": "object", "required": ["rank", "alpha", "w0"],
@@ -380,12 +437,11 @@ class EngineDir:
     def adapter(self) -> dict[str, torch.Tensor]:
         return read_safetensors(self.path / ENGINE_ADAPTER_FILE, f"{ENGINE_DIR}/{ENGINE_ADAPTER_FILE}")
 
-    def source_latents(self) -> torch.Tensor:
-        name = f"{ENGINE_DIR}/{ENGINE_SOURCE_FILE}"
-        latents = read_safetensors(self.path / ENGINE_SOURCE_FILE, name).get("latents")
-        if latents is None or latents.ndim != 4:
-            raise ArtefactError(f"{name}: 'latents' must be [C, N, h, w]")
-        return latents
+    def source(self) -> Source:
+        """What edits start from: the source clip's latents, inverted latents or nothing (no clip frames here)."""
+        record = self.manifest.get("source", {"kind": "clip"})
+        return read_source(self.path / ENGINE_SOURCE_FILE, f"{ENGINE_DIR}/{ENGINE_SOURCE_FILE}", record["kind"],
+                           tuple(self.manifest["latent_size"]), record.get("inverted_steps"), with_frames=False)
 
     def scheduler_config(self) -> dict:
         return read_json(self.path / SCHEDULER_FILE, f"{ENGINE_DIR}/{SCHEDULER_FILE}", {"type": "object"})

@@ -391,7 +391,7 @@ def tune(
     }
     adapter = lora.lora_state(unet) if lora_record else artefacts.adapter_state(unet)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        artefacts.write_tuned_model(tmp, config, adapter, frames, mean)
+        artefacts.write_tuned_model(tmp, config, adapter, artefacts.Source(latents=mean, frames=frames))
     return out
 
 

@@ -27,6 +27,7 @@ from tuner.artefacts import (
     ENGINE_ADAPTER_FILE,
     ArtefactError,
     EngineDir,
+    Source,
     TunedModel,
 )
 from tuner.io_utils import sha256_files
@@ -180,7 +181,7 @@ class LoadedModel:
     tokenizer: CLIPTokenizer
     scheduler_config: dict
     scaling_factor: float
-    source_latents: torch.Tensor  # scaled, [C, N, h, w]
+    source: Source  # what edits start from: the clip's latents, inverted latents, or nothing
     source_hash: str
     fps: float
     model_hash: str
@@ -218,7 +219,7 @@ def model_from_engine_dir(engine_dir: EngineDir, engines: Engines, name: str, **
         tokenizer=shared_tokenizer(engine_dir.path / "tokenizer"),
         scheduler_config=engine_dir.scheduler_config(),
         scaling_factor=float(manifest["scaling_factor"]),
-        source_latents=engine_dir.source_latents(),
+        source=engine_dir.source(),
         source_hash=manifest["source_sha256"],
         fps=float(manifest["fps"]),
         model_hash=manifest["model"]["model_hash"],

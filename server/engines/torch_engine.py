@@ -111,7 +111,6 @@ def load_torch_model(run: str | Path, device: str | None = None, name: str | Non
     base = shared_base(model, device, dtype)
     adapter = TunedTensors.of_model(model, device, dtype)
     engines = TorchEngines(base, adapter, model.latent_size, device, dtype)
-    _, latents = model.source()
     config = model.config
     return LoadedModel(
         name=name or Path(run).name,
@@ -119,7 +118,7 @@ def load_torch_model(run: str | Path, device: str | None = None, name: str | Non
         tokenizer=base.components.tokenizer,
         scheduler_config=base.components.scheduler_config,
         scaling_factor=base.components.scaling_factor,
-        source_latents=latents,
+        source=model.source(with_frames=False),
         source_hash=sha256_files([model.path / "source.safetensors"], model.path),
         fps=float(config["fps"]),
         model_hash=model.model_hash,
