@@ -93,8 +93,8 @@ def build_store_entry(model: TunedModel, entry: Path, device: str, precision: st
     require_aoti(device, ExportError)
     check_precision(device, precision)
     started = time.perf_counter()
-    job = {"base": str(model.base_path.resolve()), "device": device, "precision": precision,
-           "latent_size": list(model.latent_size), "architecture": list(model.architecture)}
+    job = {"base": str(model.base_path.resolve()), "variant": model.base_variant, "device": device,
+           "precision": precision, "latent_size": list(model.latent_size), "architecture": list(model.architecture)}
     components, unet, specs = _networks(job)
     text_shape = [components.tokenizer.model_max_length, int(components.text_encoder.config.hidden_size)]
     index = {"format": FORMAT, "format_version": FORMAT_VERSION, "device": device, "precision": precision,
@@ -131,7 +131,7 @@ def build_store_entry(model: TunedModel, entry: Path, device: str, precision: st
 def _networks(job: dict):
     """The base's components on the job's device and precision, its video UNet, and the four networks' specs."""
     dtype = PRECISIONS[job["precision"]]
-    components = load_components(job["base"], job["device"], dtype)
+    components = load_components(job["base"], job["device"], dtype, job.get("variant"))
     components.text_encoder.float()  # runs once per prompt; fp32 keeps CLIP's LayerNorms exact at every precision
     with torch.random.fork_rng(devices=[]):  # the new temporal layers' initial values (drawn on the CPU): the same
         torch.manual_seed(0)  # in the compiling processes and the checking one, and the caller's RNG untouched

@@ -85,7 +85,7 @@ def adapter_arrays(adapter: dict[str, torch.Tensor], dtype: torch.dtype = torch.
 def build_store_entry(model: TunedModel, entry: Path, precision: str, progress) -> dict:
     """Export and check the base graphs into `entry` (atomically); return its index."""
     dtype = PRECISIONS[precision]
-    components = load_components(model.base_path, "cpu", dtype)
+    components = load_components(model.base_path, "cpu", dtype, model.base_variant)
     # The text encoder stays fp32 at every precision: it runs once per prompt, and CLIP traced in fp16 mixes
     # fp16 and fp32 inputs in its LayerNorm, which ONNX Runtime refuses.
     components.text_encoder.float()
@@ -163,7 +163,7 @@ def build_branch_graphs(unet_spec, directory: Path, index: dict, precision: str,
 def add_branch_graphs(model: TunedModel, entry: Path, index: dict, precision: str, progress) -> dict:
     """Add the feature-reuse graphs to a store entry exported before them, leaving its graphs as they are: the new
     files are built beside it and moved in, then the index is replaced (readers see the old index or the new)."""
-    components = load_components(model.base_path, "cpu", PRECISIONS[precision])
+    components = load_components(model.base_path, "cpu", PRECISIONS[precision], model.base_variant)
     unet = inflate(components.unet, *model.architecture)
     _distinct_adapter_placeholders(unet)
     unet_spec = next(s for s in graph_specs(components, unet, model.latent_size, PRECISIONS[precision])
@@ -246,7 +246,7 @@ def export(
         aoti_export.check_precision(device, precision)
     base = model.base_path
     try:
-        if not is_same_base(base, model.config["base"]["sha256"]):
+        if not is_same_base(base, model.config["base"]["sha256"], model.base_variant):
             raise ExportError(f"the base model {base} changed since {run} was tuned (content hash differs)")
     except BaseModelError as e:
         raise ExportError(f"the base model of {run} is unusable: {e}") from e
@@ -392,7 +392,7 @@ def _previous_manifest(out: Path, model: TunedModel) -> dict | None:
 
 def check_tuned_unet(model: TunedModel, unet_path: Path, adapter: dict[str, torch.Tensor]) -> dict:
     """The base UNet graph with the adapter as initializer overrides must match the tuned PyTorch UNet."""
-    components = load_components(model.base_path)
+    components = load_components(model.base_path, variant=model.base_variant)
     unet = inflate(components.unet, *model.architecture)
     apply_adapter(unet, adapter)
     spec = next(s for s in graph_specs(components, unet, model.latent_size, torch.float32) if s.name == "unet")

@@ -62,7 +62,7 @@ CONFIG_SCHEMA = {
         "format": {"const": "tav-tuned-model"},
         "format_version": {"type": "integer"},
         "base": {"type": "object", "required": ["path", "sha256"],
-                 "properties": {"path": _STRING, "sha256": _STRING, "id": _STRING}},
+                 "properties": {"path": _STRING, "sha256": _STRING, "id": _STRING, "variant": _STRING}},
         "attention_mode": {"enum": ["sparse_causal", "per_frame", "full"]},
         "group_norm": {"enum": ["per_frame", "per_clip"]},
         "frame_positions": {"enum": list(FRAME_POSITIONS)},
@@ -205,6 +205,11 @@ class TunedModel:
         return self.path / self.config["base"]["path"]
 
     @property
+    def base_variant(self) -> str | None:
+        """The base's weights variant the model was tuned on (diffusers' `variant=`; None: its main weights)."""
+        return self.config["base"].get("variant")
+
+    @property
     def base_id(self) -> str:
         """The base's name: its id in the tuning service's allow-list, else its directory's name."""
         return self.config["base"].get("id") or Path(self.config["base"]["path"]).name
@@ -316,7 +321,7 @@ def load_tuned(
 ) -> tuple[TunedModel, Components]:
     """Load a tuned model directory into ready components whose `unet` is the tuned video UNet."""
     model = TunedModel.open(run)
-    components = load_components(model.base_path, device, dtype)
+    components = load_components(model.base_path, device, dtype, model.base_variant)
     inflate(components.unet, *model.architecture)
     apply_adapter(components.unet, model.tuned_tensors())
     return model, components

@@ -148,11 +148,11 @@ def base_model_hash(base: str | Path, variant: str | None = None) -> str:
     return sha256_files(base_model_files(base, variant), base)
 
 
-def is_same_base(base: str | Path, recorded: str) -> bool:
-    """Whether `base` still holds the content a tuned model recorded as `recorded`. Models tuned by earlier
-    versions recorded a hash over every safetensors file of the three networks (every variant), or before that
-    over every file of the directory; those are accepted too."""
-    if base_model_hash(base) == recorded:
+def is_same_base(base: str | Path, recorded: str, variant: str | None = None) -> bool:
+    """Whether `base` (its weights of `variant`) still holds the content a tuned model recorded as `recorded`.
+    Models tuned by earlier versions recorded a hash over every safetensors file of the three networks (every
+    variant), or before that over every file of the directory; those are accepted too."""
+    if base_model_hash(base, variant) == recorded:
         return True
     base = check_base_dir(base)
     every_variant = (*CONFIG_PATTERNS, *(f"{part}/*.safetensors" for part in WEIGHT_NAMES))

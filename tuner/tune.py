@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,8 +40,10 @@ from tuner.components import (
     is_same_base,
     load_components,
 )
+from tuner.hub import resolve_base, split_variant
 from tuner.inflate import ATTENTION_MODES, FRAME_POSITIONS, GROUP_NORMS, VideoUNet, inflate, is_trainable
 from tuner.io_utils import atomic_directory, read_json_file
+from tuner.official_config import ConfigError, OfficialConfig, read_official_config
 from tuner.versions import versions
 from tuner.video_io import VideoError, read_video
 
@@ -216,6 +218,25 @@ def diffusion_loss(
     return F.mse_loss(prediction.float(), target.float())
 
 
+# The sampling a tuned model recommends unless told otherwise (the paper's), and the bounds tav_config.json takes.
+RECOMMENDED = {"guidance": 12.5, "steps": 50}
+RECOMMENDED_BOUNDS = {name: (spec["minimum"], spec["maximum"])
+                      for name, spec in artefacts.CONFIG_SCHEMA["properties"]["recommended"]["properties"].items()}
+
+
+def recommended_problem(recommended: dict, suggested_prompts: list[str] | None) -> str | None:
+    """Why `recommended` ({"steps", "guidance"}) or `suggested_prompts` cannot be recorded, or None."""
+    for name, kinds in (("steps", int), ("guidance", int | float)):
+        value, (low, high) = recommended[name], RECOMMENDED_BOUNDS[name]
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            return f"recommended {name} must be a {'whole ' if name == 'steps' else ''}number within {low}..{high}, " \
+                f"got {value!r}"
+    if suggested_prompts is not None and not (
+            isinstance(suggested_prompts, list) and all(isinstance(p, str) and p.strip() for p in suggested_prompts)):
+        return "suggested prompts must be a list of non-empty strings"
+    return None
+
+
 def is_tuned(out: str | Path, base: str | Path, prompt: str, settings: TuneSettings) -> bool:
     """Whether `out` already holds a finished model tuned from this very base (by content: a copy in a tuning
     service's base store counts) on `prompt` with `settings`, so that a script may reuse it instead of tuning
@@ -225,7 +246,7 @@ def is_tuned(out: str | Path, base: str | Path, prompt: str, settings: TuneSetti
     except artefacts.ArtefactError:
         return False
     recorded = {**asdict(TuneSettings()), **config["settings"]}  # a model tuned before a setting existed: its default
-    return (is_same_base(base, config["base"]["sha256"]) and config["prompt"] == prompt
+    return (is_same_base(base, config["base"]["sha256"], config["base"].get("variant")) and config["prompt"] == prompt
             and recorded == asdict(settings))
 
 
@@ -241,12 +262,18 @@ def tune(
     on_step: Callable[[int, int, float], None] | None = None,
     base_id: str | None = None,
     base_loras: list[tuple[Path, float]] = (),
+    suggested_prompts: list[str] | None = None,
+    recommended: dict[str, int | float] | None = None,
+    variant: str | None = None,
 ) -> Path:
     """Tune `base` on `video` (a file, a folder of frames, or encoded bytes) captioned `prompt` and write the tuned
     model directory `out`, with `settings` (default: `default_settings(base)`). `on_step(step, total, loss)` is
     called after every step (raise from it to stop: nothing is written); `base_id` names the base in the tuned
     model's config (default: its directory's name). `base_loras` (file, scale) are SD 1.x LoRAs fused into the base
-    first (`tuner.base_lora`): the model is tuned from, and refers to, the merged base."""
+    first (`tuner.base_lora`): the model is tuned from, and refers to, the merged base. `suggested_prompts` (edits
+    to try) and `recommended` ({"steps", "guidance"} for sampling; default `RECOMMENDED`) are recorded for the tuned
+    model's users (an official config's validation prompts and sampling, `tuner.official_config`). `variant`: the
+    base's weights variant (diffusers' `variant=`; default its main weights)."""
     try:
         s = settings or default_settings(base)
     except BaseModelError as e:
@@ -264,6 +291,12 @@ def tune(
         raise TuneError(f"output directory {out} already exists (use --overwrite to replace it)")
     if not prompt.strip():
         raise TuneError("--prompt is empty")
+    recommended = {**RECOMMENDED, **(recommended or {})}
+    bad = recommended_problem(recommended, suggested_prompts)
+    if bad:
+        raise TuneError(bad)
+    if variant is not None and base_loras:
+        raise TuneError("--base-lora takes a base's main weights, not a weights variant")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source_name = f"an uploaded clip of {len(video)} bytes" if isinstance(video, bytes) else str(video)
     if s.mixed_precision not in ("auto", "no", "fp16", "bf16"):
@@ -273,7 +306,7 @@ def tune(
         raise TuneError("--mixed-precision fp16 or bf16 needs a CUDA device")
 
     try:
-        check_base_dir(base)
+        check_base_dir(base, variant)
         multiple, default_size = base_sizes(base)
     except BaseModelError as e:
         raise TuneError(str(e)) from e
@@ -296,8 +329,8 @@ def tune(
             raise TuneError(str(e)) from e
         base_id = base.name
     try:
-        base_hash = base_model_hash(base)
-        components = load_components(base, device)
+        base_hash = base_model_hash(base, variant)
+        components = load_components(base, device, variant=variant)
     except BaseModelError as e:
         raise TuneError(str(e)) from e
     parameters = sum(p.numel() for p in components.unet.parameters())
@@ -359,7 +392,7 @@ def tune(
 
     config = {
         "base": {"path": artefacts.base_reference(Path(base), out), "sha256": base_hash,
-                 "id": base_id or Path(base).resolve().name},
+                 "id": base_id or Path(base).resolve().name, **({"variant": variant} if variant else {})},
         "attention_mode": s.attention_mode,
         "group_norm": s.group_norm,
         "frame_positions": s.frame_positions,
@@ -384,7 +417,8 @@ def tune(
         "final_loss": loss_value,
         "tuning_seconds": round(seconds, 3),
         "step_seconds_median": round(statistics.median(step_seconds[1:]), 4) if len(step_seconds) > 1 else None,
-        "recommended": {"guidance": 12.5, "steps": 50},
+        "recommended": {"guidance": recommended["guidance"], "steps": recommended["steps"]},
+        "suggested_prompts": list(suggested_prompts or []),
         "adapter": lora_record or {"kind": "full"},
         **({"base_loras": base_lora_records} if base_lora_records else {}),
         "versions": versions(),
@@ -395,13 +429,24 @@ def tune(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+# The arguments every tuning needs: the flag, and the key of an official config (`--config`) that may give it instead.
+REQUIRED = {"base": "pretrained_model_path", "video": "train_data.video_path", "prompt": "train_data.prompt",
+            "out": "output_dir"}
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tav-tune", description="One-shot tune a Stable Diffusion 1.x model on a video.")
-    p.add_argument("--base", required=True, help="Stable Diffusion 1.x-layout diffusers directory")
-    p.add_argument("--video", required=True, help="MP4/WebM/GIF file or a folder of frames")
-    p.add_argument("--prompt", required=True, help='the clip\'s caption, e.g. "a man is skiing"')
-    p.add_argument("--out", required=True, help="tuned model directory to write (e.g. REPO/<model-id>)")
-    # Every setting left out takes its value from `default_settings(--base)`: the paper's, or the small-base rule's.
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="an official Tune-A-Video per-clip config (showlab/Tune-A-Video configs/*.yaml); the flags "
+                   "given override it")
+    p.add_argument("--base", help="Stable Diffusion 1.x-layout diffusers directory, or a hub id ID[@VARIANT] (through "
+                   "huggingface_hub's cache; HF_HUB_OFFLINE=1 honoured). Required unless --config names one")
+    p.add_argument("--variant", help="the base's weights variant, as diffusers names it (fp16); default: main weights")
+    p.add_argument("--video", help="MP4/WebM/GIF file or a folder of frames")
+    p.add_argument("--prompt", help='the clip\'s caption, e.g. "a man is skiing"')
+    p.add_argument("--out", help="tuned model directory to write (e.g. REPO/<model-id>)")
+    # Every setting left out takes its value from --config, else from `default_settings(--base)`: the paper's, or
+    # the small-base rule's.
     p.add_argument("--frames", type=int)
     p.add_argument("--width", type=int, help="default: the base model's native size")
     p.add_argument("--height", type=int)
@@ -420,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
                    "sinusoidal_short_middle: the same, with wavelengths up to 20 x 2 pi in the UNet's middle block")
     p.add_argument("--timestep-power", type=float,
                    help="training timesteps drawn with density ~ t ** power (0: uniform, the paper's)")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"],
                    help="auto: bf16 on CUDA (fastest measured), fp32 on CPU")
     p.add_argument("--adapter-kind", choices=ADAPTER_KINDS,
@@ -432,14 +477,68 @@ def main(argv: list[str] | None = None) -> None:
                    "at SCALE (default 1); repeatable. The merged base is stored as a base of its own")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    args = p.parse_args(argv)
+    return p
+
+
+@dataclass
+class TuneCall:
+    """What a `tav-tune` command line asks `tune` to do, worked out before anything is read or written."""
+
+    base: Path
+    video: str
+    prompt: str
+    out: str
+    settings: TuneSettings
+    variant: str | None = None
+    suggested_prompts: list[str] | None = None
+    recommended: dict[str, int | float] | None = None
+    base_loras: list[tuple[Path, float]] = field(default_factory=list)
+    overwrite: bool = False
+    device: str | None = None
+    warnings: list[str] = field(default_factory=list)  # an official config's keys that have no effect here
+
+
+def plan(argv: list[str] | None = None) -> TuneCall:
+    """`tav-tune`'s command line (and its `--config`, which the flags given override) as a `TuneCall`. Raises
+    TuneError, ConfigError, BaseModelError or BaseLoraError (one line each); argparse exits 2 on a malformed flag."""
+    args = _parser().parse_args(argv)
+    config = read_official_config(args.config) if args.config else OfficialConfig()
+    named = {}
+    for flag, key in REQUIRED.items():
+        named[flag] = getattr(args, flag) if getattr(args, flag) is not None else getattr(config, flag)
+        if named[flag] is None:
+            raise TuneError(f"--{flag} is required (or {key} in a --config file)")
+    source = named["base"]
+    if args.variant is not None:
+        if split_variant(source)[1] is not None:
+            raise TuneError(f"--variant {args.variant}: the base {source} names a variant already")
+        source = f"{source}@{args.variant}"
+    base, variant = resolve_base(source)
+    defaults = adapter_defaults(default_settings(base), args.adapter_kind or "full")
+    from_config = dict(config.settings)
+    given = {k: v for k, v in vars(args).items() if k in asdict(defaults) and v is not None}
+    if config.lr_scale != 1 and "lr" not in given:  # scale_lr: the official code scales the config's rate
+        from_config["lr"] = from_config.get("lr", defaults.lr) * config.lr_scale
+    settings = replace(defaults, **{**from_config, **given})
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "mixed_precision" not in given and from_config.get("mixed_precision") in ("fp16", "bf16") and \
+            torch.device(device).type != "cuda":
+        raise TuneError(f"mixed_precision: {from_config['mixed_precision']} (--config) needs a CUDA device: give "
+                        "--mixed-precision no to tune in fp32 here")
+    return TuneCall(base, named["video"], named["prompt"], named["out"], settings, variant, config.suggested_prompts,
+                    config.recommended or None, [parse_base_lora(arg) for arg in args.base_lora], args.overwrite,
+                    args.device, config.warnings)
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
-        defaults = adapter_defaults(default_settings(args.base), args.adapter_kind or "full")
-        given = {k: v for k, v in vars(args).items() if k in asdict(defaults) and v is not None}
-        base_loras = [parse_base_lora(arg) for arg in args.base_lora]
-        out = tune(args.base, args.video, args.prompt, args.out, replace(defaults, **given), args.overwrite,
-                   args.device, base_loras=base_loras)
-    except (BaseModelError, TuneError, BaseLoraError) as e:
+        call = plan(argv)
+        for warning in call.warnings:
+            print(f"tav-tune: warning: {warning}", file=sys.stderr)
+        out = tune(call.base, call.video, call.prompt, call.out, call.settings, call.overwrite, call.device,
+                   base_loras=call.base_loras, suggested_prompts=call.suggested_prompts,
+                   recommended=call.recommended, variant=call.variant)
+    except (BaseModelError, TuneError, BaseLoraError, ConfigError) as e:
         print(f"tav-tune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(out)

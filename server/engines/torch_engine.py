@@ -97,7 +97,7 @@ def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype) -> 
     key = (str(model.base_path.resolve()), model.config["base"]["sha256"], *model.architecture, str(device), dtype)
     shared = _BASES.get(key)
     if shared is None:
-        components = load_components(model.base_path, device, dtype)
+        components = load_components(model.base_path, device, dtype, model.base_variant)
         inflate(components.unet, *model.architecture)
         shared = _BASES[key] = SharedBase(components)
     return shared
