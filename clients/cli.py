@@ -1,6 +1,7 @@
 """`tav-client`: generate a video on a server (with progress bars), list its models, probe its health; tune a
-clip into a new model (`tune`, with `--wait` a progress bar until it is ready), list (`jobs`) and `cancel` tune
-jobs, `delete-model`, and list the bases a tune job may start from (`bases`).
+clip into a new model (`tune`, with `--wait` a progress bar until it is ready), `import` a model tuned with the
+official Tune-A-Video code, list (`jobs`) and `cancel` tune and import jobs, `delete-model`, and list the bases a
+tune job may start from (`bases`).
 
 PNG frames are written as a directory of frame_00000.png, frame_00001.png, ... (`--out` names the directory).
 Exit codes: 0 on success (for `health`, only when the server is SERVING; for `tune --wait`, only when the model
@@ -92,29 +93,40 @@ def _tune(args: argparse.Namespace) -> None:
     with _client(args) as client:
         job = client.create_tune_job(args.model, video, args.prompt, base=args.base or "", learning_rate=args.lr,
                                      **settings)
-        print(f"tune job {job.id}: model {job.model_id}, {job.state}"
-              + (f" (position {job.queue_position} in the queue)" if job.state == "queued" else ""))
-        if not args.wait:
-            return
-        bar = tqdm(total=job.total_steps, desc="tuning", dynamic_ncols=True)
+        _follow(client, job, args)
 
-        def show(update: TuneJob) -> None:
-            bar.set_description(update.state if update.state != "queued" else
-                                f"queued, position {update.queue_position}")
-            bar.update(update.step - bar.n)
-            if update.loss:
-                bar.set_postfix(loss=f"{update.loss:.4f}")
 
-        try:
-            job = client.wait_tune_job(job.id, show, timeout=args.timeout)
-        finally:
-            bar.close()
+def _import(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        job = client.import_model(args.model, args.source, base=args.base or "", caption=args.prompt or "")
+        _follow(client, job, args)
+
+
+def _follow(client: Client, job: TuneJob, args: argparse.Namespace) -> None:
+    """Say the job is queued; with --wait, show its progress until it ends (exit 1 unless the model is ready)."""
+    kind = "import" if job.import_source else "tune"
+    print(f"{kind} job {job.id}: model {job.model_id}, {job.state}"
+          + (f" (position {job.queue_position} in the queue)" if job.state == "queued" else ""))
+    if not args.wait:
+        return
+    bar = tqdm(total=job.total_steps, desc="tuning", dynamic_ncols=True)
+
+    def show(update: TuneJob) -> None:
+        bar.set_description(update.state if update.state != "queued" else f"queued, position {update.queue_position}")
+        bar.update(update.step - bar.n)
+        if update.loss:
+            bar.set_postfix(loss=f"{update.loss:.4f}")
+
+    try:
+        job = client.wait_tune_job(job.id, show, timeout=args.timeout)
+    finally:
+        bar.close()
     if job.state != "ready":
-        print(f"tav-client: tune job {job.id} {job.state}" + (f": {job.failure_reason}" if job.failure_reason
-                                                                 else ""), file=sys.stderr)
+        print(f"tav-client: {kind} job {job.id} {job.state}" + (f": {job.failure_reason}" if job.failure_reason
+                                                                   else ""), file=sys.stderr)
         raise SystemExit(1)
-    print(f"model {job.model_id} is ready (tuned in {job.tuning_seconds:.0f} s, exported in "
-          f"{job.export_seconds:.0f} s)")
+    made = "imported" if job.import_source else f"tuned in {job.tuning_seconds:.0f} s"
+    print(f"model {job.model_id} is ready ({made}, exported in {job.export_seconds:.0f} s)")
 
 
 def _jobs(args: argparse.Namespace) -> None:
@@ -186,7 +198,15 @@ def main(argv: list[str] | None = None) -> None:
                        ("adapter-kind", str), ("lora-rank", int), ("lora-alpha", float)]:
         t.add_argument(f"--{name}", type=kind, help="default: the tuner's for the base")
     t.add_argument("--wait", action="store_true", help="show progress until the model is ready (exit 1 if not)")
-    commands.add_parser("jobs", parents=[common], help="list the tune jobs")
+    i = commands.add_parser("import", parents=[common], help="import a model tuned with the official Tune-A-Video "
+                            "code (needs the admin token)")
+    i.add_argument("--source", required=True, help="a hub id, or an id on the server's import allow-list")
+    i.add_argument("--model", required=True, help="the new model's id")
+    i.add_argument("--base", help="the base it was tuned from, on the server's allow-list (default: the source's "
+                   "own networks)")
+    i.add_argument("--prompt", help="its caption (default: the source's config.yaml's)")
+    i.add_argument("--wait", action="store_true", help="show progress until the model is ready (exit 1 if not)")
+    commands.add_parser("jobs", parents=[common], help="list the tune and import jobs")
     commands.add_parser("bases", parents=[common], help="list the bases a tune job may start from, with defaults")
     c = commands.add_parser("cancel", parents=[common], help="cancel a tune job")
     c.add_argument("job", help="the job id")
@@ -198,9 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         args.format = SUFFIX_FORMATS.get(args.out.suffix.lower())
         if args.format is None:
             p.error("--out must end in .mp4 or .gif, or have no suffix (png frames), unless --format is given")
-    if args.command not in ("generate", "tune") and args.timeout is None:
+    if args.command not in ("generate", "tune", "import") and args.timeout is None:
         args.timeout = 30.0
-    run = {"generate": _generate, "models": _models, "health": _health, "tune": _tune, "jobs": _jobs,
+    run = {"generate": _generate, "models": _models, "health": _health, "tune": _tune, "import": _import, "jobs": _jobs,
            "cancel": _cancel, "delete-model": _delete_model, "bases": _bases}[args.command]
     try:
         run(args)

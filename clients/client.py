@@ -153,8 +153,8 @@ JobProgressFn = Callable[["TuneJob"], None]
 
 @dataclass(frozen=True)
 class TuneJob:
-    """A tune job as the server reports it (see TuneJob in tuning.proto); `state` is queued, tuning, exporting,
-    ready, failed or cancelled."""
+    """A tune or import job as the server reports it (see TuneJob in tuning.proto); `state` is queued, tuning,
+    exporting, ready, failed or cancelled."""
 
     id: str
     model_id: str
@@ -172,6 +172,7 @@ class TuneJob:
     worker: str
     tuning_seconds: float
     export_seconds: float
+    import_source: str = ""  # an import job's source (ImportModel); "" for a tune job
 
     @property
     def ended(self) -> bool:
@@ -182,7 +183,8 @@ class TuneJob:
         settings = {name: getattr(job.settings, name) for name in TUNE_SETTINGS if job.settings.HasField(name)}
         return cls(job.id, job.model_id, job.base, job.caption, JOB_STATES.get(job.state, "unknown"),
                    job.queue_position, job.step, job.total_steps, job.loss, settings, job.failure_reason,
-                   job.cancel_requested, job.attempt, job.worker, job.tuning_seconds, job.export_seconds)
+                   job.cancel_requested, job.attempt, job.worker, job.tuning_seconds, job.export_seconds,
+                   job.import_source)
 
 
 @dataclass(frozen=True)
@@ -421,6 +423,13 @@ class Client(_Base):
         request = make_tune_request(model_id, video, caption, base, **settings)
         return TuneJob.from_proto(self._unary(self.tuning.CreateTuneJob, request, timeout, retry=False))
 
+    def import_model(self, model_id: str, source: str, *, base: str = "", caption: str = "",
+                     timeout: float | None = 120) -> TuneJob:
+        """Queue an import of an official Tune-A-Video model (`source`: a hub id or an id on the server's import
+        allow-list; never retried, as create_tune_job); watch it as a tune job."""
+        request = tuning_pb2.ImportModelRequest(model_id=model_id, source=source, base=base, caption=caption)
+        return TuneJob.from_proto(self._unary(self.tuning.ImportModel, request, timeout, retry=False))
+
     def get_tune_job(self, job_id: str, timeout: float | None = 30) -> TuneJob:
         return TuneJob.from_proto(self._unary(self.tuning.GetTuneJob, tuning_pb2.GetTuneJobRequest(id=job_id), timeout))
 
@@ -562,6 +571,11 @@ class AsyncClient(_Base):
                               timeout: float | None = 120, **settings) -> TuneJob:
         request = make_tune_request(model_id, video, caption, base, **settings)
         return TuneJob.from_proto(await self._unary(self.tuning.CreateTuneJob, request, timeout, retry=False))
+
+    async def import_model(self, model_id: str, source: str, *, base: str = "", caption: str = "",
+                           timeout: float | None = 120) -> TuneJob:
+        request = tuning_pb2.ImportModelRequest(model_id=model_id, source=source, base=base, caption=caption)
+        return TuneJob.from_proto(await self._unary(self.tuning.ImportModel, request, timeout, retry=False))
 
     async def get_tune_job(self, job_id: str, timeout: float | None = 30) -> TuneJob:
         request = tuning_pb2.GetTuneJobRequest(id=job_id)

@@ -1,5 +1,7 @@
 """A tune job as every part of the tuning service sees it: its states, its record (a flat mapping of strings, as
-a Redis hash holds it), and the bounds of what a client may ask for.
+a Redis hash holds it), and the bounds of what a client may ask for. An import job (an official Tune-A-Video
+checkpoint brought in, `ImportModel`) is the same record and state machine, with `import_source` set and no
+settings: it goes from queued to exporting (the import and the export) to ready.
 
 The defaults of every setting come from the tuner (`tuner.tune`), never from here: a client's request names only
 what it wants to change, and `resolve_settings` fills in the rest and checks the bounds.
@@ -87,10 +89,10 @@ class Job:
 
     id: str
     model_id: str
-    base: str  # the base's id in the allow-list
+    base: str  # the base's id in the allow-list (an import job: "" for the source's own networks)
     base_source: str  # where the worker finds it: a directory or a hub id
     caption: str
-    settings: dict  # the resolved TuneSettings, as a dict
+    settings: dict  # the resolved TuneSettings, as a dict (an import job: empty)
     state: str = QUEUED
     sequence: int = 0  # queue order
     step: int = 0
@@ -108,6 +110,7 @@ class Job:
     tuning_seconds: float = 0.0
     export_seconds: float = 0.0
     exports: str = ""  # what its worker exports (the worker's --export, e.g. "onnx:fp32,aoti:fp32")
+    import_source: str = ""  # an import job's official output directory or hub id (`tuner.official`); "": tune
 
     @property
     def ended_state(self) -> bool:

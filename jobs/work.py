@@ -156,10 +156,12 @@ def failure_reason(error: Exception) -> str:
     wrong with the input; anything else is the worker's fault (details in its log)."""
     from exporter.onnx_export import ExportError
     from tuner.components import BaseModelError
+    from tuner.official import OfficialFormatError
     from tuner.tune import TuneError
     from tuner.video_io import VideoError
 
-    if isinstance(error, TuneError | ExportError | BaseModelError | VideoError | ExportFailed | UnreadableRecord):
+    clients = (TuneError, ExportError, BaseModelError, VideoError, ExportFailed, UnreadableRecord, OfficialFormatError)
+    if isinstance(error, clients):
         return str(error)
     if isinstance(error, OSError) and error.errno in (errno.EEXIST, errno.ENOTEMPTY):
         return "the model id was taken while the job ran (a model was published under it by hand)"
@@ -187,36 +189,56 @@ def run(job: Job, clip: bytes | Path, repo: Path, hooks: Hooks, device: str | No
     if published(repo, job):
         log.info("job %s: model %s was published by an earlier attempt", job.id, job.model_id)
         return Outcome(0.0, 0.0)
+    if job.import_source:
+        hooks.progress(EXPORTING)
+        if not job.base_source:  # the source's own networks: the import puts them in the base store itself
+            return _run(job, repo, hooks, device, exports, lambda work: _import(job, work, None))
+        with base_in_use(*resolve_base(job.base_source), repo) as base:
+            return _run(job, repo, hooks, device, exports, lambda work: _import(job, work, base))
     settings = replace(job.tune_settings(), **worker_settings)
     hooks.progress(TUNING, 0, settings.steps)
     with base_in_use(*resolve_base(job.base_source), repo) as base:
-        return _run(job, clip, repo, hooks, device, exports, settings, base)
+        return _run(job, repo, hooks, device, exports, lambda work: _tune(job, work, clip, settings, base, device,
+                                                                         hooks))
 
 
-def _run(job: Job, clip: bytes | Path, repo: Path, hooks: Hooks, device: str | None,
-         exports: tuple[ExportTarget, ...], settings: TuneSettings, base: Path) -> Outcome:
+def _check(hooks: Hooks) -> None:
+    stopped = hooks.stop_reason()
+    if stopped is not None:
+        raise stopped
+
+
+def _tune(job: Job, work: Path, clip: bytes | Path, settings: TuneSettings, base: Path, device: str | None,
+          hooks: Hooks) -> None:
     from tuner.tune import tune
-
-    def check() -> None:
-        stopped = hooks.stop_reason()
-        if stopped is not None:
-            raise stopped
-
-    work = job_dir(repo, job)
-    shutil.rmtree(work, ignore_errors=True)  # a leftover of this very attempt
-    started = time.perf_counter()
 
     def on_step(step: int, total: int, loss: float) -> None:
         hooks.progress(TUNING, step, total, loss)
-        check()
+        _check(hooks)
 
     tune(base, clip, job.caption, work, settings, device=device, progress=False, on_step=on_step, base_id=job.base)
+
+
+def _import(job: Job, work: Path, base: Path | None) -> None:
+    from tuner.official import import_official
+
+    import_official(job.import_source, work, str(base) if base else None, prompt=job.caption or None,
+                    base_id=job.base or None, hub_only=not Path(job.import_source).is_absolute())
+
+
+def _run(job: Job, repo: Path, hooks: Hooks, device: str | None, exports: tuple[ExportTarget, ...],
+         make: Callable[[Path], None]) -> Outcome:
+    """Make the model (`make(directory)`: tune or import it), export and publish it."""
+    work = job_dir(repo, job)
+    shutil.rmtree(work, ignore_errors=True)  # a leftover of this very attempt
+    started = time.perf_counter()
+    make(work)
     tuned = time.perf_counter()
     try:
-        check()
+        _check(hooks)
         hooks.progress(EXPORTING)
         export_in_child(work, exports, device, hooks)
-        check()
+        _check(hooks)
         (work / PUBLISHED_BY).write_text(job.id)
         if not hooks.may_publish():
             raise Stopped("this attempt was superseded: the job runs again elsewhere", cancelled=False)

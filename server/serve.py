@@ -84,6 +84,7 @@ class ServerConfig:
     admin_tokens: list[str] = field(default_factory=list)  # tokens that may tune and delete
     broker: str | None = None  # redis://... for Celery workers; None: a local worker process
     bases: dict[str, str] = field(default_factory=dict)  # allowed bases for tuning, besides shapes-sd
+    import_sources: dict[str, str] = field(default_factory=dict)  # id -> official output directory ImportModel takes
     max_queued_jobs: int = 16
     max_job_seconds: float = 7200.0
     max_job_attempts: int = 3  # runs of a job whose worker keeps dying
@@ -178,7 +179,8 @@ class TavServer:
         self.admission = AdmissionInterceptor(config.tokens, config.admin_tokens, config.limits, self.metrics)
         self.server = grpc.aio.server(interceptors=[self.admission], options=grpc_options(config))
         self.store = self._job_store()
-        self.tuning = TuningService(self.store, self.registry, self.bases, self.metrics, config.max_queued_jobs)
+        self.tuning = TuningService(self.store, self.registry, self.bases, self.metrics, config.max_queued_jobs,
+                                    config.import_sources)
         pb2_grpc.add_VideoGenerationServicer_to_server(self.service, self.server)
         tuning_pb2_grpc.add_TuningServicer_to_server(self.tuning, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -360,6 +362,16 @@ class BackgroundServer:
         self.loop.close()
 
 
+def parse_import_source(arg: str) -> tuple[str, str]:
+    """`ID=DIR` -> (id, the directory as an absolute path); ValueError unless DIR is a directory."""
+    source_id, sep, directory = arg.partition("=")
+    if not sep or not source_id or not directory:
+        raise ValueError(f"--import-source {arg!r}: expected ID=DIR")
+    if not Path(directory).is_dir():
+        raise ValueError(f"--import-source {arg!r}: {directory} is not a directory")
+    return source_id, str(Path(directory).resolve())
+
+
 def main(argv: list[str] | None = None) -> None:
     d = ServerConfig(repo=Path("."))
     p = argparse.ArgumentParser(prog="tav-serve", description="Serve tuned Tune-A-Video models over gRPC.")
@@ -400,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     tuning.add_argument("--base", action="append", default=[], metavar="ID=DIR_OR_HUB_ID[@VARIANT]",
                         help="a base model jobs may tune from (repeatable; shapes-sd is always allowed); @fp16 takes "
                              "its fp16 weights variant, by default the main weights")
+    tuning.add_argument("--import-source", action="append", default=[], metavar="ID=DIR",
+                        help="an official Tune-A-Video output directory ImportModel may import, by ID (repeatable); "
+                             "hub ids need no entry")
     tuning.add_argument("--max-queued-jobs", type=int, default=d.max_queued_jobs)
     tuning.add_argument("--max-job-seconds", type=float, default=d.max_job_seconds)
     tuning.add_argument("--max-job-attempts", type=int, default=d.max_job_attempts,
@@ -429,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
             admin_tokens=read_tokens(args.admin_token_file) if args.admin_token_file else [],
             broker=args.broker_file.read_text().strip() if args.broker_file else args.broker,
             bases=dict(parse_base(arg) for arg in args.base), max_queued_jobs=args.max_queued_jobs,
+            import_sources=dict(parse_import_source(arg) for arg in args.import_source),
             max_job_seconds=args.max_job_seconds, max_job_attempts=args.max_job_attempts,
             job_retention_hours=args.job_retention_hours, dead_after=args.worker_dead_after, exports=args.export,
         )

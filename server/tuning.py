@@ -1,20 +1,25 @@
-"""The `tuneavideo.v1.Tuning` gRPC service: tune jobs and model deletion, over the job registry (`jobs.store`).
+"""The `tuneavideo.v1.Tuning` gRPC service: tune and import jobs and model deletion, over the job registry
+(`jobs.store`).
 
 Every check a client can fail happens here, at create time, before a job is queued: the model id (a valid id, not
 a served model, not reserved by another job), the base (on the server's allow-list), the caption, the clip (at
 most 64 MiB, its header and first frame read within the same decoding bounds as a generation's source clip, in a
-thread) and the settings (bounds, the base's size factor; defaults from the tuner). The job then belongs to the
-workers; this service reads and changes its record.
+thread) and the settings (bounds, the base's size factor; defaults from the tuner); for an import, the source (on
+the import allow-list, or a hub id; its UNet's layout, from its config alone, where the server can read it). The
+job then belongs to the workers; this service reads and changes its record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
+import huggingface_hub.constants
 from google.protobuf.timestamp_pb2 import Timestamp
 from tuneavideo.v1 import tuning_pb2 as pb2
 from tuneavideo.v1 import tuning_pb2_grpc as pb2_grpc
@@ -35,6 +40,7 @@ from server.info import list_bases
 from server.interceptors import end_call
 from server.metrics import Metrics
 from server.registry import ModelRegistry, check_model_id
+from tuner.official import OfficialFormatError, check_layout
 from tuner.video_io import VideoError, probe_video
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,11 @@ WATCH_INTERVAL = 0.5  # seconds between looks at a watched job
 # Seconds DeleteModel waits for a worker to do an accepted deletion before answering "pending" (an idle worker takes
 # it within milliseconds); below the Redis client's 5 s socket timeout, which would otherwise end the wait as an error.
 DELETE_WAIT = 3.0
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # owner/name
+
+
+class SourceUnavailable(Exception):
+    """An import source the server cannot reach now (a hub id its cache lacks while offline)."""
 
 
 ERRORS = {  # the registry's and the checks' errors -> status codes
@@ -57,6 +68,7 @@ ERRORS = {  # the registry's and the checks' errors -> status codes
     JobNotFound: grpc.StatusCode.NOT_FOUND, ModelNotFound: grpc.StatusCode.NOT_FOUND,
     IdTaken: grpc.StatusCode.ALREADY_EXISTS, QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeleteRefused: grpc.StatusCode.FAILED_PRECONDITION, StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    SourceUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -77,7 +89,7 @@ def job_to_proto(job: Job, position: int = 0) -> pb2.TuneJob:
         loss=job.loss, settings=settings, create_time=_timestamp(job.created), start_time=_timestamp(job.started),
         update_time=_timestamp(job.updated), end_time=_timestamp(job.ended), failure_reason=job.failure_reason,
         cancel_requested=job.cancel_requested, attempt=job.attempt, worker=job.worker,
-        tuning_seconds=job.tuning_seconds, export_seconds=job.export_seconds,
+        tuning_seconds=job.tuning_seconds, export_seconds=job.export_seconds, import_source=job.import_source,
     )
 
 
@@ -89,10 +101,11 @@ def requested_settings(settings: pb2.TuneSettings) -> dict:
 
 class TuningService(pb2_grpc.TuningServicer):
     def __init__(self, store: JobStore, registry: ModelRegistry, bases: dict[str, Base], metrics: Metrics,
-                 max_queued: int) -> None:
+                 max_queued: int, import_sources: dict[str, str] | None = None) -> None:
         self.store = store
         self.registry = registry
         self.bases = bases
+        self.import_sources = import_sources or {}  # id -> an official output directory the server may import
         self.metrics = metrics
         self.max_queued = max_queued
 
@@ -120,13 +133,21 @@ class TuningService(pb2_grpc.TuningServicer):
     async def CreateTuneJob(self, request: pb2.CreateTuneJobRequest, context) -> pb2.TuneJob:
         return await self._answer(context, "CreateTuneJob", self._create(request))
 
-    async def _create(self, request: pb2.CreateTuneJobRequest) -> pb2.TuneJob:
-        check_model_id(request.model_id, "model_id")
-        base_id = request.base or DEFAULT_BASE
+    def _allowed_base(self, base_id: str) -> Base:
         base = self.bases.get(base_id)
         if base is None:
             raise InvalidField("base", f"{base_id[:80]!r} is not an allowed base (allowed: "
                                        f"{', '.join(sorted(self.bases))})")
+        return base
+
+    def _check_new_model(self, model_id: str) -> None:
+        check_model_id(model_id, "model_id")
+        if model_id in self.registry.models or model_id in self.registry.skipped_models():
+            raise IdTaken(model_id, "repository")
+
+    async def _create(self, request: pb2.CreateTuneJobRequest) -> pb2.TuneJob:
+        check_model_id(request.model_id, "model_id")
+        base = self._allowed_base(request.base or DEFAULT_BASE)
         if not request.caption.strip() or len(request.caption) > MAX_CAPTION_CHARS:
             raise InvalidField("caption", f"must be 1 to {MAX_CAPTION_CHARS} characters")
         if not request.video:
@@ -135,8 +156,7 @@ class TuningService(pb2_grpc.TuningServicer):
             raise InvalidField("video", f"must be at most {MAX_SOURCE_BYTES >> 20} MiB")
         settings = resolve_settings(requested_settings(request.settings), base.defaults, base.size_multiple,
                                     base.max_lora_rank)
-        if request.model_id in self.registry.models or request.model_id in self.registry.skipped_models():
-            raise IdTaken(request.model_id, "repository")
+        self._check_new_model(request.model_id)
         try:
             await asyncio.to_thread(probe_video, request.video, MAX_FRAMES, MAX_SOURCE_PIXELS)
         except VideoError as e:
@@ -145,6 +165,35 @@ class TuningService(pb2_grpc.TuningServicer):
                   caption=request.caption, settings=vars(settings), total_steps=settings.steps)
         job = await self.store.create(job, request.video, self.max_queued)
         log.info("tune job %s created: model %s from base %s", job.id, job.model_id, job.base)
+        return job_to_proto(job, await self.store.position(job))
+
+    async def ImportModel(self, request: pb2.ImportModelRequest, context) -> pb2.TuneJob:
+        return await self._answer(context, "ImportModel", self._import(request))
+
+    async def _import(self, request: pb2.ImportModelRequest) -> pb2.TuneJob:
+        check_model_id(request.model_id, "model_id")
+        base = self._allowed_base(request.base) if request.base else None
+        if len(request.caption) > MAX_CAPTION_CHARS:
+            raise InvalidField("caption", f"must be at most {MAX_CAPTION_CHARS} characters")
+        source = self.import_sources.get(request.source)  # an absolute directory
+        if source is None:
+            if not HUB_ID.fullmatch(request.source):
+                raise InvalidField("source", f"{request.source[:80]!r} is neither an allowed import source (allowed: "
+                                             f"{', '.join(sorted(self.import_sources)) or 'none'}) nor a hub id")
+            source = request.source
+        try:
+            checked = await asyncio.to_thread(check_layout, source, not Path(source).is_absolute())
+        except OfficialFormatError as e:
+            raise InvalidField("source", str(e)) from None
+        if not checked and huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise SourceUnavailable(f"source: {source!r} is not in the server's hub cache, and the server is offline "
+                                    "(HF_HUB_OFFLINE): fetch it into the cache first")
+        self._check_new_model(request.model_id)
+        job = Job(id=uuid.uuid4().hex, model_id=request.model_id, base=base.id if base else "",
+                  base_source=base.source if base else "", caption=request.caption, settings={},
+                  import_source=source)
+        job = await self.store.create(job, b"", self.max_queued)
+        log.info("import job %s created: model %s from %s", job.id, job.model_id, source)
         return job_to_proto(job, await self.store.position(job))
 
     async def _proto(self, job: Job) -> pb2.TuneJob:

@@ -85,8 +85,8 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
 class ServeProcess:
     """`tav-serve` in a subprocess on a free port, its log collected by a reader thread."""
 
-    def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "server.serve", "--port", "0", *args],
                                      stderr=subprocess.PIPE, text=True, env=env)
         self.lines: Queue = Queue()

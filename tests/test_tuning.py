@@ -48,6 +48,7 @@ ADMIN, USER = "admin-token", "generation-token"
 TIMEOUT = 300
 CAPTION = "a red square is moving right"
 SMALL = dict(steps=3, frames=8, width=32, height=32, learning_rate=1e-3)  # seconds on the tiny model
+OFFICIAL = Path(__file__).parent / "fixtures" / "official_tav" / "official"  # made by the official code
 CODE = grpc.StatusCode
 
 
@@ -144,11 +145,11 @@ def service(tiny_base, seed_engines, tmp_path_factory):
     workers = [TuneWorker(url, repo, f"w{i}", root / f"w{i}.log") for i, url in enumerate(urls, 1)]
     args = ["--repo", str(repo), "--admin-token-file", str(root / "admin"), "--auth-token-file", str(root / "users"),
             "--base", f"tiny={tiny_base}", "--worker-dead-after", "8", "--max-queued-jobs", "4",
-            "--rescan-seconds", "0.5"]
+            "--rescan-seconds", "0.5", "--import-source", f"skiing={OFFICIAL}"]
     replicas = []
-    try:
-        replicas = [ServeProcess(*args, "--broker-file", str(root / f"broker{i}"), "--metrics-port", "0")
-                    for i in range(2)]
+    try:  # offline, as a replica without the hub in reach: hub ids come from its cache (there, none)
+        replicas = [ServeProcess(*args, "--broker-file", str(root / f"broker{i}"), "--metrics-port", "0",
+                                 env={"HF_HUB_OFFLINE": "1"}) for i in range(2)]
         for replica in replicas:
             replica.wait_for("tuning service serving")
         if broker.tls_url:  # the TLS worker reached the queue, not just the plain-text one
@@ -202,6 +203,43 @@ def test_a_tuned_clip_is_served_by_another_replica_without_a_restart(service, cl
     wait_until(lambda: sum(_tune_metrics(r).get(("tav_tune_seconds_count", "tuning"), 0)
                            for r in service.replicas) == 1, 60)
     assert all(_tune_metrics(r)[("tav_tune_jobs", "ready")] >= 1 for r in service.replicas)
+
+
+@needs_redis
+def test_an_official_checkpoint_is_imported_by_a_worker_and_served(service):
+    """ImportModel: a tuning worker imports the official fixture (tests/fixtures/official_tav) from the import
+    allow-list, exports and publishes it; a replica generates from its inverted latents. Bad sources, bases and ids
+    are refused before anything is queued, naming the field; a hub id the offline cache lacks is
+    FAILED_PRECONDITION; a generation token may not import."""
+    with admin(service, 0) as client:
+        job = client.import_model("skiing-official", "skiing")
+        assert job.import_source == str(OFFICIAL.resolve()) and job.state == "queued"
+        job = client.wait_tune_job(job.id, timeout=TIMEOUT)
+    assert job.state == "ready", job
+    model = TunedModel.open(service.repo / "skiing-official")
+    assert model.source().kind == "inverted" and model.config["prompt"] == "a man is skiing"
+    assert model.config["base"]["path"].startswith("../.bases/")  # the checkpoint's own networks, in the store
+    with user(service, 1) as client:
+        info = client.get_model("skiing-official")
+        assert info.source_prompt == "a man is skiing" and info.default_steps == 3
+        video = client.generate("skiing-official", "a panda is skiing", format="png", timeout=TIMEOUT)
+    assert video.frames == 8 and video.width == 32
+    with admin(service, 1) as client:
+        for args, code, field in [
+            (("x-1", "../etc"), CODE.INVALID_ARGUMENT, "source"),
+            (("x-2", "skiing", "nope"), CODE.INVALID_ARGUMENT, "base"),
+            (("X 3", "skiing"), CODE.INVALID_ARGUMENT, "model_id"),
+            (("skiing-official", "skiing"), CODE.ALREADY_EXISTS, "model_id"),
+            (("x-4", "tav-test/not-in-the-cache"), CODE.FAILED_PRECONDITION, "source"),
+        ]:
+            model_id, source, *base = args
+            with pytest.raises(ServerError) as e:
+                client.import_model(model_id, source, base=base[0] if base else "")
+            assert e.value.code == code and e.value.details.startswith(f"{field}:"), e.value
+        assert not [j for j in client.list_tune_jobs() if j.model_id.startswith("x-")]
+    with user(service, 0) as client, pytest.raises(ServerError) as e:
+        client.import_model("x-5", "skiing")
+    assert e.value.code == CODE.PERMISSION_DENIED
 
 
 def _tune_metrics(replica: ServeProcess) -> dict:

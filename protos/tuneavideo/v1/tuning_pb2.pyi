@@ -60,6 +60,18 @@ class CreateTuneJobRequest(_message.Message):
     settings: TuneSettings
     def __init__(self, model_id: _Optional[str] = ..., base: _Optional[str] = ..., caption: _Optional[str] = ..., video: _Optional[bytes] = ..., settings: _Optional[_Union[TuneSettings, _Mapping]] = ...) -> None: ...
 
+class ImportModelRequest(_message.Message):
+    __slots__ = ("model_id", "source", "base", "caption")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    source: str
+    base: str
+    caption: str
+    def __init__(self, model_id: _Optional[str] = ..., source: _Optional[str] = ..., base: _Optional[str] = ..., caption: _Optional[str] = ...) -> None: ...
+
 class GetTuneJobRequest(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -117,7 +129,7 @@ class DeleteModelResponse(_message.Message):
     def __init__(self, pending: _Optional[bool] = ...) -> None: ...
 
 class TuneJob(_message.Message):
-    __slots__ = ("id", "model_id", "base", "caption", "state", "queue_position", "step", "total_steps", "loss", "settings", "create_time", "start_time", "update_time", "end_time", "failure_reason", "cancel_requested", "attempt", "worker", "tuning_seconds", "export_seconds")
+    __slots__ = ("id", "model_id", "base", "caption", "state", "queue_position", "step", "total_steps", "loss", "settings", "create_time", "start_time", "update_time", "end_time", "failure_reason", "cancel_requested", "attempt", "worker", "tuning_seconds", "export_seconds", "import_source")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[TuneJob.State]
@@ -154,6 +166,7 @@ class TuneJob(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     TUNING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXPORT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IMPORT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     model_id: str
     base: str
@@ -174,7 +187,8 @@ class TuneJob(_message.Message):
     worker: str
     tuning_seconds: float
     export_seconds: float
-    def __init__(self, id: _Optional[str] = ..., model_id: _Optional[str] = ..., base: _Optional[str] = ..., caption: _Optional[str] = ..., state: _Optional[_Union[TuneJob.State, str]] = ..., queue_position: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., settings: _Optional[_Union[TuneSettings, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_reason: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., attempt: _Optional[int] = ..., worker: _Optional[str] = ..., tuning_seconds: _Optional[float] = ..., export_seconds: _Optional[float] = ...) -> None: ...
+    import_source: str
+    def __init__(self, id: _Optional[str] = ..., model_id: _Optional[str] = ..., base: _Optional[str] = ..., caption: _Optional[str] = ..., state: _Optional[_Union[TuneJob.State, str]] = ..., queue_position: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., settings: _Optional[_Union[TuneSettings, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_reason: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., attempt: _Optional[int] = ..., worker: _Optional[str] = ..., tuning_seconds: _Optional[float] = ..., export_seconds: _Optional[float] = ..., import_source: _Optional[str] = ...) -> None: ...
 
 class ListBasesRequest(_message.Message):
     __slots__ = ()

@@ -82,6 +82,11 @@ class TuningStub:
                 request_serializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesRequest.SerializeToString,
                 response_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesResponse.FromString,
                 _registered_method=True)
+        self.ImportModel = channel.unary_unary(
+                '/tuneavideo.v1.Tuning/ImportModel',
+                request_serializer=tuneavideo_dot_v1_dot_tuning__pb2.ImportModelRequest.SerializeToString,
+                response_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.TuneJob.FromString,
+                _registered_method=True)
 
 
 class TuningServicer:
@@ -161,6 +166,20 @@ class TuningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportModel(self, request, context):
+        """Import a model tuned with the official Tune-A-Video implementation (showlab/Tune-A-Video's output directory:
+        a saved pipeline, or unet/ alone beside a base) and publish it under model_id, as a job a tuning worker runs
+        (QUEUED, then EXPORTING while it imports and exports, then READY); the job is watched, cancelled and deleted
+        as a tune job is. Its source is named, never uploaded: a hub id (through the server's hub cache, offline mode
+        honoured) or a directory on the server's import allow-list. INVALID_ARGUMENT names the field for a bad id,
+        a source that is neither, an unknown base or a source of another layout; FAILED_PRECONDITION for a hub id the
+        cache lacks while the server is offline. What only the import itself finds (a tensor tuned outside the
+        adapter's set, a pickle that needs code) fails the job with failure_reason saying so.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TuningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +222,11 @@ def add_TuningServicer_to_server(servicer, server):
                     servicer.ListBases,
                     request_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesRequest.FromString,
                     response_serializer=tuneavideo_dot_v1_dot_tuning__pb2.ListBasesResponse.SerializeToString,
+            ),
+            'ImportModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportModel,
+                    request_deserializer=tuneavideo_dot_v1_dot_tuning__pb2.ImportModelRequest.FromString,
+                    response_serializer=tuneavideo_dot_v1_dot_tuning__pb2.TuneJob.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -429,6 +453,33 @@ class Tuning:
             '/tuneavideo.v1.Tuning/ListBases',
             tuneavideo_dot_v1_dot_tuning__pb2.ListBasesRequest.SerializeToString,
             tuneavideo_dot_v1_dot_tuning__pb2.ListBasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneavideo.v1.Tuning/ImportModel',
+            tuneavideo_dot_v1_dot_tuning__pb2.ImportModelRequest.SerializeToString,
+            tuneavideo_dot_v1_dot_tuning__pb2.TuneJob.FromString,
             options,
             channel_credentials,
             insecure,
