@@ -323,7 +323,8 @@ def import_official(
                 raise OfficialFormatError(f"--base {e}") from None
             check_against_base(base_dir, variant, official, state)
         else:
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out.parent, prefix=".import-")))
+            # beside `out`, named after it: a tuning worker killed meanwhile leaves it to `clean_leftovers` (`.job-*`)
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.")))
             write_own_base(official, unet_config, state, scratch / "base")
             base_dir, variant = stack.enter_context(base_in_use(scratch / "base", None, out.parent)), None
         config, model_source = _model_config(official, source, base_dir, base, settings, caption, video, inverted,
@@ -358,6 +359,9 @@ def _model_config(official: Path, source: str, base_dir: Path, base: str | None,
                               start=start, stride=stride)
         except VideoError as e:
             raise OfficialFormatError(f"--video: {e}") from None
+        if len(clip) < s.get("frames", 1):
+            raise OfficialFormatError(f"--video gives only {len(clip)} frames from index {start} at stride {stride}; "
+                                      f"config.yaml's train_data.n_sample_frames asks for {s['frames']}")
         latents, _ = encode_frames(load_components(base_dir).vae, clip.frames)
         model_source, fps = artefacts.Source(latents=latents, frames=clip.frames), clip.fps
     elif inverted is not None:
