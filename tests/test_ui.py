@@ -211,6 +211,11 @@ def test_generate_list_and_errors_through_gradio_client(ui):
     assert re.search(r"seed [1-9]\d*,", info), "a blank seed is drawn at random and shown"
     mp4, gif = sorted(downloads, key=lambda p: Path(p).suffix, reverse=True)
     assert decoded_frames(Path(mp4)) == decoded_frames(Path(gif)) == 10
+    # feature reuse: the full UNet on every 2nd sampling step, said with the result; bounded by the server's limit
+    *_, info = page.predict(MODEL, "a red square", "", 8, 4, 7.5, "5", "noise", None, 2, api_name="/generate")
+    assert "4 steps, guidance 7.5, the full UNet every 2 steps" in info
+    with pytest.raises(AppError, match=r"^Value 11 is greater than maximum value 10\.$"):
+        page.predict(MODEL, "a prompt", "", 8, 2, 7.5, "3", "noise", None, 11, api_name="/generate")
     with pytest.raises(AppError, match=r"^seed: must be a whole number"):
         page.predict(MODEL, "a prompt", "", 8, 1, 7.5, "abc", "noise", None, api_name="/generate")
     with pytest.raises(AppError, match=r"^model no-such-model not found|^NOT_FOUND: "):

@@ -158,22 +158,26 @@ class Page:
                 model_rows(models), gr.Dropdown(choices=ids, value=None))
 
     async def describe_model(self, model_id: str | None) -> tuple:
-        """A picked model's caption and defaults: the steps and guidance sliders take its defaults."""
+        """A picked model's caption and defaults: the steps and guidance sliders take its defaults; the feature
+        reuse slider is at 1 and fixed there where the model's backend cannot reuse features."""
         if not model_id:
-            return "", gr.skip(), gr.skip()
+            return "", gr.skip(), gr.skip(), gr.skip()
         try:
             model = await self.client().get_model(model_id)
         except ServerError as e:
-            return server_message(e), gr.skip(), gr.skip()
+            return server_message(e), gr.skip(), gr.skip(), gr.skip()
         text = (f"Tuned on “{model.source_prompt}”: {model.source_frames} source frames at {model.fps:g} fps, "
                 f"{model.width}x{model.height}, base {model.base_model}, backends {', '.join(model.backends)}.")
-        return text, gr.Slider(value=model.default_steps), gr.Slider(value=model.default_guidance)
+        reuse = gr.Slider(value=1, interactive=model.cache_interval_supported,
+                          info=None if model.cache_interval_supported else "not on this model's backend")
+        return text, gr.Slider(value=model.default_steps), gr.Slider(value=model.default_guidance), reuse
 
     async def generate(self, model: str | None, prompt: str, negative_prompt: str, frames: float, steps: float,
-                       guidance: float, seed: str | None, start: str, source: str | None
+                       guidance: float, seed: str | None, start: str, source: str | None, cache_interval: float = 1
                        ) -> AsyncIterator[tuple]:
         """Generate, streaming the queue position and each step to the progress line; then the video to play, its
-        MP4 and GIF (transcoded here) to download, and the seed and timings."""
+        MP4 and GIF (transcoded here) to download, and the seed and timings. `cache_interval` > 1 reuses features
+        between sampling steps (the full UNet on every N-th step: faster, at some fidelity)."""
         if not model:
             raise gr.Error("model: pick a model (Refresh lists the server's models)", print_exception=False)
         source_video = _check_upload(source, self.info.limits["max_source_bytes"], "source_video")
@@ -181,7 +185,7 @@ class Page:
         call = asyncio.ensure_future(self.client().generate(
             model, prompt, negative_prompt=negative_prompt, frames=int(frames), steps=int(steps),
             guidance=float(guidance), seed=_seed(seed, "seed"), invert=START_OPTIONS.get(start, True),
-            source_video=source_video, format="mp4",
+            source_video=source_video, format="mp4", cache_interval=int(cache_interval or 1),
             on_accepted=lambda position: events.put_nowait(f"queued: position {position}"),
             progress=lambda phase, step, total: events.put_nowait(f"{phase}: step {step}/{total}"),
         ))
@@ -206,6 +210,7 @@ class Page:
         timings = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in video.timings.items())
         info = (f"{video.frames} frames, {video.width}x{video.height} at {video.fps:g} fps; seed {video.seed}, "
                 f"{video.steps} steps, guidance {video.guidance:g}"
+                + (f", the full UNet every {video.cache_interval} steps" if video.cache_interval > 1 else "")
                 + (" (prompt truncated to the tokenizer's length)" if video.prompt_truncated else "")
                 + f"\n\nTimings: {timings}")
         yield "done", "", str(mp4), [str(mp4), str(gif)], info
@@ -330,6 +335,10 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
                     steps = gr.Slider(1, limits["max_steps"], value=50, step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(limits["min_guidance"], limits["max_guidance"], value=12.5, step=0.5,
                                          label="Guidance", elem_id="guidance")
+                    cache_interval = gr.Slider(
+                        1, limits["max_cache_interval"], value=1, step=1, elem_id="cache_interval",
+                        label="Feature reuse (1: off; N: the full UNet every N-th sampling step, faster, less exact)",
+                        visible="cache_interval" in info.options)
                     seed = gr.Textbox(label="Seed (blank: random, shown after)", elem_id="seed", max_lines=1)
                     start = gr.Radio(list(START_OPTIONS), value=next(iter(START_OPTIONS)), label="Start from",
                                      elem_id="start", visible="invert" in info.options)
@@ -398,9 +407,9 @@ def build(connection: Connection) -> tuple[gr.Blocks, Page]:
         demo.load(page.list_models, model, listing, api_name=False)
         refresh.click(page.list_models, model, listing, api_name="list_models")
         models_refresh.click(page.list_models, model, listing, api_name=False)
-        model.change(page.describe_model, model, [model_details, steps, guidance], api_name=False)
+        model.change(page.describe_model, model, [model_details, steps, guidance, cache_interval], api_name=False)
         running = generate.click(
-            page.generate, [model, prompt, negative, frames, steps, guidance, seed, start, source],
+            page.generate, [model, prompt, negative, frames, steps, guidance, seed, start, source, cache_interval],
             [status, progress, video, downloads, result_info], api_name="generate", concurrency_limit=waiting,
             show_progress_on=[video],  # the status line is the progress; a cancelled call leaves it "cancelled"
         )
