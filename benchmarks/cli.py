@@ -6,7 +6,20 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks import backends, export_sd, floor, gpu, latency, models, params, quality, scaling, threads, tune_speed
+from benchmarks import (
+    backends,
+    export_sd,
+    floor,
+    gpu,
+    latency,
+    models,
+    params,
+    quality,
+    reference,
+    scaling,
+    threads,
+    tune_speed,
+)
 
 STUDIES = {
     "backends": (backends, "PyTorch vs ONNX Runtime here: ms per UNet call and per frame, and which is faster"),
@@ -19,6 +32,7 @@ STUDIES = {
     "export-sd": (export_sd, "export a full SD 1.4-config video UNet at 512x512 x 8 frames; check at 256"),
     "quality": (quality, "edit quality on the shapes model: text alignment, motion, consistency, ablations, drift"),
     "params": (params, "parameter counts (total, trainable) of the tiny and the SD 1.4-config UNet"),
+    "reference": (reference, "the torch and ONNX Runtime engines against the official Tune-A-Video UNet, profiled"),
     "gpu": (gpu, "the GPU figures in one command: UNet per backend and CUDA option, end to end, tuning, compile"),
 }
 
