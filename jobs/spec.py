@@ -1,7 +1,7 @@
 """A tune job as every part of the tuning service sees it: its states, its record (a flat mapping of strings, as
 a Redis hash holds it), and the bounds of what a client may ask for. An import job (an official Tune-A-Video
 checkpoint brought in, `ImportModel`) is the same record and state machine, with `import_source` set and no
-settings: it goes from queued to exporting (the import and the export) to ready.
+tuning settings: it goes from queued to exporting (the import and the export) to ready.
 
 The defaults of every setting come from the tuner (`tuner.tune`), never from here: a client's request names only
 what it wants to change, and `resolve_settings` fills in the rest and checks the bounds.
@@ -29,6 +29,9 @@ MIN_LR, MAX_LR = 1e-6, 1e-2
 MAX_SEED = 2**63 - 1
 MAX_TIMESTEP_POWER = 8
 MAX_CAPTION_CHARS = 1000
+# An import job's only setting. A worker older than imports refuses a record with a setting it does not know
+# (`Job.tune_settings`: "upgrade the worker"), so it fails the job saying so instead of tuning an empty clip.
+IMPORT_SETTING = "import"
 CLIENT_SETTINGS = ("steps", "frames", "width", "height", "lr", "seed", "attention_mode", "group_norm", "start",
                    "stride", "trainable", "frame_positions", "timestep_power", "adapter_kind", "lora_rank",
                    "lora_alpha")  # precision, device: the worker's
@@ -92,7 +95,7 @@ class Job:
     base: str  # the base's id in the allow-list (an import job: "" for the source's own networks)
     base_source: str  # where the worker finds it: a directory or a hub id
     caption: str
-    settings: dict  # the resolved TuneSettings, as a dict (an import job: empty)
+    settings: dict  # the resolved TuneSettings, as a dict (an import job: {IMPORT_SETTING: True})
     state: str = QUEUED
     sequence: int = 0  # queue order
     step: int = 0

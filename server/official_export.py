@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from server.engines.torch_engine import load_torch_model
 from server.generate import Generator
-from tuner.artefacts import ArtefactError, load_tuned
+from tuner.artefacts import ArtefactError, TunedModel
+from tuner.components import BaseModelError
 from tuner.io_utils import atomic_directory
 from tuner.official import BLOCKS_3D, OFFICIAL_UNET
 
@@ -64,29 +65,29 @@ def export_official(run: str | Path, out: str | Path, steps: int | None = None, 
     if out.exists() and not overwrite:
         raise OfficialExportError(f"--out {out} already exists (use --overwrite to replace it)")
     try:
-        model, components = load_tuned(run)
-    except ArtefactError as e:
+        model = TunedModel.open(run)
+        for (setting, official), value in zip(OFFICIAL_ARCHITECTURE.items(), model.architecture, strict=True):
+            if value != official:
+                raise OfficialExportError(f"{run}: {setting} {value} is not the official UNet's ({official}): the "
+                                          "official format cannot hold it")
+        loaded = load_torch_model(run, "cpu")  # fp32: the weights are written as they are tuned
+    except (ArtefactError, BaseModelError) as e:
         raise OfficialExportError(f"{run}: {e}") from None
-    for (setting, official), value in zip(OFFICIAL_ARCHITECTURE.items(), model.architecture, strict=True):
-        if value != official:
-            raise OfficialExportError(f"{run}: {setting} {value} is not the official UNet's ({official}): the "
-                                      "official format cannot hold it")
     config = model.config
     steps = steps or config.get("recommended", {}).get("steps", 50)
-    frames = config["frames"]
+    source = loaded.source
     inverted = None
-    if model.source().kind == "clip":
-        loaded = load_torch_model(run)
-        inverted = Generator(loaded).invert_source(steps, min(frames, loaded.source.latents.shape[1])).cpu()
-    elif model.source().kind == "inverted":
-        inverted, steps = model.source().inverted[None], model.source().inverted_steps or steps
+    if source.kind == "clip":
+        inverted = Generator(loaded).invert_source(steps, min(config["frames"], source.latents.shape[1])).cpu()
+    elif source.kind == "inverted":
+        inverted, steps = source.inverted[None], source.inverted_steps or steps
+    unet = loaded.engines.tuned_unet()
 
     base = model.base_path
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "unet").mkdir()
-        (tmp / "unet" / "config.json").write_text(json.dumps(official_unet_config(dict(components.unet.config)),
-                                                             indent=2) + "\n")
-        state = {k: v.float().contiguous() for k, v in components.unet.state_dict().items()}
+        (tmp / "unet" / "config.json").write_text(json.dumps(official_unet_config(dict(unet.config)), indent=2) + "\n")
+        state = {k: v.float().contiguous() for k, v in unet.state_dict().items()}
         save_file(state, tmp / "unet" / "diffusion_pytorch_model.safetensors")
         for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
             shutil.copytree(base / part, tmp / part)

@@ -25,7 +25,15 @@ from tuneavideo.v1 import tuning_pb2 as pb2
 from tuneavideo.v1 import tuning_pb2_grpc as pb2_grpc
 
 from jobs.bases import Base
-from jobs.spec import CLIENT_SETTINGS, ENDED, MAX_CAPTION_CHARS, InvalidField, Job, resolve_settings
+from jobs.spec import (
+    CLIENT_SETTINGS,
+    ENDED,
+    IMPORT_SETTING,
+    MAX_CAPTION_CHARS,
+    InvalidField,
+    Job,
+    resolve_settings,
+)
 from jobs.store import (
     DeleteRefused,
     IdTaken,
@@ -140,8 +148,7 @@ class TuningService(pb2_grpc.TuningServicer):
                                        f"{', '.join(sorted(self.bases))})")
         return base
 
-    def _check_new_model(self, model_id: str) -> None:
-        check_model_id(model_id, "model_id")
+    def _check_not_served(self, model_id: str) -> None:
         if model_id in self.registry.models or model_id in self.registry.skipped_models():
             raise IdTaken(model_id, "repository")
 
@@ -156,7 +163,7 @@ class TuningService(pb2_grpc.TuningServicer):
             raise InvalidField("video", f"must be at most {MAX_SOURCE_BYTES >> 20} MiB")
         settings = resolve_settings(requested_settings(request.settings), base.defaults, base.size_multiple,
                                     base.max_lora_rank)
-        self._check_new_model(request.model_id)
+        self._check_not_served(request.model_id)
         try:
             await asyncio.to_thread(probe_video, request.video, MAX_FRAMES, MAX_SOURCE_PIXELS)
         except VideoError as e:
@@ -188,10 +195,10 @@ class TuningService(pb2_grpc.TuningServicer):
         if not checked and huggingface_hub.constants.HF_HUB_OFFLINE:
             raise SourceUnavailable(f"source: {source!r} is not in the server's hub cache, and the server is offline "
                                     "(HF_HUB_OFFLINE): fetch it into the cache first")
-        self._check_new_model(request.model_id)
+        self._check_not_served(request.model_id)
         job = Job(id=uuid.uuid4().hex, model_id=request.model_id, base=base.id if base else "",
-                  base_source=base.source if base else "", caption=request.caption, settings={},
-                  import_source=source)
+                  base_source=base.source if base else "", caption=request.caption,
+                  settings={IMPORT_SETTING: True}, import_source=source)
         job = await self.store.create(job, b"", self.max_queued)
         log.info("import job %s created: model %s from %s", job.id, job.model_id, source)
         return job_to_proto(job, await self.store.position(job))

@@ -214,3 +214,8 @@ def test_registry_lists_the_backends_a_manifest_names(repo, tmp_path):
     assert read_entry(copy / "square-a", "torch").backends == ["torch"]
     with pytest.raises(ArtefactError, match="^engines/manifest.json: backends: 'onnxruntime' is not of type 'array'"):
         read_entry(copy / "square-a", "onnxruntime")
+    # an engine directory exported before sources could be other than the clip has no `source` record: its clip
+    assert listed["source"] == {"kind": "clip"}
+    manifest.write_text(json.dumps({k: v for k, v in listed.items() if k != "source"}))
+    source = EngineDir.open(copy / "square-a" / "engines").source()
+    assert source.kind == "clip" and source.latents.shape[2:] == (16, 16)

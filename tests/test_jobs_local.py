@@ -222,3 +222,21 @@ def test_a_job_record_written_before_exports_were_recorded_still_loads():
     del fields["exports"]
     old = Job.from_fields({k.encode(): str(v).encode() for k, v in fields.items()})
     assert old.exports == "" and old.to_fields() == {**job.to_fields(), "exports": ""}
+
+
+def test_records_before_imports_are_tune_jobs_and_an_import_is_refused_by_a_worker_that_only_tunes():
+    """A record from before import jobs lacks `import_source`: it loads as the tune job it is. An import job's
+    record carries a setting no tuning settings have, so a worker older than imports, which reads every record as
+    a tune job (`tune_settings`), refuses it saying to upgrade instead of tuning an empty clip."""
+    from jobs.spec import IMPORT_SETTING, Job, UnreadableRecord
+
+    tune = Job("j1", "model", "shapes-sd", "src", "a caption", {"steps": 3})
+    fields = tune.to_fields()
+    del fields["import_source"]
+    old = Job.from_fields(fields)
+    assert old.import_source == "" and old.tune_settings().steps == 3
+    imported = Job.from_fields(Job("j2", "skiing", "", "", "", {IMPORT_SETTING: True},
+                                   import_source="owner/name").to_fields())
+    assert imported.import_source == "owner/name"
+    with pytest.raises(UnreadableRecord, match="upgrade the worker"):
+        imported.tune_settings()

@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+import torch
 from grpc_helpers import ServeProcess, make_certificates
 from prometheus_client.parser import text_string_to_metric_families
 from tools import find_tool, have_tool, require_tool
@@ -145,7 +146,8 @@ def service(tiny_base, seed_engines, tmp_path_factory):
     workers = [TuneWorker(url, repo, f"w{i}", root / f"w{i}.log") for i, url in enumerate(urls, 1)]
     args = ["--repo", str(repo), "--admin-token-file", str(root / "admin"), "--auth-token-file", str(root / "users"),
             "--base", f"tiny={tiny_base}", "--worker-dead-after", "8", "--max-queued-jobs", "4",
-            "--rescan-seconds", "0.5", "--import-source", f"skiing={OFFICIAL}"]
+            "--rescan-seconds", "0.5", "--import-source", f"skiing={OFFICIAL}",
+            "--import-source", f"code={pickle_with_code(root / 'code')}"]
     replicas = []
     try:  # offline, as a replica without the hub in reach: hub ids come from its cache (there, none)
         replicas = [ServeProcess(*args, "--broker-file", str(root / f"broker{i}"), "--metrics-port", "0",
@@ -163,6 +165,20 @@ def service(tiny_base, seed_engines, tmp_path_factory):
         for worker in workers:
             worker.stop()
         broker.kill()
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def pickle_with_code(directory: Path) -> Path:
+    """The official fixture with its UNet weights replaced by a pickle that would run code when loaded: its layout
+    checks out, so only the worker's import finds it."""
+    shutil.copytree(OFFICIAL, directory)
+    weights = directory / "unet" / "diffusion_pytorch_model.bin"
+    torch.save({**torch.load(weights, weights_only=True), "extra": RunsCode()}, weights)
+    return directory
 
 
 def admin(service, replica: int = 0) -> Client:
@@ -237,6 +253,10 @@ def test_an_official_checkpoint_is_imported_by_a_worker_and_served(service):
                 client.import_model(model_id, source, base=base[0] if base else "")
             assert e.value.code == code and e.value.details.startswith(f"{field}:"), e.value
         assert not [j for j in client.list_tune_jobs() if j.model_id.startswith("x-")]
+        # what only the import finds fails the job with the importer's one line, publishing nothing
+        failed = client.wait_tune_job(client.import_model("code-official", "code").id, timeout=TIMEOUT)
+        assert failed.state == "failed" and "pickle that needs code to load, refused" in failed.failure_reason
+        assert not (service.repo / "code-official").exists()
     with user(service, 0) as client, pytest.raises(ServerError) as e:
         client.import_model("x-5", "skiing")
     assert e.value.code == CODE.PERMISSION_DENIED

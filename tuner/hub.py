@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuner.components import VARIANT, BaseModelError, check_base_dir, model_file_patterns, weights_variant
+from tuner.io_utils import first_line
 
 
 class HubError(ValueError):
@@ -36,11 +37,7 @@ def snapshot(repo_id: str, patterns: list[str]) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (HFValidationError, LocalEntryNotFoundError, OSError) as e:
-        raise HubError(f"{repo_id!r} is neither a directory nor a hub id in reach ({_first_line(e)})") from e
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise HubError(f"{repo_id!r} is neither a directory nor a hub id in reach ({first_line(e)})") from e
 
 
 def resolve_base(source: str) -> tuple[Path, str | None]:

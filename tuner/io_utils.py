@@ -132,3 +132,9 @@ def read_json_file(path: Path, name: str) -> Any:
     except OSError as e:
         raise JsonError(f"{name} cannot be read ({e.strerror})") from None
     return parse_json(data, name)
+
+
+def first_line(error: Exception, limit: int = 200) -> str:
+    """An exception's message as one line for a one-line error (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

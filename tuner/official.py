@@ -41,7 +41,7 @@ from tuner.base_store import base_in_use
 from tuner.components import BaseModelError, base_model_hash, encode_frames, load_components, weights_file
 from tuner.hub import HubError, resolve_base, snapshot
 from tuner.inflate import inflate, is_trainable
-from tuner.io_utils import JsonError, atomic_directory, read_json_file
+from tuner.io_utils import JsonError, atomic_directory, first_line, read_json_file
 from tuner.official_config import ConfigError, OfficialConfig, read_official_config
 from tuner.tune import TRAINABLE_MODULES, TuneSettings
 from tuner.versions import versions
@@ -115,7 +115,7 @@ def read_weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
         raise OfficialFormatError(f"{shown} is a pickle that needs code to load, refused ({reason.strip()})") from None
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise OfficialFormatError(f"{shown} is not a readable weights file (truncated or corrupt: "
-                                  f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+                                  f"{first_line(e, 120)})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise OfficialFormatError(f"{shown} is not a state dict of named tensors")
@@ -374,8 +374,7 @@ def _model_config(official: Path, source: str, base_dir: Path, base: str | None,
         model_source, fps = artefacts.Source(inverted=latents, inverted_steps=settings.inverted_steps), SAMPLE_FPS
     else:
         model_source, fps = artefacts.Source(), SAMPLE_FPS
-    count = {"clip": lambda: model_source.latents.shape[1], "inverted": lambda: model_source.inverted.shape[1],
-             "none": lambda: 0}[model_source.kind]()
+    count = next((latents.shape[1] for latents in model_source.tensors().values()), 0)
     tune_settings = TuneSettings(**{**s, "width": width, "height": height, "attention_mode": "sparse_causal",
                                     "group_norm": "per_clip", "frame_positions": "none"})
     config = {

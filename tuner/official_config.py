@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.artefacts import CONFIG_SCHEMA
+from tuner.io_utils import first_line
 
 # The trainable sets tav-tune has (`tuner.tune.TRAINABLE_MODULES`), as the official config names them: module-name
 # suffixes, so `attn_temp` is the whole temporal attention.
@@ -80,13 +81,8 @@ def read_official_config(path: str | Path) -> OfficialConfig:
     except IsADirectoryError:
         raise ConfigError(f"--config {path}: is a directory, not a YAML file") from None
     except (YAMLError, OmegaConfBaseException, OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"--config {path}: not a config OmegaConf reads ({_first_line(e)})") from None
+        raise ConfigError(f"--config {path}: not a config OmegaConf reads ({first_line(e)})") from None
     return parse_official_config(values, str(path))
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def parse_official_config(values: object, name: str = "config") -> OfficialConfig:

@@ -18,7 +18,7 @@ import torch
 from server.engines.base import Engines, LoadedModel, TunedTensors
 from tuner.artefacts import TunedModel, apply_adapter
 from tuner.components import Components, load_components
-from tuner.inflate import inflate
+from tuner.inflate import VideoUNet, inflate
 from tuner.io_utils import sha256_files
 
 
@@ -60,6 +60,11 @@ class TorchEngines(Engines):
     @property
     def components(self) -> Components:
         return self.base.components
+
+    def tuned_unet(self) -> VideoUNet:
+        """The shared video UNet holding this model's tuned tensors (until another model's call activates its own)."""
+        self.base.activate(self, self.adapter)
+        return self.components.unet
 
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
