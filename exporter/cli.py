@@ -45,13 +45,13 @@ from exporter.onnx_export import (
 from exporter.optimize import REWRITE_VERSION, optimize_unet_for_ort
 from tuner import artefacts
 from tuner.aoti_support import DEVICES, require_aoti
-from tuner.artefacts import BRANCH_GRAPHS, ArtefactError, TunedModel, apply_adapter
+from tuner.artefacts import BRANCH_GRAPHS, STORE_DIR, ArtefactError, TunedModel, apply_adapter
+from tuner.compiled import COMPILE_MODES
 from tuner.components import BaseModelError, is_same_base, load_components
 from tuner.inflate import inflate, is_trainable
 from tuner.io_utils import atomic_directory, file_lock, sha256_files
 from tuner.versions import versions
 
-STORE_DIR = ".engines"
 STORE_INDEX = "graphs.json"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}  # of the ONNX graphs; --aoti adds bf16 on CUDA
 # The manifest fields that describe the ONNX graphs (TensorRT's plans are built from them).
@@ -439,6 +439,26 @@ def _check_writable(directory: Path) -> None:
         raise ExportError(f"cannot write to {directory}: {e.strerror}") from e
 
 
+def compile_torch(run: str | Path, mode: str = "default", device: str | None = None, progress=print,
+                  batches: tuple[int, ...] = (1, 2)) -> Path:
+    """`tav-export --torch-compile`: compile `run`'s video UNet as the torch engine does (`torch.compile` in
+    `mode`, at each UNet batch) and write the compiled code into the engine store, where replicas started with
+    `--compile` read it; return the store entry. The torch engine itself compiles, so the code is the one it runs."""
+    from server.engines.torch_engine import load_torch_model
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--device cuda: no CUDA device is visible")
+    try:
+        loaded = load_torch_model(run, device, compile_mode=mode)
+        progress(f"compiling the video UNet of {run} (torch.compile, mode {mode}) at batch "
+                 f"{', '.join(map(str, batches))} on {loaded.engines.device}")
+        entry = loaded.engines.save_compiled(TunedModel.open(run), batches)
+    except (BaseModelError, ValueError) as e:
+        raise ExportError(f"{run}: {e}") from e
+    progress(f"wrote the compiled code to {entry}")
+    return entry
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tav-export", description=__doc__.splitlines()[0])
     what = p.add_mutually_exclusive_group(required=True)
@@ -453,8 +473,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (needs a GPU and tensorrt)")
     p.add_argument("--aoti", action="store_true",
                    help="build AOTInductor packages (backend aoti) instead of ONNX graphs; the manifest keeps both")
-    p.add_argument("--device", choices=list(DEVICES), help="--aoti: device to compile for (default: cuda if present)")
+    p.add_argument("--device", choices=list(DEVICES),
+                   help="--aoti, --torch-compile: device to compile for (default: cuda if present)")
     p.add_argument("--store", help="shared graph store (default: REPO/.engines beside the model)")
+    p.add_argument("--torch-compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="instead of exporting graphs, compile the video UNet for the torch backend's --compile MODE "
+                        f"({', '.join(COMPILE_MODES)}; default: default) on --device, into the engine store")
     args = p.parse_args(argv)
     if args.gc:
         if not args.grace >= 0:
@@ -465,9 +489,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"tav-export: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         return
-    if args.device and not args.aoti:
-        p.error("--device goes with --aoti (ONNX graphs are not compiled for a device)")
+    if args.torch_compile and (args.aoti or args.tensorrt or args.out or args.store or args.precision != "fp32"):
+        p.error("--torch-compile compiles into the model's repository store, at the torch engine's precision "
+                "(fp32 on CPU, fp16 on CUDA): no --aoti, --tensorrt, --out, --store or --precision")
+    if args.device and not (args.aoti or args.torch_compile):
+        p.error("--device goes with --aoti or --torch-compile (ONNX graphs are not compiled for a device)")
     try:
+        if args.torch_compile:
+            compile_torch(args.model, args.torch_compile, args.device)
+            return
         export(args.model, args.out, args.precision, args.tensorrt, args.store, aoti=args.aoti, device=args.device)
     except (ExportError, ArtefactError) as e:
         print(f"tav-export: error: {e}", file=sys.stderr)

@@ -6,7 +6,8 @@ changed leaves the old ones; nothing else ever removes them. An entry is kept wh
 
 - a model or a job in progress names it: its name appears in a `tav_config.json` or `manifest.json` anywhere
   under a directory of the repository (models, `.job-*` directories, the tuner's and exporter's temporary ones),
-  read as text, so a file that does not parse still protects what it names;
+  read as text, so a file that does not parse still protects what it names; a compiled torch UNet's entry
+  (`tuner.compiled`), which no manifest names, is kept while its base's hash appears there (a model of its base);
 - it is in use: its lock `.<name>.lock` is held (exclusively while an export builds it; shared by a tune job for
   its base from before the copy is made until its model is published, `tuner.base_store.base_in_use`);
 - it was made or last used (its mtime: an export that reuses an entry touches it under the lock, as does a job
@@ -30,7 +31,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from tuner.io_utils import file_lock
+from tuner import compiled
+from tuner.io_utils import JsonError, file_lock, read_json_file
 
 STORES = (".engines", ".bases")
 REFERRING = ("tav_config.json", "manifest.json")
@@ -55,10 +57,10 @@ def collect(repo: Path, grace: float = DEFAULT_GRACE, progress: Callable[[str], 
             if not match or entry.name.endswith(".lock") or not entry.is_dir():
                 continue
             owner = match.group(1)
-            if _young(entry, grace) or entry.name in named:
+            if _young(entry, grace) or _named(entry, named):
                 continue
             with file_lock(root / f".{owner}.lock", wait=False) as held:
-                if not held or _young(entry, grace) or entry.name in referring_text(repo):
+                if not held or _young(entry, grace) or _named(entry, referring_text(repo)):
                     continue
                 size = _size(entry)
                 gone = root / f".{owner}.gc-{uuid.uuid4().hex[:8]}"
@@ -87,6 +89,17 @@ def referring_text(repo: Path) -> str:
         if all(top.exists() for top in tops):
             return "\n".join(texts)
     raise GcError(f"{repo} kept changing while it was read; run again")
+
+
+def _named(entry: Path, named: str) -> bool:
+    """Whether `named` (the referring text) names `entry`, or for a compiled UNet's entry, its base's hash."""
+    if entry.name in named:
+        return True
+    try:
+        base = read_json_file(entry / compiled.INDEX, compiled.INDEX).get("base_sha256")
+    except (JsonError, AttributeError):
+        return False
+    return isinstance(base, str) and len(base) == 64 and base in named
 
 
 def _listing(directory: Path) -> list[Path]:

@@ -205,12 +205,14 @@ class ModelRegistry:
         device: str | None = None,
         max_bytes: int = 16 * 2**30,
         cache: InversionCache | None = None,
+        compile_mode: str | None = None,
     ) -> None:
         self.repo = Path(repo)
         if not self.repo.is_dir():
             raise FileNotFoundError(f"model repository {self.repo} is not a directory")
         self.backend = backend
         self.device = device
+        self.compile_mode = compile_mode  # torch: the UNet compiled (`torch.compile` mode), None: eager
         self.max_bytes = max_bytes
         self.cache = cache if cache is not None else InversionCache()
         self.models: dict[str, ModelEntry] = {}
@@ -363,7 +365,7 @@ class ModelRegistry:
                 self._ready.move_to_end(model_id)
                 return ready[1]
         try:
-            model = load_model(entry.path, self.backend, self.device, model_id)
+            model = load_model(entry.path, self.backend, self.device, model_id, self.compile_mode)
             generator = Generator(model, self.cache)
             entry.cost = self._warm_up(generator, entry)
             size = model_bytes(model, entry.path)

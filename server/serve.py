@@ -34,7 +34,7 @@ from tuneavideo.v1 import tuning_pb2_grpc
 from jobs.bases import load_bases, parse_base
 from jobs.store import JobStore
 from jobs.work import DEFAULT_EXPORTS, check_exports, parse_exports
-from server.engines import BACKENDS, check_backend
+from server.engines import BACKENDS, add_compile_argument, check_backend
 from server.generate import MAX_SOURCE_BYTES
 from server.interceptors import AdmissionInterceptor, Limits, read_tokens
 from server.metrics import Metrics
@@ -64,6 +64,7 @@ class ServerConfig:
     port: int = 50051  # 0: any free port (logged, and returned by TavServer.start)
     backend: str = "torch"
     device: str | None = None
+    compile_mode: str | None = None  # torch backend: the UNet compiled by torch.compile in this mode; None: eager
     max_queue: int = 16  # requests waiting, besides the running one
     tokens: list[str] = field(default_factory=list)  # accepted bearer tokens; empty: no auth
     tls_cert: Path | None = None
@@ -155,10 +156,11 @@ class TavServer:
     """The server's parts and life cycle: `start`, serving once warm, `drain`, `wait_closed` (and `exit_code`)."""
 
     def __init__(self, config: ServerConfig) -> None:
-        check_backend(config.backend, config.device)
+        check_backend(config.backend, config.device, config.compile_mode)
         self.config = config
         self.metrics = Metrics()
-        self.registry = ModelRegistry(config.repo, config.backend, config.device, config.engine_cache_bytes)
+        self.registry = ModelRegistry(config.repo, config.backend, config.device, config.engine_cache_bytes,
+                                      compile_mode=config.compile_mode)
         self.queue = FairQueue(config.max_queue)
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
         self.service = VideoGenerationService(self.registry, self.queue, self.metrics, config.max_request_seconds)
@@ -206,8 +208,10 @@ class TavServer:
                              lambda reason: loop.call_soon_threadsafe(self._failed, reason))
         self.worker.start()
         self._watcher = asyncio.ensure_future(self._watch())
-        log.info("listening on %s:%d (%s, backend %s); warming %d models", config.host, self.port,
-                 "TLS" if config.tls_cert else "plaintext", config.backend, len(self.registry.models))
+        log.info("listening on %s:%d (%s, backend %s, %s); warming %d models", config.host, self.port,
+                 "TLS" if config.tls_cert else "plaintext", config.backend,
+                 f"UNet compiled, mode {config.compile_mode}" if config.compile_mode else "eager",
+                 len(self.registry.models))
         return self.port
 
     def _job_store(self) -> JobStore:
@@ -380,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=d.port, help="0: any free port (logged)")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_compile_argument(p)
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests that may wait; past it "
                    "RESOURCE_EXHAUSTED")
     p.add_argument("--auth-token-file", type=Path, help="require 'authorization: Bearer <token>', a token a line")
@@ -434,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = ServerConfig(
             repo=args.repo, host=args.host, port=args.port, backend=args.backend, device=args.device,
+            compile_mode=args.compile,
             max_queue=args.max_queue, tokens=read_tokens(args.auth_token_file) if args.auth_token_file else [],
             tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host, reflection=not args.no_reflection, grace=args.grace,

@@ -347,6 +347,7 @@ ENGINE_ADAPTER_FILE = "adapter.safetensors"
 ENGINE_SOURCE_FILE = "source.safetensors"
 SCHEDULER_FILE = "scheduler_config.json"
 ENGINE_DIR = "engines"  # in a tuned model directory
+STORE_DIR = ".engines"  # in a repository: the shared engine store, entries by key
 # The shared ONNX graphs for feature reuse between denoising steps (`cache_interval`): the full UNet pass with the
 # branch features as a second output, and the shallow pass from them. Optional in a manifest: older exports lack them.
 BRANCH_GRAPHS = ("unet_full_branch", "unet_shallow")

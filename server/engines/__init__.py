@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -12,10 +13,12 @@ from tuner.artefacts import BRANCH_GRAPHS
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "aoti")
 
 
-def check_backend(backend: str, device: str | None = None) -> None:
-    """Raise ValueError saying why `backend` cannot run on this machine (checked once, at server start)."""
+def check_backend(backend: str, device: str | None = None, compile_mode: str | None = None) -> None:
+    """Raise ValueError saying why `backend` (with its UNet compiled by `compile_mode`, torch only) cannot run on
+    this machine (checked once, at server start)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_compile(backend, compile_mode)
     if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is visible")
     if backend == "tensorrt":
@@ -28,6 +31,23 @@ def check_backend(backend: str, device: str | None = None) -> None:
         require_aoti((device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0], ValueError)
 
 
+def check_compile(backend: str, compile_mode: str | None) -> None:
+    """Raise ValueError unless `compile_mode` is None or `backend` is torch (the only one compiled at load)."""
+    if compile_mode is not None and backend != "torch":
+        raise ValueError(f"--compile is an option of the torch backend, not {backend} (whose engines tav-export "
+                         f"builds)")
+
+
+def add_compile_argument(p: argparse.ArgumentParser) -> None:
+    """`--compile [MODE]`, as every command that loads torch engines takes it."""
+    from tuner.compiled import COMPILE_MODES
+
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch backend: compile the video UNet with torch.compile (MODE: "
+                        f"{', '.join(COMPILE_MODES)}; default: default), reading the compiled code tav-export "
+                        "--torch-compile left in the engine store")
+
+
 def supports_cache_interval(backend: str, manifest: dict | None) -> bool:
     """Whether `backend` serves `cache_interval` > 1 for a model whose engine manifest is `manifest` (None: not
     exported), told without loading it: torch always, ONNX Runtime with the branch graphs, the others not yet."""
@@ -38,13 +58,14 @@ def supports_cache_interval(backend: str, manifest: dict | None) -> bool:
     return False
 
 
-def load_model(path: str | Path, backend: str = "torch", device: str | None = None, name: str | None = None
-               ) -> LoadedModel:
-    """Load a tuned model directory for `backend`."""
+def load_model(path: str | Path, backend: str = "torch", device: str | None = None, name: str | None = None,
+               compile_mode: str | None = None) -> LoadedModel:
+    """Load a tuned model directory for `backend` (torch: its UNet compiled by `compile_mode`, when given)."""
+    check_compile(backend, compile_mode)
     if backend == "torch":
         from server.engines.torch_engine import load_torch_model
 
-        return load_torch_model(path, device, name)
+        return load_torch_model(path, device, name, compile_mode)
     if backend == "onnxruntime":
         from server.engines.onnx_engine import load_onnx_model
 
@@ -60,4 +81,5 @@ def load_model(path: str | Path, backend: str = "torch", device: str | None = No
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
-__all__ = ["BACKENDS", "Engines", "LoadedModel", "check_backend", "load_model", "supports_cache_interval"]
+__all__ = ["BACKENDS", "Engines", "LoadedModel", "add_compile_argument", "check_backend", "check_compile",
+           "load_model", "supports_cache_interval"]

@@ -1,10 +1,14 @@
-"""PyTorch engines: the video UNet, VAE and text encoder as PyTorch modules, eager, under `torch.inference_mode`.
+"""PyTorch engines: the video UNet, VAE and text encoder as PyTorch modules under `torch.inference_mode`, eager or
+with the UNet compiled (`compile_mode`: `torch.compile`, its code read from the engine store where `tav-export
+--torch-compile` put it; `tuner.compiled`).
 
-fp32 on CPU; fp16 on CUDA. The reference every other backend is checked against. Models of one base share one
+fp32 on CPU; fp16 on CUDA. The reference every other backend is checked against (eager). Models of one base share one
 set of modules (`SharedBase`); each model holds only its adapter tensors (a LoRA model its factors; the base's W0
 is shared and kept apart from the UNet, whose tensors a switch overwrites), copied (or merged) into the shared UNet
-in place when a request for it starts and another model's were active. The engines hold their base; the process-wide
-index of bases holds them weakly, so a base is freed once no loaded model uses it.
+in place when a request for it starts and another model's were active. The compiled UNet takes the weights as graph
+inputs (Inductor's default: nothing frozen into the code), so that in-place switch changes what it computes and
+compiles nothing; one graph per UNet batch shape. Feature reuse (`run_unet_branch`) runs the UNet eager. The engines
+hold their base; the process-wide index of bases holds them weakly, so a base is freed once no loaded model uses it.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from server.engines.base import Engines, LoadedModel, TunedTensors
-from tuner.artefacts import TunedModel, apply_adapter
+from server.engines.base import UNET_BATCHES, Engines, LoadedModel, TunedTensors
+from tuner import compiled
+from tuner.aoti_support import compile_target
+from tuner.artefacts import STORE_DIR, TunedModel, apply_adapter
 from tuner.components import Components, load_components
 from tuner.inflate import VideoUNet, inflate
 from tuner.io_utils import sha256_files
@@ -25,8 +31,14 @@ from tuner.io_utils import sha256_files
 class SharedBase:
     """A base model's modules, inflated once, with the adapter of the model most recently activated."""
 
-    def __init__(self, components: Components) -> None:
+    def __init__(self, components: Components, compile_mode: str | None = None, compiled_entry: Path | None = None,
+                 compiled_artefacts: bool = False) -> None:
         self.components = components
+        self.compile_mode = compile_mode
+        self.compiled_entry = compiled_entry  # the engine store entry of the compiled code (`tuner.compiled`)
+        self.compiled_artefacts = compiled_artefacts  # whether that entry's compiled code was loaded
+        unet = components.unet
+        self.unet = unet if compile_mode is None else torch.compile(unet, mode=compile_mode, dynamic=False)
         self.active = lambda: None  # a weak reference to the owner of the adapter now in the UNet
         self.last_switch_seconds = 0.0
 
@@ -39,7 +51,7 @@ class SharedBase:
             self.last_switch_seconds = time.perf_counter() - started
 
 
-# (base path, base hash, attention mode, group norm, device, dtype) -> SharedBase, while some engines use it
+# (base path, base hash, architecture, device, dtype, compile mode) -> SharedBase, while some engines use it
 _BASES: weakref.WeakValueDictionary[tuple, SharedBase] = weakref.WeakValueDictionary()
 
 
@@ -81,11 +93,30 @@ class TorchEngines(Engines):
     @torch.inference_mode()
     def run_unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         self.base.activate(self, self.adapter)
-        out = self.components.unet(sample.to(self.dtype), timestep.to(self.device), text.to(self.dtype))
+        out = self.base.unet(sample.to(self.dtype), timestep.to(self.device), text.to(self.dtype))
         return out.float()
 
     def cache_unsupported(self) -> str | None:
         return None
+
+    def save_compiled(self, model: TunedModel, batches: tuple[int, ...] = UNET_BATCHES) -> Path:
+        """Compile the UNet at each of `batches` (one call on zeros each) and write the compiled code of this
+        process into its engine store entry (`tuner.compiled`); return the entry."""
+        if self.base.compile_mode is None:
+            raise ValueError("the UNet of these engines is not compiled (load them with a compile mode)")
+        started = time.perf_counter()
+        for batch in batches:
+            sample = torch.zeros(self.unet_input_shape(batch), device=self.device)
+            self.run_unet(sample, torch.tensor([999.0]), torch.zeros(batch, *self.text_shape, device=self.device))
+        artefacts = torch.compiler.save_cache_artifacts()
+        if artefacts is None:
+            raise RuntimeError("torch.compile left no cache artefacts to save")
+        index = {"mode": self.base.compile_mode, "device": str(self.device), "dtype": str(self.dtype),
+                 "torch": torch.__version__, "triton": compiled.triton_version(),
+                 "compile_target": compile_target(self.device.type), "base_sha256": model.config["base"]["sha256"],
+                 "batches": list(batches), "compile_seconds": round(time.perf_counter() - started, 1)}
+        compiled.write_entry(self.base.compiled_entry, artefacts[0], index)
+        return self.base.compiled_entry
 
     @torch.inference_mode()
     def run_unet_branch(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
@@ -98,22 +129,33 @@ class TorchEngines(Engines):
         return self.components.unet(*args, branch=branch.to(self.dtype)).float(), None
 
 
-def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype) -> SharedBase:
-    key = (str(model.base_path.resolve()), model.config["base"]["sha256"], *model.architecture, str(device), dtype)
+def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype, compile_mode: str | None = None
+                ) -> SharedBase:
+    key = (str(model.base_path.resolve()), model.config["base"]["sha256"], *model.architecture, str(device), dtype,
+           compile_mode)
     shared = _BASES.get(key)
     if shared is None:
         components = load_components(model.base_path, device, dtype, model.base_variant)
         inflate(components.unet, *model.architecture)
-        shared = _BASES[key] = SharedBase(components)
+        entry, loaded = None, False
+        if compile_mode is not None:
+            entry = model.path.parent / STORE_DIR / compiled.store_key(model, device, dtype, compile_mode)
+            artefacts = compiled.read_entry(entry)
+            loaded = artefacts is not None and torch.compiler.load_cache_artifacts(artefacts) is not None
+        shared = _BASES[key] = SharedBase(components, compile_mode, entry, loaded)
     return shared
 
 
-def load_torch_model(run: str | Path, device: str | None = None, name: str | None = None) -> LoadedModel:
-    """Load a tuned model directory as a `LoadedModel` with PyTorch engines (its base shared with others)."""
+def load_torch_model(run: str | Path, device: str | None = None, name: str | None = None,
+                     compile_mode: str | None = None) -> LoadedModel:
+    """Load a tuned model directory as a `LoadedModel` with PyTorch engines (its base shared with others), the
+    UNet compiled with `torch.compile(mode=compile_mode)` when one is given."""
+    if compile_mode is not None and compile_mode not in compiled.COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(compiled.COMPILE_MODES)}, got {compile_mode!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = TunedModel.open(run)
-    base = shared_base(model, device, dtype)
+    base = shared_base(model, device, dtype, compile_mode)
     adapter = TunedTensors.of_model(model, device, dtype)
     engines = TorchEngines(base, adapter, model.latent_size, device, dtype)
     config = model.config
