@@ -24,8 +24,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from benchmarks.common import save_plot, write_result
-from benchmarks.latency import generations, unet_calls
-from server.engines import load_model
+from benchmarks.latency import generations, load_models, unet_calls
+from server.engines import add_compile_argument
 from tuner import tiny
 from tuner.artefacts import TunedModel
 from tuner.io_utils import atomic_directory
@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="tuned model directory, exported (default: build, tune and export)")
     p.add_argument("--base", type=Path, help="base model directory to tune and export (default: the bench base)")
     p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, aoti")
+    add_compile_argument(p)
     p.add_argument("--steps", type=int, default=10, help="denoising steps per generation")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3, help="generations per backend")
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or tuned_model(Path(tmp), args.base, aoti="aoti" in backends)
-        models = {backend: load_model(model_dir, backend) for backend in backends}
+        models = load_models(model_dir, backends, args.compile)
+        backends = list(models)
         aoti = json.loads((Path(model_dir) / "engines" / "manifest.json").read_text()).get("aoti", {}).get("cpu")
         first = next(iter(models.values()))
         unet_config = json.loads((TunedModel.open(model_dir).base_path / "unet" / "config.json").read_text())
@@ -116,6 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     fastest = min(backends, key=lambda b: per_frame[b]["median_ms"])
     result = {
         "study": "backends",
+        "torch_compile_mode": args.compile,
         "model": str(args.model or f"{args.base or 'bench base (shapes-world UNet)'}, tuned 3 steps"),
         "pixel_size": list(first.pixel_size),
         "unet_config": {k: v for k, v in unet_config.items() if not k.startswith("_")},

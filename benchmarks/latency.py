@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import save_plot, summarize, time_alternating, write_result
-from server.engines import LoadedModel, load_model
+from server.engines import LoadedModel, add_compile_argument, load_model
 from server.generate import GenerationOptions, Generator, InversionCache
 from tuner.artefacts import TunedModel
 
@@ -28,6 +28,7 @@ PROMPT = "a blue circle is moving right on a black background"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="tuned model directory (default: tune the tiny model on a clip)")
     p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated")
+    add_compile_argument(p)
     p.add_argument("--lengths", default="8,16,32", help="comma-separated frame counts; empty to skip")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per generation")
     p.add_argument("--guidance", type=float, default=7.5)
@@ -55,6 +56,15 @@ def default_model(workdir: Path) -> Path:
                progress=False)
     export(run, progress=lambda message: None)
     return run
+
+
+def load_models(model_dir: str | Path, backends: list[str], compile_mode: str | None) -> dict[str, LoadedModel]:
+    """The model on each backend; with `compile_mode`, also on the torch engine with its UNet compiled
+    (`torch-compiled`), measured beside eager torch."""
+    models = {backend: load_model(model_dir, backend) for backend in backends}
+    if compile_mode:
+        models["torch-compiled"] = load_model(model_dir, "torch", compile_mode=compile_mode)
+    return models
 
 
 def unet_calls(models: dict, repeats: int) -> dict:
@@ -172,13 +182,15 @@ def run(args: argparse.Namespace) -> dict:
     lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or default_model(Path(tmp))
-        models = {backend: load_model(model_dir, backend) for backend in backends}
+        models = load_models(model_dir, backends, args.compile)
+        backends = list(models)
         first = next(iter(models.values()))
         engines = first.engines
         base = TunedModel.open(model_dir).base_path  # info["base_model"] is the base's id for a shipped base
         unet_config = json.loads((base / "unet" / "config.json").read_text())
         result = {
             "study": "latency",
+            "torch_compile_mode": args.compile,
             "model": str(args.model or "tiny model tuned on a shapes-world clip (tav-bench default)"),
             "latent_shape": list(engines.latent_shape),
             "unet_config": {k: v for k, v in unet_config.items() if not k.startswith("_")},
