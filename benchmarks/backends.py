@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from benchmarks.common import save_plot, write_result
 from benchmarks.latency import generations, load_models, unet_calls
-from server.engines import add_compile_argument
+from server.engines import add_torch_engine_arguments
 from tuner import tiny
 from tuner.artefacts import TunedModel
 from tuner.io_utils import atomic_directory
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="tuned model directory, exported (default: build, tune and export)")
     p.add_argument("--base", type=Path, help="base model directory to tune and export (default: the bench base)")
     p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, aoti")
-    add_compile_argument(p)
+    add_torch_engine_arguments(p)
     p.add_argument("--steps", type=int, default=10, help="denoising steps per generation")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3, help="generations per backend")

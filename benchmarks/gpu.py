@@ -337,12 +337,13 @@ def step_unet(setup: Setup) -> dict:
     from server.engines import load_model
     from server.registry import read_entry
 
-    eager = load_model(setup.run, "torch", setup.device)
+    eager = load_model(setup.run, "torch", setup.device, cuda_graphs=False)
     engines = eager.engines
     calls = {f"torch eager {_dtype_name(engines.dtype)}": engines.unet}
     errors = {}
     if setup.cuda:
         calls.update(_cuda_options(setup, eager))
+        errors.update(_graphs_against_eager(setup, eager, calls))
     for backend in [b for b in setup.backends if b != "torch" and b in read_entry(setup.run, "torch").backends]:
         try:
             calls[backend] = load_model(setup.run, backend, setup.device).engines.unet
@@ -382,6 +383,7 @@ def step_e2e(setup: Setup) -> dict:
     from server.registry import read_entry
 
     rows, errors = {}, {}
+    torch_unet = "eager, the engine's CUDA graphs" if setup.cuda else "eager"  # the torch engine's defaults
     for backend in [b for b in setup.backends if b in read_entry(setup.run, "torch").backends]:
         try:
             model = load_model(setup.run, backend, setup.device)
@@ -399,10 +401,10 @@ def step_e2e(setup: Setup) -> dict:
                     "backend": backend, "frames": frames, "steps": steps, "inversion": label,
                     "ms_per_frame": 1000 * result.timings["total"] / frames,
                     "phase_ms": {k: 1000 * v for k, v in result.timings.items()}, "peak_gib": _peak_gib(setup)}
-        setup.save({"guidance": 12.5, "rows": rows, "errors": errors})  # kept if a later backend crashes
-        del model
+        setup.save({"guidance": 12.5, "rows": rows, "errors": errors, "torch_unet": torch_unet})  # kept if a later
+        del model  # backend crashes
         _free(setup)
-    return {"guidance": 12.5, "rows": rows, "errors": errors}
+    return {"guidance": 12.5, "rows": rows, "errors": errors, "torch_unet": torch_unet}
 
 
 # Assembling the steps' figures into the study's result and plots.
@@ -538,6 +540,7 @@ def _cuda_options(setup: Setup, eager) -> dict:
     """The torch engine's CUDA options, each a UNet call: bf16, each SDPA backend, channels-last, CUDA graphs."""
     from torch.nn.attention import SDPBackend
 
+    from server.engines import load_model
     from server.engines.base import TunedTensors
     from server.engines.torch_engine import TorchEngines, shared_base
     from tuner.artefacts import TunedModel
@@ -560,8 +563,28 @@ def _cuda_options(setup: Setup, eager) -> dict:
             return channels_last(sample.to(engines.dtype), t, text.to(engines.dtype)).float()
 
     options[f"torch {dtype}, channels-last"] = channels_last_call
-    options[f"torch {dtype}, CUDA graphs"] = _GraphedUNet(unet, engines.dtype)
+    options[f"torch {dtype}, the engine's CUDA graphs"] = load_model(setup.run, "torch", setup.device).engines.unet
     return options
+
+
+def _graphs_against_eager(setup: Setup, eager, calls: dict) -> dict:
+    """The engine's CUDA graphs must replay eager's output (fp16: within 1e-2, relative): an error per batch where
+    they do not (the variant is then not timed)."""
+    dtype = _dtype_name(eager.engines.dtype)
+    name = f"torch {dtype}, the engine's CUDA graphs"
+    errors = {}
+    generator = torch.Generator().manual_seed(1)
+    for batch in eager.engines.batches:
+        sample = torch.randn(eager.engines.unet_input_shape(batch), generator=generator).to(setup.device)
+        text = torch.randn(batch, *eager.engines.text_shape, generator=generator).to(setup.device)
+        t = torch.tensor([500.0], device=setup.device)
+        want, got = eager.engines.unet(sample, t, text), calls[name](sample, t, text)
+        error = float((got - want).norm() / want.norm())
+        if not error <= 1e-2:
+            errors[f"{name}/batch{batch}"] = f"replay differs from eager: relative error {error:.2e}"
+    if errors:
+        calls.pop(name)
+    return errors
 
 
 def _decode_timings(setup: Setup, eager) -> dict:
@@ -596,34 +619,6 @@ def _with_sdpa(call, backend):
             return call(sample, t, text)
 
     return restricted
-
-
-class _GraphedUNet:
-    """The torch UNet captured in one CUDA graph per input shape, replayed on static buffers."""
-
-    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype) -> None:
-        self.unet, self.dtype, self.graphs = unet, dtype, {}
-
-    @torch.inference_mode()
-    def __call__(self, sample: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        key = tuple(sample.shape)
-        if key not in self.graphs:
-            static = [sample.to(self.dtype).clone(), t.clone(), text.to(self.dtype).clone()]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up outside the capture (cuDNN and allocator set-up)
-                    self.unet(*static)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                output = self.unet(*static)
-            self.graphs[key] = (graph, static, output)
-        graph, static, output = self.graphs[key]
-        for buffer, value in zip(static, (sample, t, text), strict=True):
-            buffer.copy_(value)
-        graph.replay()
-        return output.float()
 
 
 def _synchronized(setup: Setup, call, inputs: tuple):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import save_plot, summarize, time_alternating, write_result
-from server.engines import LoadedModel, add_compile_argument, load_model
+from server.engines import LoadedModel, add_torch_engine_arguments, load_model
 from server.generate import GenerationOptions, Generator, InversionCache
 from tuner.artefacts import TunedModel
 
@@ -28,7 +28,7 @@ PROMPT = "a blue circle is moving right on a black background"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="tuned model directory (default: tune the tiny model on a clip)")
     p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated")
-    add_compile_argument(p)
+    add_torch_engine_arguments(p)
     p.add_argument("--lengths", default="8,16,32", help="comma-separated frame counts; empty to skip")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per generation")
     p.add_argument("--guidance", type=float, default=7.5)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from server.engines import BACKENDS, add_compile_argument, check_compile, load_model
+from server.engines import BACKENDS, add_torch_engine_arguments, check_compile, load_model
 from server.engines.base import Unsupported
 from server.generate import Cancelled, GenerationOptions, GenerationResult, Generator, InvalidRequest, ProgressFn
 from tuner.artefacts import ArtefactError
@@ -22,13 +22,14 @@ def generate(
     backend: str = "torch",
     device: str | None = None,
     compile_mode: str | None = None,
+    cuda_graphs: bool = True,
     progress: ProgressFn | None = None,
     cancelled=None,
     **options,
 ) -> GenerationResult:
     """Generate a video from a tuned model directory: `options` are those of `GenerationOptions`
     (negative_prompt, frames, steps, guidance, seed, invert, source_video, cache_interval)."""
-    loaded = load_model(model, backend, device, compile_mode=compile_mode)
+    loaded = load_model(model, backend, device, compile_mode=compile_mode, cuda_graphs=cuda_graphs)
     return Generator(loaded).generate(GenerationOptions(prompt=prompt, **options), progress, cancelled)
 
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="1..10: full UNet every N-th sampling step, its shallow part between (default 1: off)")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--device")
-    add_compile_argument(p)
+    add_torch_engine_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="output .gif or .mp4")
     args = p.parse_args(argv)
     if args.out.suffix.lower() not in (".gif", ".mp4"):
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     bars = ProgressBars()
     try:
         result = generate(args.model, args.prompt, backend=args.backend, device=args.device,
-                          compile_mode=args.compile, progress=bars,
+                          compile_mode=args.compile, cuda_graphs=args.cuda_graphs == "on", progress=bars,
                           negative_prompt=args.negative_prompt, frames=args.frames, steps=args.steps,
                           guidance=args.guidance, seed=args.seed, invert=not args.no_invert,
                           cache_interval=args.cache_interval)

@@ -206,6 +206,7 @@ class ModelRegistry:
         max_bytes: int = 16 * 2**30,
         cache: InversionCache | None = None,
         compile_mode: str | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.repo = Path(repo)
         if not self.repo.is_dir():
@@ -213,6 +214,7 @@ class ModelRegistry:
         self.backend = backend
         self.device = device
         self.compile_mode = compile_mode  # torch: the UNet compiled (`torch.compile` mode), None: eager
+        self.cuda_graphs = cuda_graphs  # torch on CUDA: the UNet replayed from CUDA graphs
         self.max_bytes = max_bytes
         self.cache = cache if cache is not None else InversionCache()
         self.models: dict[str, ModelEntry] = {}
@@ -365,7 +367,7 @@ class ModelRegistry:
                 self._ready.move_to_end(model_id)
                 return ready[1]
         try:
-            model = load_model(entry.path, self.backend, self.device, model_id, self.compile_mode)
+            model = load_model(entry.path, self.backend, self.device, model_id, self.compile_mode, self.cuda_graphs)
             generator = Generator(model, self.cache)
             entry.cost = self._warm_up(generator, entry)
             size = model_bytes(model, entry.path)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import aio as health_aio
@@ -34,7 +35,7 @@ from tuneavideo.v1 import tuning_pb2_grpc
 from jobs.bases import load_bases, parse_base
 from jobs.store import JobStore
 from jobs.work import DEFAULT_EXPORTS, check_exports, parse_exports
-from server.engines import BACKENDS, add_compile_argument, check_backend
+from server.engines import BACKENDS, add_torch_engine_arguments, check_backend
 from server.generate import MAX_SOURCE_BYTES
 from server.interceptors import AdmissionInterceptor, Limits, read_tokens
 from server.metrics import Metrics
@@ -43,6 +44,7 @@ from server.service import SERVICE_NAME, VideoGenerationService
 from server.tuning import SERVICE_NAME as TUNING_SERVICE_NAME
 from server.tuning import TuningService
 from server.worker import NOT_STARTED, Failed, FairQueue, Worker
+from tuner.compiled import OWN_CUDA_GRAPHS
 
 log = logging.getLogger("tav-serve")
 T = TypeVar("T")
@@ -65,6 +67,7 @@ class ServerConfig:
     backend: str = "torch"
     device: str | None = None
     compile_mode: str | None = None  # torch backend: the UNet compiled by torch.compile in this mode; None: eager
+    cuda_graphs: bool = True  # torch backend on CUDA: the UNet replayed from CUDA graphs
     max_queue: int = 16  # requests waiting, besides the running one
     tokens: list[str] = field(default_factory=list)  # accepted bearer tokens; empty: no auth
     tls_cert: Path | None = None
@@ -160,7 +163,7 @@ class TavServer:
         self.config = config
         self.metrics = Metrics()
         self.registry = ModelRegistry(config.repo, config.backend, config.device, config.engine_cache_bytes,
-                                      compile_mode=config.compile_mode)
+                                      compile_mode=config.compile_mode, cuda_graphs=config.cuda_graphs)
         self.queue = FairQueue(config.max_queue)
         self.metrics.queue_depth.set_function(lambda: len(self.queue))
         self.service = VideoGenerationService(self.registry, self.queue, self.metrics, config.max_request_seconds)
@@ -209,10 +212,19 @@ class TavServer:
         self.worker.start()
         self._watcher = asyncio.ensure_future(self._watch())
         log.info("listening on %s:%d (%s, backend %s, %s); warming %d models", config.host, self.port,
-                 "TLS" if config.tls_cert else "plaintext", config.backend,
-                 f"UNet compiled, mode {config.compile_mode}" if config.compile_mode else "eager",
+                 "TLS" if config.tls_cert else "plaintext", config.backend, self._unet_description(),
                  len(self.registry.models))
         return self.port
+
+    def _unet_description(self) -> str:
+        """How the torch engine runs the video UNet, for the startup log line."""
+        config = self.config
+        if config.backend != "torch":
+            return "engines as exported"
+        mode = f"UNet compiled, mode {config.compile_mode}" if config.compile_mode else "UNet eager"
+        on_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        graphs = config.cuda_graphs and on_cuda and config.compile_mode not in OWN_CUDA_GRAPHS
+        return mode + (", the engine's CUDA graphs" if graphs else "")
 
     def _job_store(self) -> JobStore:
         """The tuning service's registry: Redis (shared with the Celery workers) or the local worker's."""
@@ -384,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=d.port, help="0: any free port (logged)")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    add_compile_argument(p)
+    add_torch_engine_arguments(p)
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests that may wait; past it "
                    "RESOURCE_EXHAUSTED")
     p.add_argument("--auth-token-file", type=Path, help="require 'authorization: Bearer <token>', a token a line")
@@ -439,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = ServerConfig(
             repo=args.repo, host=args.host, port=args.port, backend=args.backend, device=args.device,
-            compile_mode=args.compile,
+            compile_mode=args.compile, cuda_graphs=args.cuda_graphs == "on",
             max_queue=args.max_queue, tokens=read_tokens(args.auth_token_file) if args.auth_token_file else [],
             tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host, reflection=not args.no_reflection, grace=args.grace,

@@ -33,6 +33,7 @@ FORMAT = "tav-torch-compile"
 FORMAT_VERSION = 1
 ARTEFACTS, INDEX = "torch_compile.bin", "torch_compile.json"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OWN_CUDA_GRAPHS = ("reduce-overhead", "max-autotune")  # modes whose code captures CUDA graphs itself
 
 
 def triton_version() -> str | None:

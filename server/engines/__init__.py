@@ -38,14 +38,17 @@ def check_compile(backend: str, compile_mode: str | None) -> None:
                          f"builds)")
 
 
-def add_compile_argument(p: argparse.ArgumentParser) -> None:
-    """`--compile [MODE]`, as every command that loads torch engines takes it."""
+def add_torch_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """`--compile [MODE]` and `--cuda-graphs on|off`, as every command that loads torch engines takes them."""
     from tuner.compiled import COMPILE_MODES
 
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                    help="torch backend: compile the video UNet with torch.compile (MODE: "
                         f"{', '.join(COMPILE_MODES)}; default: default), reading the compiled code tav-export "
                         "--torch-compile left in the engine store")
+    p.add_argument("--cuda-graphs", choices=("on", "off"), default="on",
+                   help="torch backend on CUDA: replay the video UNet from one CUDA graph per batch (default on; "
+                        "the compile modes reduce-overhead and max-autotune capture their own)")
 
 
 def supports_cache_interval(backend: str, manifest: dict | None) -> bool:
@@ -59,13 +62,14 @@ def supports_cache_interval(backend: str, manifest: dict | None) -> bool:
 
 
 def load_model(path: str | Path, backend: str = "torch", device: str | None = None, name: str | None = None,
-               compile_mode: str | None = None) -> LoadedModel:
-    """Load a tuned model directory for `backend` (torch: its UNet compiled by `compile_mode`, when given)."""
+               compile_mode: str | None = None, cuda_graphs: bool = True) -> LoadedModel:
+    """Load a tuned model directory for `backend` (torch: its UNet compiled by `compile_mode`, when given, and on
+    CUDA replayed from CUDA graphs unless `cuda_graphs` is False)."""
     check_compile(backend, compile_mode)
     if backend == "torch":
         from server.engines.torch_engine import load_torch_model
 
-        return load_torch_model(path, device, name, compile_mode)
+        return load_torch_model(path, device, name, compile_mode, cuda_graphs)
     if backend == "onnxruntime":
         from server.engines.onnx_engine import load_onnx_model
 
@@ -81,5 +85,5 @@ def load_model(path: str | Path, backend: str = "torch", device: str | None = No
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
-__all__ = ["BACKENDS", "Engines", "LoadedModel", "add_compile_argument", "check_backend", "check_compile",
+__all__ = ["BACKENDS", "Engines", "LoadedModel", "add_torch_engine_arguments", "check_backend", "check_compile",
            "load_model", "supports_cache_interval"]

@@ -1,13 +1,14 @@
 """PyTorch engines: the video UNet, VAE and text encoder as PyTorch modules under `torch.inference_mode`, eager or
 with the UNet compiled (`compile_mode`: `torch.compile`, its code read from the engine store where `tav-export
---torch-compile` put it; `tuner.compiled`).
+--torch-compile` put it; `tuner.compiled`), and on CUDA the UNet call replayed from CUDA graphs (`cuda_graphs`).
 
 fp32 on CPU; fp16 on CUDA. The reference every other backend is checked against (eager). Models of one base share one
 set of modules (`SharedBase`); each model holds only its adapter tensors (a LoRA model its factors; the base's W0
 is shared and kept apart from the UNet, whose tensors a switch overwrites), copied (or merged) into the shared UNet
 in place when a request for it starts and another model's were active. The compiled UNet takes the weights as graph
 inputs (Inductor's default: nothing frozen into the code), so that in-place switch changes what it computes and
-compiles nothing; one graph per UNet batch shape. Feature reuse (`run_unet_branch`) runs the UNet eager. The engines
+compiles nothing; one graph per UNet batch shape, as for the CUDA graphs, whose captured weights the switch's copy
+updates in place. Feature reuse (`run_unet_branch`) runs the UNet eager. The engines
 hold their base; the process-wide index of bases holds them weakly, so a base is freed once no loaded model uses it.
 """
 
@@ -28,17 +29,54 @@ from tuner.inflate import VideoUNet, inflate
 from tuner.io_utils import sha256_files
 
 
-class SharedBase:
-    """A base model's modules, inflated once, with the adapter of the model most recently activated."""
+class CudaGraphedUNet:
+    """A UNet call replayed from one CUDA graph per input shape, on static input and output buffers owned here,
+    captured at the shape's first call. A replay reads the weights at the addresses they had at capture, which the
+    in-place model switch keeps (`SharedBase.activate` checks it)."""
 
-    def __init__(self, components: Components, compile_mode: str | None = None, compiled_entry: Path | None = None,
-                 compiled_artefacts: bool = False) -> None:
+    def __init__(self, unet) -> None:
+        self.unet = unet
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        key = (tuple(sample.shape), tuple(timestep.shape), tuple(text.shape))
+        if key not in self.graphs:
+            static = [sample.clone(), timestep.clone(), text.clone()]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside the capture (cuDNN and allocator set-up)
+                    self.unet(*static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = self.unet(*static)
+            self.graphs[key] = (graph, static, output)
+        graph, static, output = self.graphs[key]
+        for buffer, value in zip(static, (sample, timestep, text), strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        return output.clone()  # the caller keeps it past the next replay
+
+
+class SharedBase:
+    """A base model's modules, inflated once, with the adapter of the model most recently activated, and the UNet
+    call the engines make: the module, compiled (`compile_mode`) and/or replayed from CUDA graphs."""
+
+    def __init__(self, components: Components, compile_mode: str | None = None, cuda_graphs: bool = False,
+                 compiled_entry: Path | None = None, compiled_artefacts: bool = False) -> None:
         self.components = components
         self.compile_mode = compile_mode
+        self.cuda_graphs = cuda_graphs
         self.compiled_entry = compiled_entry  # the engine store entry of the compiled code (`tuner.compiled`)
         self.compiled_artefacts = compiled_artefacts  # whether that entry's compiled code was loaded
         unet = components.unet
         self.unet = unet if compile_mode is None else torch.compile(unet, mode=compile_mode, dynamic=False)
+        if cuda_graphs:
+            self.unet = CudaGraphedUNet(self.unet)
+        # Compiled code and captured graphs read the weights where they were: a switch must not move one.
+        fixed = compile_mode is not None or cuda_graphs
+        self.addresses = {name: t.data_ptr() for name, t in unet.state_dict().items()} if fixed else None
         self.active = lambda: None  # a weak reference to the owner of the adapter now in the UNet
         self.last_switch_seconds = 0.0
 
@@ -47,11 +85,17 @@ class SharedBase:
             started = time.perf_counter()
             self.active = lambda: None  # until the copy is complete
             apply_adapter(self.components.unet, tensors.merged())
+            if self.addresses is not None:
+                moved = [n for n, t in self.components.unet.state_dict().items() if t.data_ptr() != self.addresses[n]]
+                if moved:
+                    raise RuntimeError(f"a model switch moved {len(moved)} UNet tensors ({moved[0]}, ...): the "
+                                       f"compiled code and CUDA graphs would read stale memory")
             self.active = weakref.ref(owner)
             self.last_switch_seconds = time.perf_counter() - started
 
 
-# (base path, base hash, architecture, device, dtype, compile mode) -> SharedBase, while some engines use it
+# (base path, base hash, architecture, device, dtype, compile mode, CUDA graphs) -> SharedBase, while some engines
+# use it
 _BASES: weakref.WeakValueDictionary[tuple, SharedBase] = weakref.WeakValueDictionary()
 
 
@@ -129,10 +173,10 @@ class TorchEngines(Engines):
         return self.components.unet(*args, branch=branch.to(self.dtype)).float(), None
 
 
-def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype, compile_mode: str | None = None
-                ) -> SharedBase:
+def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype, compile_mode: str | None = None,
+                cuda_graphs: bool = False) -> SharedBase:
     key = (str(model.base_path.resolve()), model.config["base"]["sha256"], *model.architecture, str(device), dtype,
-           compile_mode)
+           compile_mode, cuda_graphs)
     shared = _BASES.get(key)
     if shared is None:
         components = load_components(model.base_path, device, dtype, model.base_variant)
@@ -142,20 +186,22 @@ def shared_base(model: TunedModel, device: torch.device, dtype: torch.dtype, com
             entry = model.path.parent / STORE_DIR / compiled.store_key(model, device, dtype, compile_mode)
             artefacts = compiled.read_entry(entry)
             loaded = artefacts is not None and torch.compiler.load_cache_artifacts(artefacts) is not None
-        shared = _BASES[key] = SharedBase(components, compile_mode, entry, loaded)
+        shared = _BASES[key] = SharedBase(components, compile_mode, cuda_graphs, entry, loaded)
     return shared
 
 
 def load_torch_model(run: str | Path, device: str | None = None, name: str | None = None,
-                     compile_mode: str | None = None) -> LoadedModel:
+                     compile_mode: str | None = None, cuda_graphs: bool = True) -> LoadedModel:
     """Load a tuned model directory as a `LoadedModel` with PyTorch engines (its base shared with others), the
-    UNet compiled with `torch.compile(mode=compile_mode)` when one is given."""
+    UNet compiled with `torch.compile(mode=compile_mode)` when one is given, and on CUDA replayed from CUDA graphs
+    (`cuda_graphs`, unless the compile mode captures its own)."""
     if compile_mode is not None and compile_mode not in compiled.COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(compiled.COMPILE_MODES)}, got {compile_mode!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = TunedModel.open(run)
-    base = shared_base(model, device, dtype, compile_mode)
+    graphs = cuda_graphs and device.type == "cuda" and compile_mode not in compiled.OWN_CUDA_GRAPHS
+    base = shared_base(model, device, dtype, compile_mode, graphs)
     adapter = TunedTensors.of_model(model, device, dtype)
     engines = TorchEngines(base, adapter, model.latent_size, device, dtype)
     config = model.config
