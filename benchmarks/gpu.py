@@ -22,7 +22,9 @@ diffusers, jsonschema nor PyAV installed (benchmarks/README.md says which wheels
   and at 32 and 64 frames (10 steps) for flatness; per-phase times and peak memory, per backend.
 
 A step that fails, crashes or runs out of time is recorded as such (status, exit signal, last output) and the
-others go on. Defaults are not changed by this study: it measures the options so that a change can be.
+others go on; `gpu.json` is written again after every step. `--budget SECONDS` bounds the whole run (a device
+lease): each step's timeout becomes the smaller of its own and what is left, and the steps past it are skipped.
+Defaults are not changed by this study: it measures the options so that a change can be.
 `--smoke` runs the same plumbing on the tiny model (on the CPU where there is no GPU) in about a minute.
 """
 
@@ -75,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="those that cannot run here are skipped, saying why")
     p.add_argument("--aoti-precision", default="fp16", choices=["fp16", "bf16"], help="of the CUDA packages")
     p.add_argument("--only", help="comma-separated steps to run (default: all)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="wall clock for the whole run: each step's timeout becomes the smaller of its own and what "
+                        "is left, and a step with nothing left is skipped (default: no budget)")
     p.add_argument("--timeout", action="append", default=[], metavar="STEP=SECONDS",
                    help="override a step's timeout (default: " + ", ".join(f"{k} {v}" for k, v in TIMEOUTS.items())
                    + " seconds)")
@@ -112,7 +117,15 @@ def run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     timeouts = {**TIMEOUTS, **{k: float(v) for k, v in (t.split("=", 1) for t in args.timeout)}}
     only = set(args.only.split(",")) if args.only else set(STEPS)
-    steps = {name: _spawn(name, args, timeouts[name]) for name in STEPS if name in only}
+    deadline = time.monotonic() + args.budget if args.budget else math.inf
+    steps: dict[str, dict] = {}
+    for name in (name for name in STEPS if name in only):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            steps[name] = {"status": "skipped (the --budget was spent)"}
+        else:
+            steps[name] = _spawn(name, args, min(timeouts[name], left))
+        write_result(args.out, "gpu", assemble(steps, Setup(args)))  # a run cut short keeps what it measured
     result = assemble(steps, Setup(args))
     write_result(args.out, "gpu", result)
     plot(result, args.out)

@@ -47,3 +47,15 @@ def test_the_probe_takes_the_native_stacks_of_a_check_that_hangs(hanging_aoti_ch
     result = watch_check([sys.executable, "-m", "exporter.aoti_check", str(hanging_aoti_check)], 12)
     assert result["exit"] == "hung (killed after 12 s)" and result["phase"] == "loading vae_decoder.pt2"
     assert "#0 " in result["native_stacks"] and "Thread" in result["native_stacks"]
+
+
+def test_a_budget_bounds_every_step_and_skips_the_steps_past_it(tmp_path, capsys):
+    """`--budget` (a device lease): a step's timeout is at most what is left of it, and once it is spent the later
+    steps are skipped, not started; gpu.json says so. No step can finish in 0.3 s (its child imports torch)."""
+    out = tmp_path / "out"
+    bench(["gpu", "--smoke", "--backends", "torch", "--cache", str(tmp_path / "cache"), "--out", str(out),
+           "--only", "env,base", "--budget", "0.3"])
+    steps = json.loads((out / "gpu.json").read_text())["steps"]
+    assert steps["env"]["status"] == "timeout" and steps["env"]["timeout_seconds"] <= 0.3
+    assert steps["base"] == {"status": "skipped (the --budget was spent)"}
+    capsys.readouterr()
