@@ -103,6 +103,27 @@ def test_deployment_runs_the_server_with_flags_it_knows(server_flags):
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
 
 
+def test_the_gpu_deployment_replaces_the_cpu_one_with_a_gpu_and_the_compiled_torch_engine(server_flags):
+    """deploy/k8s/gpu/deployment.yaml: valid, the same Deployment (name, labels, volumes, probes) as the CPU one
+    but for one GPU, the torch engine on CUDA with its UNet compiled, and more time to SERVING."""
+    (gpu,) = yaml.safe_load_all((DEPLOY / "k8s" / "gpu" / "deployment.yaml").read_text())
+    for version in ("1.27.0", kubernetes_validate.latest_version()):
+        kubernetes_validate.validate(gpu, version, strict=True)
+    cpu = the("Deployment", "tav-serve")
+    assert gpu["metadata"] == cpu["metadata"] and gpu["spec"]["selector"] == cpu["spec"]["selector"]
+    assert gpu["spec"]["template"]["spec"]["volumes"] == cpu["spec"]["template"]["spec"]["volumes"]
+    (c,) = gpu["spec"]["template"]["spec"]["containers"]
+    flags = flag_values(c["args"])
+    assert set(flags) <= server_flags, set(flags) - server_flags
+    assert flags["--backend"] == "torch" and flags["--device"] == "cuda" and flags["--compile"] == "default"
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {m["mountPath"]: m.get("readOnly") for m in c["volumeMounts"]}["/models"] is True  # reads the store
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 2 * 600, "a compile on start fits"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe] == container()[probe]
+
+
 def test_probes_use_the_standard_health_service():
     c = container()
     assert c["readinessProbe"]["grpc"] == {"port": GRPC_PORT, "service": SERVICE_NAME}
