@@ -286,15 +286,21 @@ def step_export(setup: Setup) -> dict:
 def step_probe(setup: Setup) -> dict:
     """Where the packages failed their check in the export: the check again, and what names the cause. A check
     that hangs (loading a package on an H200 did not return) gets the native stacks of all its threads from a
-    debugger attached to it; one that crashes runs again with CUDA launches blocking (the faulting kernel is then
+    debugger attached to it, and runs again once per lead on what it waits for (`exporter.aoti_check --before`); one
+    that crashes runs again with CUDA launches blocking (the faulting kernel is then
     the last phase announced) and under compute-sanitizer's memcheck."""
     failed = sorted((setup.repo / ".engines").glob("*.failed"), key=lambda p: p.stat().st_mtime)
     if not failed:
         return {"needed": False}
+    from exporter.aoti_check import LEADS
+
     check = [sys.executable, "-m", "exporter.aoti_check", str(failed[-1])]
     results = {"needed": True, "directory": str(failed[-1]), "check": watch_check(check, HANG_SECONDS)}
     setup.save(results)
     if results["check"]["exit"].startswith("hung"):
+        for lead in LEADS:  # each lead in its own process, with its own timeout and stacks
+            results[f"before {lead}"] = watch_check([*check, "--before", lead], HANG_SECONDS)
+            setup.save(results)
         return results
     runs = {"launch_blocking": (check, {"CUDA_LAUNCH_BLOCKING": "1"})}
     sanitizer = _compute_sanitizer()

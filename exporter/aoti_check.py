@@ -6,6 +6,12 @@ and reads its exit status; on a GPU the same command can run under `compute-sani
 safetensors, and writes each phase to stderr before entering it (synchronising CUDA after it), so a crash names the
 phase it happened in.
 
+`--before LEAD` first does one thing a hung load may be waiting for (issue 36's leads on the CUDA load that did
+not return; `tav-bench gpu`'s probe runs the check once under each): `vec-isa`, the C++ compiler probe behind
+Inductor's CPU-feature check, which `aoti_load_package` runs at load (pytorch/pytorch#191715: deployments pre-warm
+it with `valid_vec_isa_list()`); `codecache`, importing `torch._inductor.codecache` in the fresh process
+(pytorch/pytorch#173706).
+
 DIR holds `check_plan.json` (the device, and per package its file, weights file and the input names of each
 batch), the packages, their weights and `check_inputs.safetensors`. The child writes `check_outputs.safetensors`
 (one output per package and batch) and `check_constants.json` (the constant names each package asks for).
@@ -24,6 +30,7 @@ INPUTS_FILE = "check_inputs.safetensors"
 OUTPUTS_FILE = "check_outputs.safetensors"
 CONSTANTS_FILE = "check_constants.json"
 PHASE_PREFIX = "aoti-check phase: "
+LEADS = ("vec-isa", "codecache")
 
 
 def describe_exit(returncode: int) -> str:
@@ -42,7 +49,7 @@ def last_phase(stderr: str) -> str | None:
     return phases[-1] if phases else None
 
 
-def run(directory: Path) -> None:
+def run(directory: Path, before: str | None = None) -> None:
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -55,6 +62,16 @@ def run(directory: Path) -> None:
             torch.cuda.synchronize()  # an asynchronous CUDA fault surfaces here, inside the phase that caused it
         print(PHASE_PREFIX + text, file=sys.stderr, flush=True)
 
+    if before is not None:
+        phase(f"before loading: {before}")
+        if before == "vec-isa":
+            from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+            valid_vec_isa_list()
+        elif before == "codecache":
+            import torch._inductor.codecache  # noqa: F401
+        else:
+            raise SystemExit(f"--before must be one of {', '.join(LEADS)}, got {before!r}")
     inputs = load_file(directory / INPUTS_FILE, device=device)
     outputs, constants = {}, {}
     for name, package in plan["packages"].items():
@@ -82,4 +99,4 @@ def run(directory: Path) -> None:
 
 if __name__ == "__main__":
     faulthandler.enable()  # a fatal signal still prints the Python stack of where it happened
-    run(Path(sys.argv[1]))
+    run(Path(sys.argv[1]), sys.argv[3] if sys.argv[2:3] == ["--before"] else None)
