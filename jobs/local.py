@@ -408,6 +408,10 @@ def worker_main(conn, repo: str, device: str | None, max_job_seconds: float, exp
     # The server stops this process with SIGTERM: end through Python's exit, so a half-written job directory is
     # removed and the locks this process made are released (killed outright, they leak: the resource tracker warns).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # The server starts this process as a daemon, so that it never waits for it at exit; multiprocessing lets only
+    # non-daemons start processes, and the exports are child processes (`work.export_in_child`). This flag is read
+    # in this process alone: the server's own record of it is unchanged.
+    multiprocessing.current_process().daemon = False
     repo_path = Path(repo)
     removed = work.clean_leftovers(repo_path, lambda job_id, attempt: False)  # the only worker: nothing runs yet
     if removed:

@@ -4,7 +4,8 @@ place under the model's id. Replicas ignore dot-names and the rename is atomic, 
 served. The worker's hooks report progress and say when to stop: a cancel is seen within one tuning step, and
 during export within a second. The export runs in a child process that is killed at the job's deadline or its
 cancel, so a hung export (a store entry whose lock is never released, a native call that never returns) cannot
-hold the worker past `--max-job-seconds`: the job fails with the reason and nothing of it is published.
+hold the worker past `--max-job-seconds`: the job fails with the reason and nothing of it is published. The
+children come from a fork server that imported the exporter once (`_exporters`).
 
 A worker exports what the deployment serves (`--export`, `parse_exports`): ONNX graphs (the default; the
 onnxruntime backend), TensorRT plans built from them, AOTInductor packages compiled for the worker's device and
@@ -23,14 +24,12 @@ a model renames it out of the repository first (every replica drops it at its ne
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
+import multiprocessing
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -273,28 +272,47 @@ def export_in_child(work: Path, exports: tuple[ExportTarget, ...], device: str |
     if "aoti" in kinds:  # a second export into the same engine directory: its manifest merges the two
         runs.append(["--precision", kinds["aoti"].precision, "--aoti", "--device", aoti_device(device)])
     for args in runs:
-        with tempfile.TemporaryFile() as errors:
-            child = subprocess.Popen([sys.executable, "-m", "exporter.cli", "--model", str(work), *args],
-                                     stderr=errors)  # its progress goes to this worker's output
+        with tempfile.NamedTemporaryFile() as errors:
+            child = _exporters().Process(target=_export_main, args=(["--model", str(work), *args], errors.name),
+                                         name="tav-export", daemon=True)  # its progress goes to our output
+            child.start()
             try:
-                while child.poll() is None:
+                while child.exitcode is None:
                     stopped = hooks.stop_reason()
                     if stopped is not None:
                         raise stopped
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        child.wait(1.0)
+                    child.join(1.0)
             finally:
-                if child.poll() is None:
+                if child.exitcode is None:
                     child.kill()
-                    child.wait()
-            errors.seek(0)
-            text = errors.read().decode(errors="replace").strip()
-        if child.returncode != 0:
-            log.error("tav-export %s failed (exit code %d):\n%s", " ".join(args), child.returncode, text)
+                    child.join()
+            text = Path(errors.name).read_text(errors="replace").strip()
+        if child.exitcode != 0:
+            log.error("tav-export %s failed (exit code %d):\n%s", " ".join(args), child.exitcode, text)
             last = text.splitlines()[-1] if text else ""
-            raise ExportFailed(last.removeprefix("tav-export: error: ") if child.returncode == 2 else
-                               f"the tuning worker failed (its export exited {child.returncode}); its log has the "
+            raise ExportFailed(last.removeprefix("tav-export: error: ") if child.exitcode == 2 else
+                               f"the tuning worker failed (its export exited {child.exitcode}); its log has the "
                                f"details")
+
+
+def _exporters() -> multiprocessing.context.ForkServerContext:
+    """Where export children come from: a fork server that imported the exporter once, when this worker's first
+    export came (5-6 s of CPU that a fresh interpreter per export paid again), and never computes, so the children
+    forked from it start their own OpenMP and CUDA cleanly. It lives as long as this process."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["exporter.cli"])
+    return context
+
+
+def _export_main(argv: list[str], errors: str) -> None:
+    """An export child: `tav-export argv` with its error output in the file `errors` (exit 2 on a usage error,
+    1 with a traceback on a crash, as the command)."""
+    fd = os.open(errors, os.O_WRONLY)
+    os.dup2(fd, 2)
+    os.close(fd)
+    from exporter.cli import main
+
+    main(argv)
 
 
 def clean_leftovers(repo: Path, running: Callable[[str, int], bool]) -> list[str]:
