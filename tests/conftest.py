@@ -31,9 +31,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 pytest_plugins = ["tools"]  # the needs_tool marker: a missing program skips its tests, or fails them under CI=true
 
 # The files that cost most (CPU of the tests and their processes, or a wait that leaves a core idle), measured on
-# 2 quiet cores (2026-12-07), in that order. pytest-xdist (`--dist loadfile`) hands out files in collection order:
-# with these first, the run ends on small files instead of one worker finishing a long file, or sleeping through
-# a hang check, while the other core has nothing left to do.
+# 2 quiet cores (2026-12-07), in that order. pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands out
+# files in collection order: with these first, the run ends on small files instead of one worker finishing a long
+# file, or sleeping through a hang check, while the other core has nothing left to do.
 HEAVY_FIRST = ["test_tuning.py", "test_aoti.py", "test_tuning_faults.py", "test_shapes.py", "test_compile.py",
                "test_gpu_bench.py", "test_limits.py", "test_jobs_local.py", "test_reliability.py"]
 
