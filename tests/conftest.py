@@ -30,18 +30,6 @@ SHARED_VIDEOS = Path(os.environ.get("TAV_SHARED_VIDEOS", Path(__file__).resolve(
 torch.set_num_threads(min(2, torch.get_num_threads()))
 pytest_plugins = ["tools"]  # the needs_tool marker: a missing program skips its tests, or fails them under CI=true
 
-# The files that cost most (CPU of the tests and their processes, or a wait that leaves a core idle), measured on
-# 2 quiet cores (2026-12-07), in that order. pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands out
-# files in collection order: with these first, the run ends on small files instead of one worker finishing a long
-# file, or sleeping through a hang check, while the other core has nothing left to do.
-HEAVY_FIRST = ["test_tuning.py", "test_aoti.py", "test_tuning_faults.py", "test_shapes.py", "test_compile.py",
-               "test_gpu_bench.py", "test_limits.py", "test_jobs_local.py", "test_reliability.py"]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: test order within a file holds
-
 
 def moving_square_clip(frames: int = 12, width: int = 48, height: int = 40) -> np.ndarray:
     """A red square sliding right over a blue-to-green gradient: real motion, exactly known."""
