@@ -29,7 +29,7 @@ from server.engines import aoti_engine, load_model
 from server.generate import GenerationOptions, Generator
 from server.registry import read_entry
 from server.serve import ServerConfig
-from tuner.aoti_support import TORCH_KEY, require_aoti
+from tuner.aoti_support import TORCH_KEY, compile_target, require_aoti
 from tuner.artefacts import ArtefactError
 from tuner.io_utils import file_sha256, sha256_files
 
@@ -145,6 +145,8 @@ def _misfit_adapter(run: Path) -> None:
     (run / "engines" / "manifest.json").write_text(json.dumps(data))
 
 
+# A vector instruction set other than this machine's (an AVX2-only CPU picks AVX-512 as the foreign one).
+FOREIGN_TARGET = "cpu-avx512" if compile_target("cpu") == "cpu-avx2" else "cpu-avx2"
 TAMPERING = {
     "hash": (lambda run: _package_path(run, "unet").write_bytes(_package_path(run, "unet").read_bytes() + b"\0"),
              "unet.pt2 does not match its recorded hash"),
@@ -152,8 +154,8 @@ TAMPERING = {
               "vae_decoder.pt2 was built for torch 2.12.0 (this is torch "),
     "device": (lambda run: _rewrite_package_metadata(run, "text_encoder", tav_device="cuda", AOTI_DEVICE_KEY="cuda"),
                "text_encoder.pt2 was built for device cuda (this engine runs on cpu)"),
-    "target": (lambda run: _rewrite_package_metadata(run, "unet", tav_compile_target="cpu-avx2"),
-               "unet.pt2 was built for compile target cpu-avx2 (this machine is cpu-"),
+    "target": (lambda run: _rewrite_package_metadata(run, "unet", tav_compile_target=FOREIGN_TARGET),
+               f"unet.pt2 was built for compile target {FOREIGN_TARGET} (this machine is {compile_target('cpu')})"),
 }
 
 
