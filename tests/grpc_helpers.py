@@ -8,13 +8,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from queue import Empty, Queue
 
 import grpc
+from preloaded import start_module
 from tuneavideo.v1 import tuneavideo_pb2 as pb2
 from tuneavideo.v1 import tuneavideo_pb2_grpc as pb2_grpc
 
@@ -87,8 +87,7 @@ class ServeProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.serve", "--port", "0", *args],
-                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = start_module("server.serve", ["--port", "0", *args], stderr=subprocess.PIPE, env=env)
         self.lines: Queue = Queue()
         self.log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()

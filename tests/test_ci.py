@@ -1,16 +1,19 @@
-"""What CI promises about itself: a missing program fails a CI run instead of shrinking it, and `make demo` (the
-main job, end to end) runs, short, with every file the README promises."""
+"""What CI promises about itself: a missing program fails a CI run instead of shrinking it, `make demo` (the main
+job, end to end) runs, short, with every file the README promises, and the servers the suite forks from a preloaded
+parent behave as the ones an operator starts."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from preloaded import start_module
 from tools import require_tool
 
 from tuner.video_io import read_video
@@ -75,3 +78,27 @@ def _load_demo():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_server_forked_from_the_preloaded_parent_behaves_as_one_started_cold(tmp_path, monkeypatch):
+    """tests/preloaded.py forks the suite's servers and workers from a parent that imported torch once: the process
+    gets its arguments, working directory and streams, and ends as `python -m` would, by its exit code or by a
+    signal."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = ["--port", "0", "--repo", str(tmp_path / "no-such-repo")]
+    cold = subprocess.run([sys.executable, "-m", "server.serve", *args], capture_output=True, text=True, env=env,
+                          timeout=TIMEOUT)
+    forked = start_module("server.serve", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert forked.wait(TIMEOUT) == cold.returncode == 2
+    assert (forked.stdout.read(), forked.stderr.read()) == (cold.stdout, cold.stderr) != ("", "")
+
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    server = start_module("server.serve", ["--port", "0", "--repo", "repo"], stderr=subprocess.PIPE, env=env)
+    log = []
+    while (line := server.stderr.readline()) and "listening on" not in line:
+        log.append(line)
+    assert server.poll() is None, "".join(log)  # serving the repository named relative to the working directory
+    assert os.readlink(f"/proc/{server.pid}/cwd") == str(tmp_path)
+    server.send_signal(signal.SIGKILL)
+    assert server.wait(TIMEOUT) == -signal.SIGKILL

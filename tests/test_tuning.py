@@ -32,6 +32,7 @@ import pytest
 import redis
 import torch
 from grpc_helpers import ServeProcess, make_certificates
+from preloaded import start_module
 from prometheus_client.parser import text_string_to_metric_families
 from tools import find_tool, have_tool, require_tool
 from tuneavideo.v1 import tuning_pb2
@@ -112,9 +113,10 @@ class TuneWorker:
 
     def __init__(self, broker: str, repo: Path, name: str, log: Path, *args: str) -> None:
         self.name, self.log = name, log
-        self.proc = subprocess.Popen([sys.executable, "-m", "jobs.celery_worker", "--broker", broker, "--repo",
-                                      str(repo), "--device", "cpu", "--name", name, *args],
-                                     stdout=log.open("a"), stderr=subprocess.STDOUT)
+        with log.open("a") as out:
+            self.proc = start_module("jobs.celery_worker", ["--broker", broker, "--repo", str(repo), "--device",
+                                                            "cpu", "--name", name, *args],
+                                     stdout=out, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

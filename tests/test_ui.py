@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import av
 import pytest
 from grpc_helpers import MODEL, START_TIMEOUT, ServeProcess, make_repo
+from preloaded import start_module
 from test_reliability import NGINX, render_nginx, wait_listening
 
 from clients import Client, ServerError
@@ -54,8 +55,8 @@ class UIProcess:
     def __init__(self, *args: str, port: int | None = None) -> None:
         self.port = port or free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "ui.app", "--port", str(self.port), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.proc = start_module("ui.app", ["--port", str(self.port), *args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, env=env)
         self.lines: Queue = Queue()
         self.log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()

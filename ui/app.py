@@ -9,32 +9,27 @@ the async client, so Gradio's cancel cancels the RPC. Every server error reaches
 message (`server_message`), never a traceback, and the page keeps working after it.
 
 Nothing is loaded from outside the machine that serves the page: Gradio's analytics and version check are off
-(set before Gradio is imported), the theme uses the system's fonts, and server-side rendering (a Node process) is
-off.
+(set by the package, before Gradio is imported), the theme uses the system's fonts, and server-side rendering (a
+Node process) is off.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import asyncio
+import ipaddress
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by Gradio at import: no telemetry, no version check
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+import gradio as gr
+import grpc
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import ipaddress  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import AsyncIterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import gradio as gr  # noqa: E402
-import grpc  # noqa: E402
-
-from clients import AsyncClient, BaseList, Client, Model, ServerError, ServerInfo, TuneJob  # noqa: E402
-from ui.media import mp4_to_gif  # noqa: E402
+from clients import AsyncClient, BaseList, Client, Model, ServerError, ServerInfo, TuneJob
+from ui.media import mp4_to_gif
 
 START_OPTIONS = {"the inverted source clip": True, "noise": False}
 MODEL_COLUMNS = ["id", "caption", "base", "size", "frames", "fps", "backends", "loaded"]
