@@ -54,7 +54,10 @@ class ForkedProcess:
         self.args, self.stdout, self.stderr = args, None, None
         self.returncode: int | None = None
         self._connection, self._received = connection, b""
-        self.pid = int(self._line(None))
+        pid = self._line(START_TIMEOUT)
+        if not pid:
+            raise ConnectionError("the preloaded parent forked no child")
+        self.pid = int(pid)
 
     def _line(self, timeout: float | None) -> bytes | None:
         """The parent's next line (the child's pid, then its exit status); None while none has come in
@@ -107,7 +110,7 @@ class _Parent:
                                         stdout=subprocess.PIPE, text=True)
         ready, _, _ = select.select([self.process.stdout], [], [], START_TIMEOUT)
         if not ready or self.process.stdout.readline().strip() != "ready":
-            self.process.kill()
+            self.close()
             raise RuntimeError("the preloaded parent did not start")
 
     def fork(self, module: str, args: list[str], env: dict[str, str], stdout, stderr) -> ForkedProcess:
@@ -156,13 +159,13 @@ def _fd(stream, default: int) -> int:
 _parents: dict[tuple, _Parent | None] = {}
 
 
-def start_module(module: str, args: list[str], *, env: dict[str, str] | None = None, stdout=None, stderr=None,
-                 text: bool = True) -> subprocess.Popen | ForkedProcess:
+def start_module(module: str, args: list[str], *, env: dict[str, str] | None = None, stdout=None,
+                 stderr=None) -> subprocess.Popen | ForkedProcess:
     """`python -m module args` with the given environment (this process's by default) and standard output and
     error (None, a file, PIPE or, for stderr, STDOUT; piped ones read as text): forked from a preloaded parent with
     the same import-time environment, or started cold when that is switched off or the parent cannot start."""
     env = dict(os.environ if env is None else env)
-    if os.environ.get("TAV_TEST_COLD_PROCESSES") != "1" and text and module in PRELOADS:
+    if os.environ.get("TAV_TEST_COLD_PROCESSES") != "1" and module in PRELOADS:
         key = (module, *sorted((k, v) for k, v in env.items() if k not in RUNTIME_ONLY))
         if not _parents:
             atexit.register(close_parents)
@@ -178,7 +181,7 @@ def start_module(module: str, args: list[str], *, env: dict[str, str] | None = N
             except OSError as e:  # the parent is gone
                 print(f"preloaded parent: {e}; starting processes cold", file=sys.stderr)
                 _parents[key] = None
-    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=stdout, stderr=stderr, text=text)
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=stdout, stderr=stderr, text=True)
 
 
 def close_parents() -> None:

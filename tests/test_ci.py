@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from grpc_helpers import ServeProcess
 from PIL import Image
-from preloaded import start_module
+from preloaded import ForkedProcess, start_module
 from tools import require_tool
 
 from tuner.video_io import read_video
@@ -89,16 +90,14 @@ def test_a_server_forked_from_the_preloaded_parent_behaves_as_one_started_cold(t
     cold = subprocess.run([sys.executable, "-m", "server.serve", *args], capture_output=True, text=True, env=env,
                           timeout=TIMEOUT)
     forked = start_module("server.serve", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert isinstance(forked, ForkedProcess)  # not a cold start after a parent that failed
     assert forked.wait(TIMEOUT) == cold.returncode == 2
     assert (forked.stdout.read(), forked.stderr.read()) == (cold.stdout, cold.stderr) != ("", "")
 
     (tmp_path / "repo").mkdir()
     monkeypatch.chdir(tmp_path)
-    server = start_module("server.serve", ["--port", "0", "--repo", "repo"], stderr=subprocess.PIPE, env=env)
-    log = []
-    while (line := server.stderr.readline()) and "listening on" not in line:
-        log.append(line)
-    assert server.poll() is None, "".join(log)  # serving the repository named relative to the working directory
-    assert os.readlink(f"/proc/{server.pid}/cwd") == str(tmp_path)
-    server.send_signal(signal.SIGKILL)
-    assert server.wait(TIMEOUT) == -signal.SIGKILL
+    server = ServeProcess("--repo", "repo")  # serving the repository named relative to the working directory
+    assert isinstance(server.proc, ForkedProcess)
+    assert os.readlink(f"/proc/{server.proc.pid}/cwd") == str(tmp_path)
+    server.proc.send_signal(signal.SIGKILL)
+    assert server.proc.wait(TIMEOUT) == -signal.SIGKILL
