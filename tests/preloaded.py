@@ -2,10 +2,10 @@
 transformers.
 
 Every `tav-serve` and `tav-tune-worker` the tests start is a real process of its own (its pid takes the signals,
-its memory is its own), but importing torch, `torch._dynamo`, diffusers and transformers costs 6-12 CPU-s a
-process, most of the suite's time spent outside the tests' own work. So `start_module` forks the process from a
-preloaded parent (one per worker and import-time environment), which then runs the module as `python -m` would:
-the same argv, environment, working directory, standard streams, exit code or death by signal.
+its memory is its own), but importing torch, `torch._dynamo`, diffusers and transformers costs 6-13 CPU-s a
+process (12-13 measured on the AVX2-only CI-like machine) before it does any work. So `start_module` forks the
+process from a preloaded parent (one per worker and import-time environment), which then runs the module as
+`python -m` would: the same argv, environment, working directory, standard streams, exit code or death by signal.
 
 The parent never computes, holds no thread and no gRPC channel, so a child starts its own OpenMP threads and gRPC
 cleanly, as the project's export fork server does (jobs/work.py). What a library reads from the environment
